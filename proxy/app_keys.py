@@ -1,0 +1,24 @@
+"""Typed keys of the aiohttp application's state."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from .gateway import Gateway
+
+__all__ = ["GATEWAY", "GatewayHolder"]
+
+
+class GatewayHolder:
+    """The Gateway currently serving new requests (swapped on reload) and the drain flag."""
+
+    __slots__ = ("current", "draining")
+
+    def __init__(self, gateway: "Gateway") -> None:
+        self.current = gateway
+        self.draining = False
+
+
+GATEWAY = web.AppKey("GATEWAY", GatewayHolder)

@@ -1,0 +1,119 @@
+"""The ``ssegate`` command: serve, check-config, simulate."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from typing import Sequence
+
+from ._version import __version__
+
+__all__ = ["main"]
+
+
+def _run(coro: object) -> None:
+    try:
+        import uvloop  # type: ignore[import-not-found]
+    except ImportError:
+        asyncio.run(coro)  # type: ignore[arg-type]
+    else:
+        uvloop.run(coro)  # type: ignore[arg-type]
+
+
+def _load(path: str | None):  # type: ignore[no-untyped-def]
+    from .config import load_config_with_origins
+
+    return load_config_with_origins(path)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import attrs
+
+    from .config import ConfigError
+    from .gateway import Gateway
+    from .log import configure_logging
+    from .web_app import create_app, serve
+
+    path = args.config or os.environ.get("SSEGATE_CONFIG")
+    try:
+        config, origins = _load(path)
+        server = config.server
+        overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("workers", args.workers))
+                     if v is not None}
+        if overrides:
+            config = attrs.evolve(config, server=attrs.evolve(server, **overrides))
+        configure_logging(config.logging)
+        gateway = Gateway(config, origins)
+    except ConfigError as exc:
+        print(f"ssegate: invalid configuration\n{exc}", file=sys.stderr)
+        return 2
+    if config.server.workers > 1:
+        from .workers import run_workers
+
+        return run_workers(config.server.workers, sys.argv)
+    _run(serve(create_app(gateway), config.server.host, config.server.port,
+               reuse_port=bool(os.environ.get("SSEGATE_REUSE_PORT"))))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from .config import ConfigError
+    from .plugin_manager import load_plugins, new_plugin_manager
+
+    try:
+        config, origins = _load(args.file)
+        load_plugins(config.pipeline, new_plugin_manager(), origins)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    print(f"{args.file}: OK ({len(config.providers)} providers, {len(config.pipeline)} plugins)")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import attrs
+
+    from .config.schema import SimulationConfig
+    from .simulator_server import serve_simulator
+
+    changes = {k: v for k, v in (("ttft_ms", args.ttft_ms), ("itl_ms", args.itl_ms), ("error_rate", args.error_rate),
+                                 ("response_tokens", args.tokens), ("seed", args.seed)) if v is not None}
+    serve_simulator(args.host, args.port, attrs.evolve(SimulationConfig(), **changes))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ssegate", description="Streaming gateway for LLM APIs.")
+    parser.add_argument("--version", action="version", version=f"ssegate {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway (embedded default config when none is given)")
+    serve.add_argument("--config", "-c", help="YAML config file (default: $SSEGATE_CONFIG, else the embedded default)")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="bind port (default 8000)")
+    serve.add_argument("--workers", type=int, help="worker processes sharing the port")
+    serve.set_defaults(func=cmd_serve)
+
+    check = sub.add_parser("check-config", help="validate a config file (exit 1 naming file, line and key)")
+    check.add_argument("file")
+    check.set_defaults(func=cmd_check_config)
+
+    sim = sub.add_parser("simulate", help="run the OpenAI-compatible simulator over HTTP")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=9100)
+    sim.add_argument("--ttft-ms", type=float)
+    sim.add_argument("--itl-ms", type=float)
+    sim.add_argument("--error-rate", type=float)
+    sim.add_argument("--tokens", type=int, help="completion length when the request sets no max_tokens")
+    sim.add_argument("--seed", type=int)
+    sim.set_defaults(func=cmd_simulate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130

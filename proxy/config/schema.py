@@ -1,0 +1,125 @@
+"""The configuration schema: frozen attrs classes, structured from YAML with cattrs.
+
+Every class documents its keys in ``metadata={"doc": ...}``; the configuration reference is generated from
+them. Durations are seconds (floats); sizes are bytes.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+__all__ = [
+    "Config",
+    "ServerConfig",
+    "StreamingConfig",
+    "LoggingConfig",
+    "ProviderConfig",
+    "SimulationConfig",
+    "PipelineEntry",
+]
+
+
+def _doc(text: str) -> dict[str, str]:
+    return {"doc": text}
+
+
+@attrs.frozen
+class ServerConfig:
+    host: str = attrs.field(default="127.0.0.1", metadata=_doc("Address to bind."))
+    port: int = attrs.field(default=8000, metadata=_doc("TCP port to bind."))
+    workers: int = attrs.field(default=1, metadata=_doc("Worker processes sharing the port (SO_REUSEPORT)."))
+    max_request_size: int = attrs.field(
+        default=10 * 1024 * 1024, metadata=_doc("Largest request body accepted, in bytes; larger gets 413.")
+    )
+    shutdown_grace_seconds: float = attrs.field(
+        default=30.0, metadata=_doc("How long in-flight streams may run on after SIGTERM.")
+    )
+
+
+@attrs.frozen
+class StreamingConfig:
+    keepalive: bool = attrs.field(default=True, metadata=_doc("Send `: keepalive` comments on idle streams."))
+    keepalive_interval: float = attrs.field(
+        default=15.0, metadata=_doc("Seconds of silence after which a keepalive comment is sent.")
+    )
+
+
+@attrs.frozen
+class LoggingConfig:
+    level: str = attrs.field(default="info", metadata=_doc("Root log level: debug, info, warning, error."))
+    format: str = attrs.field(
+        default="auto", metadata=_doc("`json`, `console`, or `auto` (console on a terminal, JSON otherwise).")
+    )
+    levels: dict[str, str] = attrs.field(factory=dict, metadata=_doc("Log level per logger name."))
+
+
+@attrs.frozen
+class SimulationConfig:
+    """Behaviour of the simulated provider (type `simulated`) and of `ssegate simulate`."""
+
+    ttft_ms: float = attrs.field(default=20.0, metadata=_doc("Mean time to first token, ms."))
+    ttft_variance_percent: float = attrs.field(default=10.0, metadata=_doc("Uniform jitter around ttft_ms, %."))
+    itl_ms: float = attrs.field(default=5.0, metadata=_doc("Mean inter-token latency, ms."))
+    itl_variance_percent: float = attrs.field(default=10.0, metadata=_doc("Uniform jitter around itl_ms, %."))
+    response_tokens: int = attrs.field(
+        default=32, metadata=_doc("Completion length when the request sets no max_tokens.")
+    )
+    error_rate: float = attrs.field(default=0.0, metadata=_doc("Probability (0-1) that a request fails."))
+    error_status: int = attrs.field(default=500, metadata=_doc("HTTP status of injected errors."))
+    models: tuple[str, ...] = attrs.field(
+        default=("gpt-4o-mini", "gpt-4o", "gpt-3.5-turbo", "text-embedding-3-small"),
+        metadata=_doc("Models the simulator lists and answers for."),
+    )
+    seed: int | None = attrs.field(default=None, metadata=_doc("Random seed, for reproducible answers."))
+
+
+@attrs.frozen
+class ProviderConfig:
+    name: str = attrs.field(metadata=_doc("Unique provider name (used in routes, logs, metrics)."))
+    type: str = attrs.field(default="openai", metadata=_doc("Adapter: `openai` or `simulated`."))
+    base_url: str = attrs.field(default="", metadata=_doc("Base URL including `/v1` for OpenAI-compatible servers."))
+    api_key_env: str | None = attrs.field(default=None, metadata=_doc("Environment variable holding the API key."))
+    api_key: str | None = attrs.field(default=None, metadata=_doc("API key; prefer `api_key_env` or `${VAR}`."))
+    models: tuple[str, ...] = attrs.field(
+        default=("*",), metadata=_doc("Model names served; `*` wildcards allowed (`gpt-4*`).")
+    )
+    enabled: bool = attrs.field(default=True, metadata=_doc("Disabled providers are never routed to."))
+    priority: int = attrs.field(default=1, metadata=_doc("Lower is tried first."))
+    timeout: float = attrs.field(default=600.0, metadata=_doc("Total seconds for one upstream request."))
+    connect_timeout: float = attrs.field(default=10.0, metadata=_doc("Seconds to open a connection."))
+    first_token_timeout: float | None = attrs.field(
+        default=None, metadata=_doc("Seconds to the first streamed event (default: `timeout`).")
+    )
+    idle_timeout: float | None = attrs.field(
+        default=None, metadata=_doc("Seconds allowed between streamed events (default: `timeout`).")
+    )
+    retry_attempts: int = attrs.field(default=0, metadata=_doc("Extra attempts on this provider before fallback."))
+    max_connections: int = attrs.field(default=100, metadata=_doc("Connection pool size."))
+    max_keepalive_connections: int = attrs.field(
+        default=100, metadata=_doc("Idle connections kept open (bounded by max_connections).")
+    )
+    keepalive_expiry: float = attrs.field(default=30.0, metadata=_doc("Seconds an idle connection is kept."))
+    headers: dict[str, str] = attrs.field(factory=dict, metadata=_doc("Extra headers sent upstream."))
+    simulation: SimulationConfig = attrs.field(
+        factory=SimulationConfig, metadata=_doc("Settings of a `simulated` provider.")
+    )
+
+
+@attrs.frozen
+class PipelineEntry:
+    """One plugin of the pipeline: a built-in name, a dotted path `pkg.mod:Obj`, or an entry-point name."""
+
+    name: str
+    config: Any = None
+
+
+@attrs.frozen
+class Config:
+    server: ServerConfig = attrs.field(factory=ServerConfig, metadata=_doc("HTTP server."))
+    streaming: StreamingConfig = attrs.field(factory=StreamingConfig, metadata=_doc("Streaming behaviour."))
+    logging: LoggingConfig = attrs.field(factory=LoggingConfig, metadata=_doc("Logs."))
+    providers: tuple[ProviderConfig, ...] = attrs.field(default=(), metadata=_doc("Upstream providers."))
+    pipeline: tuple[PipelineEntry, ...] = attrs.field(
+        default=(PipelineEntry("router"),), metadata=_doc("Plugins, in call order.")
+    )

@@ -1,0 +1,312 @@
+"""The Gateway: one loaded config (providers, plugins, pipeline) and the walk of one request through it.
+
+A Gateway is immutable once started; a config reload builds a new one and swaps it in, so requests in flight
+finish on the Gateway they started with.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import web
+
+from .config.load import Origins
+from .config.schema import Config, ProviderConfig
+from .errors import GatewayError, StopStream
+from .exchange import Exchange, Outcome, Usage
+from .openai_format import finish_chunk
+from .pipeline import Pipeline, PluginError
+from .plugin_manager import load_plugins, new_plugin_manager
+from .providers import create_provider
+from .relay import ClientStream, StreamBroken, error_response, json_response, relay_stream, send_reply
+from .upstream import ENDPOINT_PATHS, Provider, UpstreamError, UpstreamRequest
+from .watchdog import Guard, Watchdog
+from .validation import models_body, validate
+
+__all__ = ["Gateway"]
+
+log = structlog.get_logger("ssegate.gateway")
+
+
+class Gateway:
+    def __init__(self, config: Config, origins: Origins | None = None,
+                 plugin_objects: dict[str, Any] | None = None) -> None:
+        self.config = config
+        self.providers: dict[str, Provider] = {p.name: create_provider(p) for p in config.providers}
+        self.plugin_manager = new_plugin_manager()
+        self.plugins = load_plugins(config.pipeline, self.plugin_manager, origins, plugin_objects)
+        self.pipeline = Pipeline(self.plugin_manager, [p.name for p in self.plugins])
+        s = config.streaming
+        intervals = [s.keepalive_interval] if s.keepalive else []
+        for p in config.providers:
+            intervals += [t for t in (p.first_token_timeout, p.idle_timeout, p.timeout) if t]
+        self.watchdog = Watchdog(tick=min(1.0, max(0.005, min(intervals, default=1.0) / 4)))
+        self._keepalive_interval = s.keepalive_interval if s.keepalive else None
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        for provider in self.providers.values():
+            await provider.start()
+        self.watchdog.start()
+        await self.pipeline.startup(self)
+
+    async def close(self) -> None:
+        await self.pipeline.shutdown(self)
+        await self.watchdog.stop()
+        for provider in self.providers.values():
+            await provider.close()
+
+    def plugin_config(self, name: str) -> Any:
+        for plugin in self.plugins:
+            if plugin.name == name:
+                return plugin.config
+        raise KeyError(name)
+
+    def models(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for provider in self.providers.values():
+            if provider.config.enabled:
+                for model in provider.list_models():
+                    seen.setdefault(model, None)
+        return list(seen)
+
+    # -- one request --------------------------------------------------------------------------------------
+    async def handle(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+        """Run the pipeline for a validated exchange; always runs ``exchange_done`` once."""
+        pipeline = self.pipeline
+        out: ClientStream | None = None
+        try:
+            exchange.body = await request.read()
+            validate(exchange)
+            await pipeline.authenticate(exchange)
+            reply = await pipeline.check_request(exchange)
+            if reply is None:
+                reply = await pipeline.cached_response(exchange)
+            if reply is not None:
+                exchange.outcome = Outcome.SHORT_CIRCUIT
+                exchange.status = reply.status
+                resp = await send_reply(request, exchange, reply, pipeline)
+                return resp
+            routes = await pipeline.select_route(exchange)
+            if not routes:
+                raise GatewayError(404, f"The model `{exchange.model}` does not exist or is not served here.",
+                                   param="model", code="model_not_found")
+            if exchange.stream:
+                out = ClientStream(request, exchange)
+            return await self._forward(request, exchange, routes, out)
+        except web.HTTPRequestEntityTooLarge:
+            exc = GatewayError(413, "Request body is larger than the configured limit (server.max_request_size).",
+                               code="request_too_large")
+            return await self._reject(request, exchange, exc)
+        except GatewayError as exc:
+            exchange.error = exc
+            exchange.status = exc.status
+            if exchange.outcome is None:
+                exchange.outcome = Outcome.REJECTED if exc.status < 500 else Outcome.ERROR
+            if isinstance(exc, PluginError):
+                exchange.outcome = Outcome.ERROR
+            if out is not None and out.committed:
+                return await out.fail(exc)
+            resp = error_response(exc, exchange.response_headers)
+            await resp.prepare(request)
+            await resp.write_eof()
+            return resp
+        except StopStream as stop:  # an on_response hook refused a non-stream answer
+            exchange.outcome = Outcome.STOPPED
+            body = finish_chunk(None, stop.finish_reason)
+            body["object"] = "chat.completion"
+            body["choices"][0]["message"] = {"role": "assistant", "content": None}
+            del body["choices"][0]["delta"]
+            resp = json_response(orjson.dumps(body), 200, exchange.response_headers)
+            await resp.prepare(request)
+            await resp.write_eof()
+            return resp
+        except (asyncio.CancelledError, ConnectionError):
+            exchange.outcome = Outcome.CLIENT_DISCONNECT
+            exchange.status = 499
+            raise
+        finally:
+            exchange.ended = time.monotonic()
+            await pipeline.exchange_done(exchange)
+
+    async def _reject(self, request: web.Request, exchange: Exchange, exc: GatewayError) -> web.StreamResponse:
+        exchange.error, exchange.status, exchange.outcome = exc, exc.status, Outcome.REJECTED
+        resp = error_response(exc, exchange.response_headers)
+        await resp.prepare(request)
+        await resp.write_eof()
+        return resp
+
+    async def handle_models(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+        """``GET /v1/models``: authenticate, then list the union of the providers' models."""
+        try:
+            await self.pipeline.authenticate(exchange)
+            exchange.outcome, exchange.status = Outcome.OK, 200
+            resp = json_response(models_body(self.models()), 200, exchange.response_headers)
+            await resp.prepare(request)
+            await resp.write_eof()
+            return resp
+        except GatewayError as exc:
+            return await self._reject(request, exchange, exc)
+        finally:
+            exchange.ended = time.monotonic()
+            await self.pipeline.exchange_done(exchange)
+
+    async def _forward(self, request: web.Request, exchange: Exchange, routes: list, out: ClientStream | None
+                       ) -> web.StreamResponse:
+        """Try the routes in order; fall back on retryable failures before the client saw any content."""
+        path = ENDPOINT_PATHS[exchange.endpoint]
+        loop = asyncio.get_running_loop()
+        last_error: GatewayError | None = None
+        for route in routes:
+            provider = self.providers.get(route.provider)
+            if provider is None:
+                raise GatewayError(500, f"route names unknown provider {route.provider!r}", code="bad_route")
+            ureq = UpstreamRequest(exchange, route, path)
+            self._prepare_upstream(exchange, ureq)
+            if self.pipeline.has_upstream_request:
+                await self.pipeline.upstream_request(exchange, ureq)
+            exchange.provider = provider.name
+            exchange.upstream_model = route.model
+            exchange.response_headers["x-ssegate-provider"] = provider.name
+            attempt: dict[str, Any] = {"provider": provider.name, "model": route.model}
+            exchange.attempts.append(attempt)
+            try:
+                if out is not None:
+                    return await self._attempt_stream(out, provider, ureq, exchange, loop)
+                return await self._attempt_body(request, provider, ureq, exchange, loop)
+            except UpstreamError as exc:
+                attempt["error"] = exc.kind
+                attempt["status"] = exc.status
+                last_error = exc
+                log.warning("upstream_failed", provider=provider.name, kind=exc.kind, status=exc.status,
+                            error=exc.message)
+                if not exc.retryable:
+                    raise
+        assert last_error is not None
+        raise last_error
+
+    def _prepare_upstream(self, exchange: Exchange, ureq: UpstreamRequest) -> None:
+        """Gateway-owned changes to the outgoing body: model rename and exact usage for streams."""
+        if ureq.route.model != exchange.model:
+            ureq.json["model"] = ureq.route.model
+        if exchange.stream and not exchange.include_usage and exchange.endpoint != "embeddings":
+            body = ureq.json
+            opts = body.get("stream_options")
+            body["stream_options"] = {**opts, "include_usage": True} if isinstance(opts, dict) else {"include_usage": True}
+
+    def _guard(self, loop: asyncio.AbstractEventLoop, cfg: ProviderConfig, out: ClientStream | None) -> Guard:
+        if out is not None and out.guard is not None:
+            guard = out.guard
+        else:
+            keepalive = self._keepalive_interval if out is not None else None
+            guard = Guard(loop.time(), cfg.timeout, keepalive, out.keepalive if out is not None else None)
+            if out is not None:
+                out.guard = guard
+        first = cfg.first_token_timeout or cfg.timeout
+        guard.attempt(loop.time(), first if out is not None else cfg.timeout, cfg.idle_timeout or cfg.timeout)
+        return guard
+
+    async def _attempt_stream(self, out: ClientStream, provider: Provider, ureq: UpstreamRequest,
+                              exchange: Exchange, loop: asyncio.AbstractEventLoop) -> web.StreamResponse:
+        cfg = provider.config
+        guard = self._guard(loop, cfg, out)
+        self.watchdog.guards.add(guard)
+        provider.in_flight += 1
+        upstream = None
+        try:
+            upstream = await provider.send(ureq)
+            await relay_stream(out, upstream, exchange, self.pipeline)
+            exchange.outcome = Outcome.OK
+            exchange.status = 200
+            return await out.finish()
+        except StreamBroken as broken:
+            if not out.content_sent:
+                raise broken.error
+            return await self._end_stream_with_error(out, exchange, broken.error)
+        except StopStream as stop:
+            exchange.outcome = Outcome.STOPPED
+            exchange.status = 200
+            return await out.stop(stop)
+        except asyncio.CancelledError:
+            kind = guard.expired
+            if kind is None or asyncio.current_task().uncancel() > 0:  # type: ignore[union-attr]
+                raise
+            guard.expired = None
+            error = UpstreamError(504, f"provider {provider.name!r}: {kind.replace('_', ' ')} timeout",
+                                  kind="timeout", retryable=kind != "total", code=f"{kind}_timeout")
+            if not out.content_sent and kind != "total":
+                raise error
+            exchange.outcome = Outcome.TIMEOUT
+            return await self._end_stream_with_error(out, exchange, error)
+        except (ConnectionResetError, BrokenPipeError):
+            raise  # the client went away while we wrote
+        except Exception as exc:  # upstream read errors (aiohttp.ClientPayloadError, ...)
+            if isinstance(exc, GatewayError):
+                raise
+            error = UpstreamError(502, f"provider {provider.name!r}: {type(exc).__name__}: {exc}",
+                                  kind="protocol", retryable=True, code="upstream_error")
+            if not out.content_sent:
+                raise error from exc
+            return await self._end_stream_with_error(out, exchange, error)
+        finally:
+            provider.in_flight -= 1
+            self.watchdog.guards.discard(guard)
+            if upstream is not None:
+                upstream.close()
+
+    async def _end_stream_with_error(self, out: ClientStream, exchange: Exchange, error: GatewayError
+                                     ) -> web.StreamResponse:
+        exchange.error = error
+        exchange.status = 200
+        if exchange.outcome is None or exchange.outcome == Outcome.OK:
+            exchange.outcome = Outcome.ERROR
+        log.warning("stream_failed_midway", provider=exchange.provider, error=error.message)
+        return await out.fail(error)
+
+    async def _attempt_body(self, request: web.Request, provider: Provider, ureq: UpstreamRequest,
+                            exchange: Exchange, loop: asyncio.AbstractEventLoop) -> web.StreamResponse:
+        cfg = provider.config
+        guard = self._guard(loop, cfg, None)
+        self.watchdog.guards.add(guard)
+        provider.in_flight += 1
+        upstream = None
+        try:
+            upstream = await provider.send(ureq)
+            body = await upstream.read()
+        except asyncio.CancelledError:
+            if guard.expired is None or asyncio.current_task().uncancel() > 0:  # type: ignore[union-attr]
+                raise
+            exchange.outcome = Outcome.TIMEOUT
+            raise UpstreamError(504, f"provider {provider.name!r}: timeout", kind="timeout", retryable=True,
+                                code="upstream_timeout") from None
+        except GatewayError:
+            raise
+        except Exception as exc:
+            raise UpstreamError(502, f"provider {provider.name!r}: {type(exc).__name__}: {exc}", kind="protocol",
+                                retryable=True, code="upstream_error") from exc
+        finally:
+            provider.in_flight -= 1
+            self.watchdog.guards.discard(guard)
+            if upstream is not None:
+                upstream.close()
+        if b'"usage"' in body or self.pipeline.has_on_response:
+            try:
+                parsed = orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
+                raise UpstreamError(502, f"provider {provider.name!r} sent invalid JSON", kind="protocol",
+                                    retryable=True, code="upstream_error") from exc
+            if isinstance(parsed, dict):
+                exchange.usage = Usage.from_dict(parsed.get("usage"))
+            if self.pipeline.has_on_response:
+                new = await self.pipeline.on_response(exchange, parsed)
+                body = orjson.dumps(new)
+        exchange.outcome = Outcome.OK
+        exchange.status = 200
+        exchange.first_byte_at = time.monotonic()
+        resp = json_response(body, 200, exchange.response_headers)
+        await resp.prepare(request)
+        await resp.write_eof()
+        return resp

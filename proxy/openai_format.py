@@ -1,0 +1,105 @@
+"""Small conversions between OpenAI answer shapes: a chunk sequence <-> a complete answer, final chunks."""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+__all__ = ["merge_chunks", "body_to_chunks", "finish_chunk", "new_id"]
+
+
+def new_id(prefix: str = "chatcmpl") -> str:
+    return f"{prefix}-{os.urandom(12).hex()}"
+
+
+def merge_chunks(chunks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Merge ``chat.completion.chunk`` (or ``text_completion``) objects into the equivalent complete answer."""
+    first = next((c for c in chunks if isinstance(c, dict)), {})
+    is_chat = first.get("object", "chat.completion.chunk") == "chat.completion.chunk"
+    choices: dict[int, dict[str, Any]] = {}
+    usage = None
+    for chunk in chunks:
+        if not isinstance(chunk, dict):
+            continue
+        if chunk.get("usage"):
+            usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            idx = choice.get("index", 0)
+            acc = choices.setdefault(idx, {"index": idx, "role": None, "content": [], "tool_calls": {},
+                                           "finish_reason": None, "refusal": None})
+            if choice.get("finish_reason"):
+                acc["finish_reason"] = choice["finish_reason"]
+            if not is_chat:
+                acc["content"].append(choice.get("text") or "")
+                continue
+            delta = choice.get("delta") or {}
+            acc["role"] = delta.get("role") or acc["role"]
+            if delta.get("content"):
+                acc["content"].append(delta["content"])
+            if delta.get("refusal"):
+                acc["refusal"] = (acc["refusal"] or "") + delta["refusal"]
+            for tc in delta.get("tool_calls") or ():
+                slot = acc["tool_calls"].setdefault(tc.get("index", 0), {"id": None, "type": "function",
+                                                                         "function": {"name": "", "arguments": ""}})
+                slot["id"] = tc.get("id") or slot["id"]
+                fn = tc.get("function") or {}
+                slot["function"]["name"] += fn.get("name") or ""
+                slot["function"]["arguments"] += fn.get("arguments") or ""
+    out_choices = []
+    for idx in sorted(choices):
+        acc = choices[idx]
+        if is_chat:
+            message: dict[str, Any] = {"role": acc["role"] or "assistant", "content": "".join(acc["content"]) or None,
+                                       "refusal": acc["refusal"]}
+            if acc["tool_calls"]:
+                message["tool_calls"] = [acc["tool_calls"][k] for k in sorted(acc["tool_calls"])]
+            out_choices.append({"index": idx, "message": message, "logprobs": None,
+                                "finish_reason": acc["finish_reason"]})
+        else:
+            out_choices.append({"index": idx, "text": "".join(acc["content"]), "logprobs": None,
+                                "finish_reason": acc["finish_reason"]})
+    body = {
+        "id": first.get("id") or new_id(),
+        "object": "chat.completion" if is_chat else "text_completion",
+        "created": first.get("created") or int(time.time()),
+        "model": first.get("model"),
+        "choices": out_choices,
+    }
+    if first.get("system_fingerprint"):
+        body["system_fingerprint"] = first["system_fingerprint"]
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
+def body_to_chunks(body: dict[str, Any], include_usage: bool = False) -> list[dict[str, Any]]:
+    """Split a complete ``chat.completion`` into the chunk sequence a stream of it would carry."""
+    base = {"id": body.get("id") or new_id(), "object": "chat.completion.chunk",
+            "created": body.get("created") or int(time.time()), "model": body.get("model")}
+    chunks = []
+    for choice in body.get("choices") or ():
+        idx = choice.get("index", 0)
+        message = choice.get("message") or {}
+        delta: dict[str, Any] = {"role": message.get("role", "assistant"), "content": message.get("content") or ""}
+        if message.get("tool_calls"):
+            delta["tool_calls"] = [{**tc, "index": i} for i, tc in enumerate(message["tool_calls"])]
+        if message.get("refusal"):
+            delta["refusal"] = message["refusal"]
+        chunks.append({**base, "choices": [{"index": idx, "delta": delta, "logprobs": None, "finish_reason": None}]})
+        chunks.append({**base, "choices": [{"index": idx, "delta": {}, "logprobs": None,
+                                            "finish_reason": choice.get("finish_reason") or "stop"}]})
+    if include_usage and body.get("usage"):
+        chunks.append({**base, "choices": [], "usage": body["usage"]})
+    return chunks
+
+
+def finish_chunk(template: dict[str, Any] | None, finish_reason: str) -> dict[str, Any]:
+    """A final chunk ending choice 0 with ``finish_reason``, carrying the stream's id/model when known."""
+    template = template or {}
+    return {
+        "id": template.get("id") or new_id(),
+        "object": "chat.completion.chunk",
+        "created": template.get("created") or int(time.time()),
+        "model": template.get("model"),
+        "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason}],
+    }

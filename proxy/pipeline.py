@@ -1,0 +1,186 @@
+"""The async walk over the plugins' hook implementations, in the order of the config's ``pipeline:`` list.
+
+pluggy calls hooks synchronously and orders them LIFO; ssegate needs awaited hooks, config order and
+short-circuits, so the walk is written here, once. Each hook's implementations are resolved when the pipeline
+is built (never per request): a hook nobody implements is a ``None`` check, and an implementation's argument
+subset and sync/async nature are decided up front.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import pluggy
+import structlog
+
+from .errors import GatewayError, StopStream
+from .exchange import Exchange, Principal, Reply, Route
+from .sse import Chunk
+
+__all__ = ["Pipeline", "PluginError"]
+
+log = structlog.get_logger("ssegate.pipeline")
+
+
+class PluginError(GatewayError):
+    """A plugin raised something other than GatewayError/StopStream: the request fails closed with a 500."""
+
+    def __init__(self, plugin: str, hook: str, exc: BaseException) -> None:
+        super().__init__(500, f"internal error in plugin {plugin!r} ({hook})", code="plugin_error")
+        self.plugin, self.hook, self.original = plugin, hook, exc
+
+
+class _Impl:
+    __slots__ = ("plugin", "hook", "call", "is_async")
+
+    def __init__(self, plugin: str, hook: str, call: Callable[..., Any], is_async: bool) -> None:
+        self.plugin, self.hook, self.call, self.is_async = plugin, hook, call, is_async
+
+
+def _bind(function: Callable[..., Any], argnames: tuple[str, ...], spec_args: tuple[str, ...]) -> Callable[..., Any]:
+    """Adapt an implementation that takes a subset of the spec's arguments to a positional call."""
+    if argnames == spec_args:
+        return function
+    idx = tuple(spec_args.index(a) for a in argnames)
+    if idx == (0,):
+        return lambda *a: function(a[0])
+    if idx == (1,):
+        return lambda *a: function(a[1])
+    if not idx:
+        return lambda *a: function()
+    return lambda *a: function(*(a[i] for i in idx))
+
+
+class Pipeline:
+    """Ordered, pre-resolved hook implementations and the phase functions the gateway calls."""
+
+    def __init__(self, pm: pluggy.PluginManager, order: list[str]) -> None:
+        self.pm = pm
+        self.order = order
+        rank = {name: i for i, name in enumerate(order)}
+        self._impls: dict[str, list[_Impl]] = {}
+        for hook_name in ("startup", "shutdown", "authenticate", "check_request", "cached_response",
+                          "select_route", "upstream_request", "on_chunk", "on_response", "exchange_done"):
+            caller = getattr(pm.hook, hook_name)
+            spec_args = tuple(caller.spec.argnames)
+            impls = sorted(caller.get_hookimpls(), key=lambda i: rank.get(i.plugin_name, len(rank)))
+            bound = []
+            for impl in impls:
+                fn = impl.function
+                is_async = inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
+                if hook_name == "on_chunk" and is_async:
+                    raise GatewayError(500, f"plugin {impl.plugin_name!r}: on_chunk must be synchronous")
+                bound.append(_Impl(impl.plugin_name, hook_name, _bind(fn, tuple(impl.argnames), spec_args), is_async))
+            self._impls[hook_name] = bound
+        chunk_impls = self._impls["on_chunk"]
+        #: The per-chunk chain, or None when no plugin implements on_chunk (the relay then skips Chunk objects).
+        self.on_chunk: Callable[[Exchange, Chunk], list[Chunk]] | None = (
+            self._make_chunk_chain(chunk_impls) if chunk_impls else None
+        )
+        self.has_on_response = bool(self._impls["on_response"])
+        self.has_upstream_request = bool(self._impls["upstream_request"])
+
+    def implementations(self, hook_name: str) -> list[str]:
+        """Plugin names implementing a hook, in call order."""
+        return [i.plugin for i in self._impls[hook_name]]
+
+    async def _call(self, impl: _Impl, *args: Any) -> Any:
+        try:
+            result = impl.call(*args)
+            if impl.is_async:
+                result = await result
+            return result
+        except (GatewayError, StopStream):
+            raise
+        except Exception as exc:
+            log.error("plugin_failed", plugin=impl.plugin, hook=impl.hook, error=repr(exc), exc_info=exc)
+            raise PluginError(impl.plugin, impl.hook, exc) from exc
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    async def startup(self, gateway: Any) -> None:
+        for impl in self._impls["startup"]:
+            await self._call(impl, gateway)
+
+    async def shutdown(self, gateway: Any) -> None:
+        for impl in self._impls["shutdown"]:
+            try:
+                await self._call(impl, gateway)
+            except Exception:  # logged by _call; shutdown goes on for the others
+                pass
+
+    # -- request phases -----------------------------------------------------------------------------------
+    async def authenticate(self, exchange: Exchange) -> Principal | None:
+        for impl in self._impls["authenticate"]:
+            result = await self._call(impl, exchange)
+            if result is not None:
+                exchange.principal = result
+                return result  # type: ignore[no-any-return]
+        return None
+
+    async def check_request(self, exchange: Exchange) -> Reply | None:
+        for impl in self._impls["check_request"]:
+            result = await self._call(impl, exchange)
+            if result is not None:
+                return result  # type: ignore[no-any-return]
+        return None
+
+    async def cached_response(self, exchange: Exchange) -> Reply | None:
+        for impl in self._impls["cached_response"]:
+            result = await self._call(impl, exchange)
+            if result is not None:
+                return result  # type: ignore[no-any-return]
+        return None
+
+    async def select_route(self, exchange: Exchange) -> list[Route] | None:
+        for impl in self._impls["select_route"]:
+            result = await self._call(impl, exchange)
+            if result is not None:
+                exchange.routes = list(result)
+                return exchange.routes
+        return None
+
+    async def upstream_request(self, exchange: Exchange, request: Any) -> None:
+        for impl in self._impls["upstream_request"]:
+            await self._call(impl, exchange, request)
+
+    async def on_response(self, exchange: Exchange, body: Any) -> Any:
+        for impl in self._impls["on_response"]:
+            result = await self._call(impl, exchange, body)
+            if result is not None:
+                body = result
+        return body
+
+    async def exchange_done(self, exchange: Exchange) -> None:
+        for impl in self._impls["exchange_done"]:
+            try:
+                await self._call(impl, exchange)
+            except Exception:  # already logged with the plugin name; the others still run
+                pass
+
+    # -- per chunk ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _make_chunk_chain(impls: list[_Impl]) -> Callable[[Exchange, Chunk], list[Chunk]]:
+        calls = [(i.plugin, i.call) for i in impls]
+
+        def chain(exchange: Exchange, chunk: Chunk) -> list[Chunk]:
+            chunks = [chunk]
+            for plugin, call in calls:
+                out: list[Chunk] = []
+                for c in chunks:
+                    try:
+                        result = call(exchange, c)
+                    except (GatewayError, StopStream):
+                        raise
+                    except Exception as exc:
+                        log.error("plugin_failed", plugin=plugin, hook="on_chunk", error=repr(exc), exc_info=exc)
+                        raise PluginError(plugin, "on_chunk", exc) from exc
+                    if result is None:
+                        out.append(c)
+                    else:
+                        out.extend(result)
+                chunks = out
+                if not chunks:
+                    break
+            return chunks
+
+        return chain

@@ -1,0 +1,149 @@
+"""Finding, configuring and registering plugins, in the order of the config's ``pipeline:`` list.
+
+A pipeline entry names a plugin three ways: a built-in name (``router``), a name registered by an installed
+package in the ``ssegate`` entry-point group, or a dotted path ``package.module:Object`` (or ``package.module``).
+The object is a module of hook functions or a class; a class is instantiated with its config, a frozen attrs
+class named in its ``Config`` attribute, structured from the entry's config block with the same strict
+converter as the main config (so a typo is a startup error naming file, line and key).
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from importlib.metadata import entry_points
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .config.load import ConfigError, ConfigProblem, Origins, structure
+from .config.schema import PipelineEntry
+
+__all__ = ["LoadedPlugin", "PluginLoadError", "load_plugins", "new_plugin_manager", "BUILTIN_PLUGINS"]
+
+#: Built-in plugin names -> import path. Third-party plugins are peers: they use the same hooks.
+BUILTIN_PLUGINS = {
+    "router": "plugins.router:RouterPlugin",
+}
+
+ENTRY_POINT_GROUP = "ssegate"
+
+
+class PluginLoadError(ConfigError):
+    """A plugin could not be found, configured or registered; the message says which and what to do."""
+
+
+class LoadedPlugin:
+    __slots__ = ("name", "obj", "config")
+
+    def __init__(self, name: str, obj: Any, config: Any) -> None:
+        self.name, self.obj, self.config = name, obj, config
+
+
+def new_plugin_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager("ssegate")
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+def _resolve(name: str) -> Any:
+    target = BUILTIN_PLUGINS.get(name)
+    if target is None and ":" not in name and "." not in name:
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            if ep.name == name:
+                return ep.load()
+        raise LookupError(
+            f"no plugin named {name!r}: not a built-in ({', '.join(sorted(BUILTIN_PLUGINS))}), "
+            f"not in the {ENTRY_POINT_GROUP!r} entry-point group of an installed package, "
+            "and not a dotted path like 'package.module:Plugin'"
+        )
+    module_name, _, attr = (target or name).partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise LookupError(f"cannot import plugin module {module_name!r}: {exc}") from exc
+    if not attr:
+        return module
+    try:
+        obj: Any = module
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        return obj
+    except AttributeError as exc:
+        raise LookupError(f"module {module_name!r} has no attribute {attr!r}") from exc
+
+
+def _problem(index: int, entry: PipelineEntry, origins: Origins, message: str) -> ConfigProblem:
+    path = ("pipeline", index)
+    file, line = origins.locate(path)
+    return ConfigProblem(file=file, line=line, key=f"pipeline[{index}].{entry.name}", message=message)
+
+
+def _instantiate(index: int, entry: PipelineEntry, target: Any, origins: Origins) -> tuple[Any, Any]:
+    config_cls = getattr(target, "Config", None)
+    if config_cls is None:
+        if entry.config not in (None, {}):
+            raise PluginLoadError([_problem(index, entry, origins,
+                                            "this plugin takes no settings (it declares no Config class)")])
+        return (target() if inspect.isclass(target) else target), None
+    config = structure(entry.config or {}, config_cls, origins, base_path=("pipeline", index, entry.name))
+    if inspect.isclass(target):
+        return target(config), config
+    return target, config
+
+
+def load_plugins(entries: tuple[PipelineEntry, ...], pm: pluggy.PluginManager,
+                 origins: Origins | None = None, objects: dict[str, Any] | None = None) -> list[LoadedPlugin]:
+    """Import, configure and register every pipeline entry; raise PluginLoadError listing every problem.
+
+    ``objects`` maps entry names to ready plugin objects, registered as they are (tests, embedding).
+    """
+    origins = origins or Origins()
+    loaded: list[LoadedPlugin] = []
+    problems: list[ConfigProblem] = []
+    for index, entry in enumerate(entries):
+        try:
+            if objects and entry.name in objects:
+                obj, config = objects[entry.name], getattr(objects[entry.name], "config", None)
+            else:
+                obj, config = _instantiate(index, entry, _resolve(entry.name), origins)
+            if pm.is_registered(obj) or pm.get_plugin(entry.name) is not None:
+                raise LookupError("listed twice in the pipeline")
+            pm.register(obj, name=entry.name)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            continue
+        except pluggy.PluginValidationError as exc:
+            problems.append(_problem(index, entry, origins, f"invalid hook implementation: {exc}. "
+                                     "Check the hook's name and arguments against proxy/hookspecs.py"))
+            continue
+        except (LookupError, TypeError, ValueError) as exc:
+            problems.append(_problem(index, entry, origins, str(exc)))
+            continue
+        loaded.append(LoadedPlugin(entry.name, obj, config))
+    for hook_name, impls in _unknown_hooks(pm).items():
+        for impl in impls:
+            idx = next(i for i, e in enumerate(entries) if e.name == impl.plugin_name)
+            problems.append(_problem(idx, entries[idx], origins,
+                                     f"implements {hook_name!r}, which is not a ssegate hook "
+                                     f"(known hooks: {', '.join(_hook_names())})"))
+    if problems:
+        raise PluginLoadError(problems)
+    return loaded
+
+
+def _hook_names() -> list[str]:
+    return sorted(n for n, v in vars(hookspecs).items() if callable(v) and hasattr(v, "ssegate_spec"))
+
+
+def _unknown_hooks(pm: pluggy.PluginManager) -> dict[str, list[Any]]:
+    unknown: dict[str, list[Any]] = {}
+    for name in dir(pm.hook):
+        if name.startswith("_"):
+            continue
+        caller = getattr(pm.hook, name)
+        if isinstance(caller, pluggy.HookCaller) and caller.spec is None:
+            impls = [i for i in caller.get_hookimpls() if not i.hookimpl_opts.get("optionalhook")]
+            if impls:
+                unknown[name] = impls
+    return unknown

@@ -1,0 +1,116 @@
+"""Adapter for any OpenAI-compatible server (OpenAI, vLLM, Ollama, the ssegate simulator, ...)."""
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any, AsyncIterator, Mapping
+
+import aiohttp
+import orjson
+
+from ..config.schema import ProviderConfig
+from ..sse import SSEParser
+from ..upstream import Provider, UpstreamError, UpstreamRequest, UpstreamResponse
+
+__all__ = ["OpenAIProvider"]
+
+_RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+
+class _HTTPResponse(UpstreamResponse):
+    __slots__ = ("_resp",)
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._resp = resp
+        self.status = resp.status
+        self.headers = resp.headers
+
+    async def read(self) -> bytes:
+        return await self._resp.read()
+
+    async def batches(self) -> AsyncIterator[list[bytes]]:
+        parser = SSEParser()
+        feed = parser.feed
+        async for data in self._resp.content.iter_any():
+            events = feed(data)
+            if events:
+                yield events
+        if parser.pending.strip():
+            # A final event without its blank line: deliver it rather than lose it.
+            yield [parser.pending.strip(b"\r\n")]
+
+    def close(self) -> None:
+        self._resp.close()
+
+
+def upstream_error_from_body(status: int, body: bytes, provider: str, headers: Mapping[str, str]) -> UpstreamError:
+    """Build the error for a non-2xx upstream answer, keeping an OpenAI-format body as it was."""
+    parsed: Any = None
+    try:
+        parsed = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        pass
+    extra = {}
+    if "Retry-After" in headers:
+        extra["Retry-After"] = headers["Retry-After"]
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        err = parsed["error"]
+        return UpstreamError(
+            status, str(err.get("message") or "upstream error"), kind="status",
+            retryable=status in _RETRYABLE_STATUS, body=parsed, code=err.get("code"), headers=extra,
+        )
+    text = body[:200].decode("utf-8", "replace")
+    return UpstreamError(
+        status if status in _RETRYABLE_STATUS or 400 <= status < 500 else 502,
+        f"provider {provider!r} answered HTTP {status}: {text}",
+        kind="status", retryable=status in _RETRYABLE_STATUS, code="upstream_error", headers=extra,
+    )
+
+
+class OpenAIProvider(Provider):
+    """Bearer-key OpenAI wire format over a pooled ``aiohttp.ClientSession``."""
+
+    def __init__(self, config: ProviderConfig) -> None:
+        super().__init__(config)
+        self._base = config.base_url.rstrip("/")
+        self._session: aiohttp.ClientSession | None = None
+        key = config.api_key or (os.environ.get(config.api_key_env) if config.api_key_env else None)
+        self._headers = {"Content-Type": "application/json", "Accept-Encoding": "identity", **config.headers}
+        if key:
+            self._headers["Authorization"] = f"Bearer {key}"
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout)
+
+    async def start(self) -> None:
+        c = self.config
+        connector = aiohttp.TCPConnector(
+            limit=c.max_connections, limit_per_host=0, keepalive_timeout=c.keepalive_expiry, ttl_dns_cache=300,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, timeout=self._timeout, skip_auto_headers=("User-Agent",),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def send(self, request: UpstreamRequest) -> UpstreamResponse:
+        assert self._session is not None, "provider not started"
+        headers = self._headers if not request.headers else {**self._headers, **request.headers}
+        try:
+            resp = await self._session.post(self._base + request.path, data=request.body, headers=headers)
+        except asyncio.TimeoutError as exc:
+            raise UpstreamError(504, f"provider {self.name!r}: connect timeout", kind="timeout",
+                                retryable=True, code="upstream_timeout") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(502, f"provider {self.name!r}: {type(exc).__name__}: {exc}", kind="connect",
+                                retryable=True, code="upstream_connect_error") from exc
+        if resp.status >= 400:
+            try:
+                body = await resp.read()
+            except aiohttp.ClientError:
+                body = b""
+            finally:
+                resp.release()
+            raise upstream_error_from_body(resp.status, body, self.name, resp.headers)
+        return _HTTPResponse(resp)

@@ -1,0 +1,262 @@
+"""Writing answers to the client: live SSE relay, non-stream bodies, plugin replies, errors mid-stream.
+
+The relay is the per-chunk hot path. Per upstream read it does: one clock read, a byte scan of each event for
+``[DONE]``, ``"usage"`` and ``"error"`` (JSON is parsed only for the usage chunk and error events), the
+``on_chunk`` chain only when a plugin implements it, and one write of everything the read produced.
+"""
+from __future__ import annotations
+
+import asyncio
+from time import monotonic
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+
+from .errors import GatewayError, StopStream
+from .exchange import Exchange, Outcome, Reply, Usage
+from .openai_format import body_to_chunks, finish_chunk, merge_chunks
+from .sse import DONE, Chunk, encode_event
+from .upstream import UpstreamError, UpstreamResponse
+from .watchdog import Guard
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+__all__ = ["ClientStream", "relay_stream", "StreamBroken", "send_reply", "json_response", "error_response"]
+
+_KEEPALIVE = b": keepalive\n\n"
+_DONE_FRAME = DONE + b"\n\n"
+_SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+class StreamBroken(Exception):
+    """The upstream stream failed after the attempt started (``ClientStream.content_sent`` says whether the
+    client saw content, so whether another route may still answer)."""
+
+    def __init__(self, error: GatewayError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def json_response(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    resp = web.Response(body=body, status=status, content_type="application/json")
+    if headers:
+        resp.headers.update(headers)
+    return resp
+
+
+def error_response(error: GatewayError, headers: dict[str, str] | None = None) -> web.Response:
+    merged = {**error.headers, **headers} if headers else error.headers
+    return json_response(orjson.dumps(error.to_dict()), error.status, merged)
+
+
+class ClientStream:
+    """The client's event-stream response: committed (200 + headers) lazily, on first content or keepalive."""
+
+    __slots__ = ("request", "exchange", "resp", "_prepare", "loop", "guard", "content_sent", "last_template")
+
+    def __init__(self, request: web.Request, exchange: Exchange) -> None:
+        self.request = request
+        self.exchange = exchange
+        self.resp = web.StreamResponse(status=200, headers=_SSE_HEADERS)
+        self._prepare: Any = None
+        self.loop = asyncio.get_running_loop()
+        self.guard: Guard | None = None
+        self.content_sent = False
+        self.last_template: bytes | None = None  # last content event, to build a final chunk from when needed
+
+    @property
+    def committed(self) -> bool:
+        """True once the 200 status is decided (headers sent or being sent): errors then go in-band."""
+        return self._prepare is not None
+
+    async def ensure_prepared(self) -> None:
+        if self._prepare is None:
+            self._prepare = True
+            self.resp.headers.update(self.exchange.response_headers)
+            await self.resp.prepare(self.request)
+        elif self._prepare is not True:
+            await self._prepare
+
+    def keepalive(self) -> None:
+        """Called by the watchdog on an idle stream: commit the stream if needed and send a comment."""
+        if self._prepare is True and not self.resp.prepared:
+            return
+        self.loop.create_task(self._keepalive())
+
+    async def _keepalive(self) -> None:
+        try:
+            if self._prepare is None:
+                self.resp.headers.update(self.exchange.response_headers)
+                self._prepare = self.loop.create_task(self.resp.prepare(self.request))
+            await self.ensure_prepared()
+            await self.resp.write(_KEEPALIVE)
+        except (ConnectionError, RuntimeError, AssertionError):
+            pass  # the stream ended or the client left; the relay deals with it
+
+    async def write_events(self, events: list[bytes]) -> None:
+        if self._prepare is not True or not self.resp.prepared:
+            await self.ensure_prepared()
+        data = events[0] + b"\n\n" if len(events) == 1 else b"\n\n".join(events) + b"\n\n"
+        self.exchange.bytes_sent += len(data)
+        await self.resp.write(data)
+        if self.guard is not None:
+            self.guard.last_write = self.guard.last_event
+
+    async def finish(self) -> web.StreamResponse:
+        await self.ensure_prepared()
+        await self.resp.write_eof()
+        return self.resp
+
+    async def fail(self, error: GatewayError) -> web.StreamResponse:
+        """End a committed stream with an OpenAI-format error event and ``[DONE]``."""
+        try:
+            await self.ensure_prepared()
+            await self.resp.write(encode_event(error.to_json()) + b"\n\n" + _DONE_FRAME)
+            await self.resp.write_eof()
+        except (ConnectionError, RuntimeError):
+            pass
+        return self.resp
+
+    async def stop(self, stop: StopStream) -> web.StreamResponse:
+        """End a stream cleanly with a final chunk carrying ``finish_reason`` and ``[DONE]``."""
+        template = None
+        if self.last_template is not None:
+            template = Chunk(self.last_template).json
+        final = encode_event(orjson.dumps(finish_chunk(template, stop.finish_reason)))
+        await self.write_events([final, DONE])
+        await self.resp.write_eof()
+        return self.resp
+
+
+def _usage_value_is_null(ev: bytes, at: int) -> bool:
+    j = at + 7
+    n = len(ev)
+    while j < n and ev[j] in b" :\t":
+        j += 1
+    return ev[j:j + 4] == b"null"
+
+
+def _event_json(ev: bytes) -> Any:
+    data = ev[6:] if ev.startswith(b"data: ") and b"\n" not in ev else Chunk(ev).data.encode()
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+
+
+async def _flush(out: ClientStream, exchange: Exchange, batch: list[bytes]) -> None:
+    if not out.content_sent:
+        out.content_sent = True
+        exchange.first_byte_at = monotonic()
+    exchange.chunks_sent += len(batch)
+    await out.write_events(batch)
+
+
+async def relay_stream(out: ClientStream, upstream: UpstreamResponse, exchange: Exchange,
+                       pipeline: "Pipeline") -> None:
+    """Relay one upstream stream to the client until ``[DONE]``.
+
+    Raises :class:`StreamBroken` when the upstream ends without ``[DONE]`` or sends an error event,
+    :class:`proxy.StopStream` when a plugin stops the stream, and lets connection errors of either side through.
+    """
+    on_chunk = pipeline.on_chunk
+    strip_usage = not exchange.include_usage
+    guard = out.guard
+    time = out.loop.time
+    saw_done = False
+    async for events in upstream.batches():
+        now = time()
+        if guard is not None:
+            guard.last_event = now
+            guard.got_first = True
+        batch: list[bytes] = []
+        try:
+            for ev in events:
+                if ev[:1] == b":":
+                    if out.content_sent:
+                        batch.append(ev)  # upstream comments pass once the stream is live
+                    continue
+                if ev == DONE:
+                    saw_done = True
+                else:
+                    at = ev.find(b'"usage"')
+                    if at >= 0 and not _usage_value_is_null(ev, at):
+                        obj = _event_json(ev)
+                        if isinstance(obj, dict):
+                            exchange.usage = Usage.from_dict(obj.get("usage"))
+                            if strip_usage:
+                                if not obj.get("choices"):
+                                    continue
+                                obj.pop("usage", None)
+                                ev = encode_event(orjson.dumps(obj))
+                    elif b'"error"' in ev:
+                        obj = _event_json(ev)
+                        if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
+                            err = obj["error"]
+                            raise StreamBroken(UpstreamError(502, str(err.get("message") or "upstream error"),
+                                                             kind="stream_error", retryable=True, body=obj,
+                                                             code=err.get("code")))
+                    out.last_template = ev
+                if on_chunk is None:
+                    batch.append(ev)
+                else:
+                    for chunk in on_chunk(exchange, Chunk(ev)):
+                        batch.append(chunk.raw)
+        except (StopStream, StreamBroken, GatewayError):
+            if batch:  # what came before the failing event still reaches the client
+                await _flush(out, exchange, batch)
+            raise
+        if batch:
+            await _flush(out, exchange, batch)
+        if saw_done:
+            return
+    raise StreamBroken(UpstreamError(502, "the upstream closed the stream before it was complete",
+                                     kind="truncated", retryable=True, code="upstream_stream_truncated"))
+
+
+async def send_reply(request: web.Request, exchange: Exchange, reply: Reply, pipeline: "Pipeline") -> web.StreamResponse:
+    """Send a plugin's complete answer (cache hit, refusal) as a stream or a body, through the output hooks."""
+    if reply.status >= 400 or not exchange.stream:
+        body = reply.body
+        if body is None and reply.chunks is not None:
+            body = merge_chunks([c if isinstance(c, dict) else Chunk(c).json for c in reply.chunks])
+        if reply.status < 400 and pipeline.has_on_response:
+            body = await pipeline.on_response(exchange, body)
+        resp = json_response(orjson.dumps(body), reply.status, {**exchange.response_headers, **reply.headers})
+        exchange.first_byte_at = monotonic()
+        await resp.prepare(request)
+        await resp.write_eof()
+        return resp
+    chunks = reply.chunks
+    if chunks is None:
+        chunks = body_to_chunks(reply.body, include_usage=exchange.include_usage)
+    out = ClientStream(request, exchange)
+    out.resp.headers.update(reply.headers)
+    on_chunk = pipeline.on_chunk
+    delays = reply.delays or ()
+    raws = [c if isinstance(c, bytes) else encode_event(orjson.dumps(c)) for c in chunks]
+    if not raws or raws[-1] != DONE:
+        raws.append(DONE)
+    try:
+        for i, raw in enumerate(raws):
+            if i < len(delays) and delays[i] > 0:
+                await asyncio.sleep(delays[i])
+            if raw != DONE:
+                out.last_template = raw
+            batch = [c.raw for c in on_chunk(exchange, Chunk(raw))] if on_chunk is not None else [raw]
+            if batch:
+                if not out.content_sent:
+                    out.content_sent = True
+                    exchange.first_byte_at = monotonic()
+                exchange.chunks_sent += len(batch)
+                await out.write_events(batch)
+    except StopStream as stop:
+        exchange.outcome = Outcome.STOPPED
+        return await out.stop(stop)
+    return await out.finish()

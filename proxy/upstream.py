@@ -1,0 +1,121 @@
+"""What the gateway sends to a provider and what comes back, independent of the provider's wire format.
+
+A provider adapter (``proxy/providers/``) turns an :class:`UpstreamRequest` into an :class:`UpstreamResponse`
+whose stream is a sequence of *batches* of raw OpenAI-format SSE events: one batch per upstream read, so the
+relay writes and flushes each read at once and never buffers more.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping
+
+import orjson
+
+from .errors import GatewayError
+
+if TYPE_CHECKING:
+    from .config.schema import ProviderConfig
+    from .exchange import Exchange, Route
+
+__all__ = ["UpstreamRequest", "UpstreamResponse", "UpstreamError", "Provider", "ENDPOINT_PATHS"]
+
+#: Exchange endpoint name -> path below a provider's base URL.
+ENDPOINT_PATHS = {
+    "chat.completions": "/chat/completions",
+    "completions": "/completions",
+    "embeddings": "/embeddings",
+}
+
+
+class UpstreamError(GatewayError):
+    """A failure talking to a provider before anything of its answer reached the client.
+
+    ``retryable`` failures (connect errors, timeouts, 429, 5xx) let the gateway try the next route.
+    ``kind`` is a short label for logs and metrics: connect, timeout, status, protocol.
+    """
+
+    def __init__(self, status: int, message: str, *, kind: str, retryable: bool, body: dict | None = None,
+                 **kw: Any) -> None:
+        super().__init__(status, message, **kw)
+        self.kind = kind
+        self.retryable = retryable
+        self.body = body
+
+    def to_dict(self) -> dict[str, Any]:
+        # An upstream's own OpenAI-format error body is passed through unchanged.
+        return self.body if self.body is not None else super().to_dict()
+
+
+class UpstreamRequest:
+    """The request for one attempt on one route. Hooks edit ``json`` and ``headers``.
+
+    The original client body bytes are forwarded untouched unless ``json`` is accessed for writing
+    (through :attr:`json`) or the gateway needs a change (model rename, ``stream_options``).
+    """
+
+    __slots__ = ("exchange", "route", "path", "headers", "_body", "_json")
+
+    def __init__(self, exchange: "Exchange", route: "Route", path: str) -> None:
+        self.exchange = exchange
+        self.route = route
+        self.path = path
+        self.headers: dict[str, str] = {}
+        self._body: bytes | None = exchange.body
+        self._json: dict[str, Any] | None = None
+
+    @property
+    def json(self) -> dict[str, Any]:
+        """The body as a dict; accessing it means the body will be re-serialized from it."""
+        if self._json is None:
+            self._json = dict(self.exchange.json)
+            self._body = None
+        return self._json
+
+    @property
+    def body(self) -> bytes:
+        if self._body is None:
+            self._body = orjson.dumps(self._json)
+        return self._body
+
+    @property
+    def stream(self) -> bool:
+        return self.exchange.stream
+
+
+class UpstreamResponse:
+    """A provider's answer: ``status``, ``headers`` and either ``read()`` (whole body) or ``batches()``."""
+
+    status: int = 200
+    headers: Mapping[str, str] = {}
+
+    async def read(self) -> bytes:
+        raise NotImplementedError
+
+    def batches(self) -> AsyncIterator[list[bytes]]:
+        """Yield lists of raw OpenAI-format SSE events (without terminators), one list per upstream read."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the connection; after a partial read the connection is closed, not reused."""
+
+
+class Provider:
+    """Base class of provider adapters. One instance per configured provider, one connection pool each."""
+
+    def __init__(self, config: "ProviderConfig") -> None:
+        self.config = config
+        self.name = config.name
+        self.in_flight = 0
+
+    async def start(self) -> None:
+        """Open pools (called once before serving)."""
+
+    async def close(self) -> None:
+        """Close pools."""
+
+    def list_models(self) -> list[str]:
+        """Concrete model names for ``/v1/models`` (wildcard patterns are not listed)."""
+        return [m for m in self.config.models if "*" not in m and "?" not in m]
+
+    async def send(self, request: UpstreamRequest) -> UpstreamResponse:
+        """Send the request; raise :class:`UpstreamError` if no usable answer started."""
+        raise NotImplementedError

@@ -1,0 +1,89 @@
+"""One timer for all live requests: first-token, idle and total deadlines, and stream keepalives.
+
+Arming a timer per chunk (``asyncio.wait_for`` around every read) costs more than relaying the chunk. Instead
+each live request registers a :class:`Guard`; the relay only stamps ``guard.last_event`` per upstream read, and a
+single background task looks at every guard a few times per shortest interval. A guard past its deadline
+cancels its request's task (the relay turns that into a timeout); an idle stream gets a ``: keepalive`` comment.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable
+
+__all__ = ["Watchdog", "Guard"]
+
+
+class Guard:
+    """Deadlines and keepalive state of one live request (the relay owns it; the watchdog reads it)."""
+
+    __slots__ = ("task", "last_event", "got_first", "first_deadline", "idle_timeout", "total_deadline",
+                 "expired", "keepalive_interval", "last_write", "send_keepalive")
+
+    def __init__(self, now: float, total_timeout: float | None, keepalive_interval: float | None = None,
+                 send_keepalive: Callable[[], Any] | None = None) -> None:
+        self.task = asyncio.current_task()
+        self.last_event = now
+        self.last_write = now
+        self.got_first = False
+        self.first_deadline: float | None = None
+        self.idle_timeout: float | None = None
+        self.total_deadline = now + total_timeout if total_timeout else None
+        self.expired: str | None = None
+        self.keepalive_interval = keepalive_interval
+        self.send_keepalive = send_keepalive
+
+    def attempt(self, now: float, first_token_timeout: float | None, idle_timeout: float | None) -> None:
+        """Start the deadlines of one upstream attempt."""
+        self.got_first = False
+        self.first_deadline = now + first_token_timeout if first_token_timeout else None
+        self.idle_timeout = idle_timeout
+        self.last_event = now
+
+    def check(self, now: float) -> None:
+        if self.expired is not None:
+            return
+        kind = None
+        if self.total_deadline is not None and now >= self.total_deadline:
+            kind = "total"
+        elif not self.got_first:
+            if self.first_deadline is not None and now >= self.first_deadline:
+                kind = "first_token"
+        elif self.idle_timeout is not None and now - self.last_event >= self.idle_timeout:
+            kind = "idle"
+        if kind is not None:
+            self.expired = kind
+            if self.task is not None:
+                self.task.cancel()
+            return
+        if self.keepalive_interval is not None and now - self.last_write >= self.keepalive_interval:
+            self.last_write = now
+            self.send_keepalive()  # type: ignore[misc]
+
+
+class Watchdog:
+    def __init__(self, tick: float) -> None:
+        self.tick = tick
+        self.guards: set[Guard] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="ssegate-watchdog")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.tick)
+            if self.guards:
+                now = loop.time()
+                for guard in tuple(self.guards):
+                    guard.check(now)

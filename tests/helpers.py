@@ -1,0 +1,44 @@
+"""Small client-side helpers for tests: read a gateway's SSE answer as raw events."""
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import orjson
+
+from proxy.sse import SSEParser
+
+
+async def read_stream(url: str, body: dict[str, Any], headers: dict[str, str] | None = None
+                      ) -> tuple[int, dict[str, str], list[bytes]]:
+    """POST and collect the raw SSE events (comments included) of the answer."""
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, data=orjson.dumps(body), headers=headers or {}) as resp:
+            parser = SSEParser()
+            events: list[bytes] = []
+            async for data in resp.content.iter_any():
+                events.extend(parser.feed(data))
+            return resp.status, dict(resp.headers), events
+
+
+def data_events(events: list[bytes]) -> list[Any]:
+    """Parsed JSON of the data events (``[DONE]`` as the string "[DONE]"); comments skipped."""
+    out: list[Any] = []
+    for ev in events:
+        if ev.startswith(b":"):
+            continue
+        data = ev[len(b"data: "):]
+        out.append("[DONE]" if data == b"[DONE]" else orjson.loads(data))
+    return out
+
+
+def content_of(events: list[bytes]) -> str:
+    text = []
+    for obj in data_events(events):
+        if isinstance(obj, dict):
+            for choice in obj.get("choices") or ():
+                text.append((choice.get("delta") or {}).get("content") or "")
+    return "".join(text)
+
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}]}

@@ -1,0 +1,39 @@
+"""Plugins loaded by dotted path in the tests."""
+from __future__ import annotations
+
+import attrs
+
+from proxy import hookimpl
+
+CALLS: list[str] = []
+
+
+class Audit:
+    @attrs.frozen
+    class Config:
+        level: str = "info"
+        tag: str = "audit"
+
+    def __init__(self, config: "Audit.Config") -> None:
+        self.config = config
+
+    @hookimpl
+    def check_request(self, exchange):
+        CALLS.append(f"{self.config.tag}:{self.config.level}")
+
+
+@hookimpl
+def check_request(exchange):
+    CALLS.append("module")
+
+
+class UnknownHook:
+    @hookimpl
+    def on_chunks(self, exchange, chunk):  # typo of on_chunk
+        pass
+
+
+class UnknownArgument:
+    @hookimpl
+    def on_chunk(self, exchange, chunk, extra):
+        pass

@@ -1,0 +1,207 @@
+"""Streaming through the gateway against real upstream servers on 127.0.0.1."""
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import orjson
+import pytest
+
+from proxy.testing import Script, config_for
+from tests.conftest import openai_client
+from tests.helpers import CHAT, content_of, data_events, read_stream
+
+STREAM = {**CHAT, "stream": True}
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 64, None])
+@pytest.mark.parametrize("crlf", [False, True])
+async def test_events_pass_through_chunk_for_chunk(upstream, gateway_factory, chunk_size, crlf):
+    upstream.script = Script(texts=["Hel", "lo", " wor", "ld", "\n", "é✓"], chunk_size=chunk_size, crlf=crlf)
+    gw = await gateway_factory(config_for(upstream))
+    status, headers, events = await read_stream(gw.base_url + "/chat/completions", STREAM)
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/event-stream")
+    assert headers["x-ssegate-provider"] == "up0"
+    # Upstream was asked for usage; the client did not ask, so the usage chunk is stripped again.
+    assert upstream.requests[-1]["stream_options"] == {"include_usage": True}
+    # Chunk for chunk what the upstream sent, less its final usage chunk (chunks keep their "usage": null).
+    sent = data_events(upstream.events(upstream.requests[-1]))
+    assert sent[-2]["choices"] == [] and sent[-2]["usage"]
+    assert data_events(events) == sent[:-2] + ["[DONE]"]
+    assert content_of(events) == "Hello world\né✓"
+
+
+async def test_usage_chunk_kept_when_the_client_asks(upstream, gateway_factory):
+    gw = await gateway_factory(config_for(upstream))
+    body = {**STREAM, "stream_options": {"include_usage": True}}
+    _, _, events = await read_stream(gw.base_url + "/chat/completions", body)
+    objs = data_events(events)
+    assert objs[-1] == "[DONE]"
+    assert objs[-2]["choices"] == [] and objs[-2]["usage"]["total_tokens"] == 11
+
+
+async def test_openai_sdk_streams_and_non_streams(upstream, gateway_factory):
+    gw = await gateway_factory(config_for(upstream))
+    client = openai_client(gw.base_url)
+    stream = await client.chat.completions.create(model="gpt-4o-mini", messages=CHAT["messages"], stream=True,
+                                                  stream_options={"include_usage": True})
+    parts, usage = [], None
+    async for chunk in stream:
+        if chunk.choices:
+            parts.append(chunk.choices[0].delta.content or "")
+        if chunk.usage:
+            usage = chunk.usage
+    assert "".join(parts) == "Hello, world!"
+    assert usage is not None and usage.completion_tokens == 4
+    answer = await client.chat.completions.create(model="gpt-4o-mini", messages=CHAT["messages"])
+    assert answer.choices[0].message.content == "Hello, world!"
+    assert answer.usage.total_tokens == 11
+    await client.close()
+
+
+async def test_events_are_flushed_as_they_arrive(upstream, gateway_factory):
+    """Each event reaches the client while the upstream is still waiting to send the next one."""
+    upstream.script = Script(texts=["a", "b", "c"], delay=0.3)
+    gw = await gateway_factory(config_for(upstream))
+    arrivals = []
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession() as session:
+        async with session.post(gw.base_url + "/chat/completions", data=orjson.dumps(STREAM)) as resp:
+            start = loop.time()
+            async for line in resp.content:
+                if line.startswith(b"data: {"):
+                    arrivals.append(loop.time() - start)
+    # 5 data events spaced by the upstream's 0.3 s delay: were they buffered, they would arrive together.
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    assert len(arrivals) == 5
+    assert sum(1 for g in gaps if g > 0.15) >= 3
+
+
+async def test_keepalive_comments_while_waiting_for_first_token(upstream, gateway_factory):
+    upstream.script = Script(texts=["late"], first_delay=0.5)
+    gw = await gateway_factory(config_for(upstream, keepalive_interval=0.1))
+    status, _, events = await read_stream(gw.base_url + "/chat/completions", STREAM)
+    assert status == 200
+    first_data = next(i for i, e in enumerate(events) if e.startswith(b"data:"))
+    assert first_data >= 2 and all(e == b": keepalive" for e in events[:first_data])
+    assert content_of(events) == "late"
+
+
+async def test_keepalive_comments_between_chunks(upstream, gateway_factory):
+    upstream.script = Script(texts=["a", "b"], delay=0.45)
+    gw = await gateway_factory(config_for(upstream, keepalive_interval=0.1))
+    _, _, events = await read_stream(gw.base_url + "/chat/completions", STREAM)
+    data_positions = [i for i, e in enumerate(events) if e.startswith(b"data:")]
+    between = events[data_positions[1]:data_positions[2]]
+    assert b": keepalive" in between
+    assert content_of(events) == "ab"
+
+
+async def test_keepalive_off(upstream, gateway_factory):
+    import attrs
+
+    upstream.script = Script(texts=["a"], first_delay=0.3)
+    config = config_for(upstream, keepalive_interval=0.05)
+    config = attrs.evolve(config, streaming=attrs.evolve(config.streaming, keepalive=False))
+    gw = await gateway_factory(config)
+    _, _, events = await read_stream(gw.base_url + "/chat/completions", STREAM)
+    assert not any(e.startswith(b":") for e in events)
+
+
+async def test_failure_before_first_byte_is_an_error_status(upstream, gateway_factory):
+    upstream.script = Script(status=400, error="bad thing")
+    gw = await gateway_factory(config_for(upstream))
+    client = openai_client(gw.base_url)
+    with pytest.raises(__import__("openai").BadRequestError) as info:
+        await client.chat.completions.create(model="m", messages=CHAT["messages"], stream=True)
+    assert info.value.status_code == 400
+    assert info.value.body["message"] == "bad thing"
+    await client.close()
+
+
+async def test_cut_mid_stream_ends_with_error_event_and_done(upstream, gateway_factory):
+    upstream.script = Script(texts=["a", "b", "c", "d"], cut_after=2)
+    gw = await gateway_factory(config_for(upstream))
+    status, _, events = await read_stream(gw.base_url + "/chat/completions", STREAM)
+    objs = data_events(events)
+    assert status == 200
+    assert content_of(events) == "ab"
+    assert objs[-1] == "[DONE]"
+    assert set(objs[-2]) == {"error"} and set(objs[-2]["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_error_event_inside_a_200_stream_is_a_failure(upstream, gateway_factory):
+    upstream.script = Script(texts=["a", "b"], error_event_after=1)
+    gw = await gateway_factory(config_for(upstream))
+    _, _, events = await read_stream(gw.base_url + "/chat/completions", STREAM)
+    objs = data_events(events)
+    assert objs[-1] == "[DONE]" and objs[-2]["error"]["message"] == "scripted failure"
+    assert content_of(events) == "a"
+
+
+async def test_error_event_before_content_falls_back(upstream, upstream2, gateway_factory):
+    upstream.script = Script(texts=["a"], error_event_after=-1)  # the error is the very first event
+    upstream2.script = Script(texts=["from", " two"])
+    gw = await gateway_factory(config_for(upstream, upstream2))
+    status, headers, events = await read_stream(gw.base_url + "/chat/completions", STREAM)
+    assert status == 200 and content_of(events) == "from two"
+    assert not any(b'"error"' in e for e in events)
+
+
+async def test_fallback_to_the_next_provider_before_first_byte(upstream, gateway_factory):
+    dead = "http://127.0.0.1:9/v1"  # nothing listens on the discard port
+    gw = await gateway_factory(config_for(dead, upstream))
+    status, headers, events = await read_stream(gw.base_url + "/chat/completions", STREAM)
+    assert status == 200 and headers["x-ssegate-provider"] == "up1"
+    assert content_of(events) == "Hello, world!"
+
+
+async def test_all_providers_failing_gives_the_last_error(upstream, upstream2, gateway_factory):
+    upstream.script = Script(status=503, error="one down")
+    upstream2.script = Script(status=500, error="two down")
+    gw = await gateway_factory(config_for(upstream, upstream2))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.base_url + "/chat/completions", json=STREAM) as resp:
+            assert resp.status == 500
+            assert (await resp.json())["error"]["message"] == "two down"
+    assert len(upstream.requests) == 1 and len(upstream2.requests) == 1
+
+
+async def test_first_token_timeout_before_commit_is_504(upstream, gateway_factory):
+    upstream.script = Script(first_delay=2.0)
+    gw = await gateway_factory(config_for(upstream, first_token_timeout=0.2))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.base_url + "/chat/completions", json=STREAM) as resp:
+            assert resp.status == 504
+            body = await resp.json()
+    assert body["error"]["code"] == "first_token_timeout"
+    await asyncio.wait_for(upstream.cancel_event.wait(), 2)
+
+
+async def test_first_token_timeout_after_keepalive_is_an_sse_error(upstream, gateway_factory):
+    upstream.script = Script(first_delay=2.0)
+    gw = await gateway_factory(config_for(upstream, first_token_timeout=0.4, keepalive_interval=0.1))
+    status, _, events = await read_stream(gw.base_url + "/chat/completions", STREAM)
+    objs = data_events(events)
+    assert status == 200 and events[0] == b": keepalive"
+    assert objs[-1] == "[DONE]" and objs[-2]["error"]["code"] == "first_token_timeout"
+
+
+async def test_idle_timeout_mid_stream(upstream, gateway_factory):
+    upstream.script = Script(texts=["a", "b", "c"], hang_after=1)
+    gw = await gateway_factory(config_for(upstream, idle_timeout=0.3))
+    status, _, events = await read_stream(gw.base_url + "/chat/completions", STREAM)
+    objs = data_events(events)
+    assert content_of(events) == "a"
+    assert objs[-1] == "[DONE]" and objs[-2]["error"]["code"] == "idle_timeout"
+    await asyncio.wait_for(upstream.cancel_event.wait(), 2)
+
+
+async def test_total_timeout_non_stream(upstream, gateway_factory):
+    upstream.script = Script(first_delay=2.0)
+    gw = await gateway_factory(config_for(upstream, timeout=0.3))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.base_url + "/chat/completions", json=CHAT) as resp:
+            assert resp.status == 504
+            assert (await resp.json())["error"]["type"] == "timeout_error"
