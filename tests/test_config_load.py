@@ -609,3 +609,21 @@ def test_shipped_base_config_content():
     assert (production.logging.format, production.server.host) == ("json", "0.0.0.0")
     development = load_config(str(REPO_ROOT / "conf" / "ssegate.yaml"), environment="development", env={})
     assert (development.logging.format, development.logging.level) == ("console", "debug")
+
+
+def test_interpolated_values_take_the_type_of_their_key(tmp_path):
+    path = write(tmp_path, "c.yaml", """\
+        server:
+          port: ${PORT:-8000}
+          max_request_size: ${MAX_BODY}
+        streaming:
+          keepalive: ${KEEPALIVE:-true}
+          keepalive_interval: ${KA_INTERVAL:-2.5}
+        """)
+    config = load_config(path, env={"MAX_BODY": "1024"})
+    assert (config.server.port, config.server.max_request_size) == (8000, 1024)
+    assert config.streaming.keepalive is True and config.streaming.keepalive_interval == 2.5
+    assert load_config(path, env={"MAX_BODY": "1", "KEEPALIVE": "false"}).streaming.keepalive is False
+    found = problems(path, env={"MAX_BODY": "lots"})
+    assert [(p.line, p.key) for p in found] == [(3, "server.max_request_size")]
+    assert "expected an integer" in found[0].message

@@ -367,7 +367,13 @@ def _interpolate(value: Any, path: KeyPath, env: Mapping[str, str], origins: Ori
             return match.group(0)
         return found
 
-    return _REFERENCE.sub(substitute, value)
+    result = _REFERENCE.sub(substitute, value)
+    return Interpolated(result) if result != value else result
+
+
+class Interpolated(str):
+    """A string that came from ``${VAR}`` interpolation. Typed fields read it as their type, so
+    ``port: ${PORT:-8000}`` is an integer; without a reference, quoted numbers stay errors."""
 
 
 def _load_layers(path: str | os.PathLike[str] | None, environment: str | None, env: Mapping[str, str],
@@ -442,21 +448,43 @@ def _structure_str(value: Any, _: type) -> str:
     raise _expected("a string", value, hint)
 
 
+def _from_interpolated(value: Any, parse: Callable[[str], Any], what: str) -> Any:
+    try:
+        return parse(value.strip())
+    except ValueError:
+        raise _expected(what, value, " (from an environment variable)") from None
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("true", "yes", "on", "1"):
+        return True
+    if lowered in ("false", "no", "off", "0"):
+        return False
+    raise ValueError(text)
+
+
 def _structure_int(value: Any, _: type) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
+    if isinstance(value, Interpolated):
+        return _from_interpolated(value, int, "an integer")  # type: ignore[no-any-return]
     raise _expected("an integer", value, " (remove the quotes)" if _looks_numeric(value) else "")
 
 
 def _structure_float(value: Any, _: type) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if isinstance(value, Interpolated):
+        return _from_interpolated(value, float, "a number")  # type: ignore[no-any-return]
     raise _expected("a number", value, " (remove the quotes)" if _looks_numeric(value) else "")
 
 
 def _structure_bool(value: Any, _: type) -> bool:
     if isinstance(value, bool):
         return value
+    if isinstance(value, Interpolated):
+        return _from_interpolated(value, _parse_bool, "a boolean (true or false)")  # type: ignore[no-any-return]
     raise _expected("a boolean (true or false)", value)
 
 
