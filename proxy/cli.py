@@ -58,14 +58,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from .config import ConfigError
+    """Report every problem at once: the config's own, and those of each plugin's settings."""
+    from .config import ConfigError, load_layers, structure
+    from .config.schema import PipelineEntry
     from .plugin_manager import load_plugins, new_plugin_manager
 
+    problems = []
     try:
         config, origins = _load(args.file)
-        load_plugins(config.pipeline, new_plugin_manager(), origins)
+        entries = config.pipeline
     except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
+        problems += exc.problems
+        try:  # the pipeline may still be checkable when another section is wrong
+            data, origins = load_layers(args.file)
+            entries = structure(data.get("pipeline", []), tuple[PipelineEntry, ...], origins, ("pipeline",))
+        except ConfigError:
+            entries = ()
+    try:
+        load_plugins(entries, new_plugin_manager(), origins)
+    except ConfigError as exc:
+        problems += exc.problems
+    if problems:
+        problems.sort(key=lambda p: (p.file or "", p.line or 0))
+        print("\n".join(str(p) for p in problems), file=sys.stderr)
         return 1
     print(f"{args.file}: OK ({len(config.providers)} providers, {len(config.pipeline)} plugins)")
     return 0

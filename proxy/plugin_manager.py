@@ -127,6 +127,13 @@ def load_plugins(entries: tuple[PipelineEntry, ...], pm: pluggy.PluginManager,
             problems.append(_problem(idx, entries[idx], origins,
                                      f"implements {hook_name!r}, which is not a ssegate hook "
                                      f"(known hooks: {', '.join(_hook_names())})"))
+    for caller in _callers(pm):
+        for impl in caller.get_hookimpls():
+            if impl.hookwrapper or impl.wrapper:
+                idx = next(i for i, e in enumerate(entries) if e.name == impl.plugin_name)
+                problems.append(_problem(idx, entries[idx], origins,
+                                         f"{caller.name}: hook wrappers are not supported; the pipeline order of "
+                                         "the config decides the call order"))
     if problems:
         raise PluginLoadError(problems)
     return loaded
@@ -136,14 +143,16 @@ def _hook_names() -> list[str]:
     return sorted(n for n, v in vars(hookspecs).items() if callable(v) and hasattr(v, "ssegate_spec"))
 
 
+def _callers(pm: pluggy.PluginManager) -> list[pluggy.HookCaller]:
+    callers = (getattr(pm.hook, name) for name in dir(pm.hook) if not name.startswith("_"))
+    return [c for c in callers if isinstance(c, pluggy.HookCaller)]
+
+
 def _unknown_hooks(pm: pluggy.PluginManager) -> dict[str, list[Any]]:
     unknown: dict[str, list[Any]] = {}
-    for name in dir(pm.hook):
-        if name.startswith("_"):
-            continue
-        caller = getattr(pm.hook, name)
-        if isinstance(caller, pluggy.HookCaller) and caller.spec is None:
-            impls = [i for i in caller.get_hookimpls() if not i.hookimpl_opts.get("optionalhook")]
+    for caller in _callers(pm):
+        if caller.spec is None:
+            impls = [i for i in caller.get_hookimpls() if not i.optionalhook]
             if impls:
-                unknown[name] = impls
+                unknown[caller.name] = impls
     return unknown

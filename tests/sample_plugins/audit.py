@@ -37,3 +37,9 @@ class UnknownArgument:
     @hookimpl
     def on_chunk(self, exchange, chunk, extra):
         pass
+
+
+class Wrapper:
+    @hookimpl(wrapper=True)
+    def check_request(self, exchange):
+        return (yield)

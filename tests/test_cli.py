@@ -1,0 +1,89 @@
+"""The ssegate command, run as real processes."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import openai
+import pytest
+
+from proxy import __version__
+from tests.conftest import REPO, spawn, stop
+
+
+def run(*args: str, **kw) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "proxy", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=60, **kw)
+
+
+def test_version():
+    result = run("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"ssegate {__version__}"
+
+
+def test_check_config_accepts_the_shipped_config():
+    result = run("check-config", "conf/ssegate.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+
+
+def test_check_config_names_file_line_and_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(textwrap.dedent("""\
+        server:
+          port: eighty
+        providers:
+          - name: local
+            type: openai
+            base_url: http://127.0.0.1:9100/v1
+            timout: 30
+        pipeline:
+          - router
+          - tests.sample_plugins.audit:Audit: {levle: debug}
+          - no_such_plugin
+        """))
+    result = run("check-config", str(path))
+    assert result.returncode == 1
+    err = result.stderr
+    assert f"{path}:2: server.port: expected an integer" in err
+    assert f"{path}:7: providers[0].timout: unknown key 'timout' (did you mean 'timeout'?)" in err
+    assert f"{path}:10: pipeline[1].tests.sample_plugins.audit:Audit.levle: unknown key 'levle'" in err
+    assert f"{path}:11: pipeline[2].no_such_plugin: no plugin named 'no_such_plugin'" in err
+
+
+def test_serve_fails_fast_on_a_bad_config(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("providers: 5\n")
+    result = run("serve", "--config", str(path))
+    assert result.returncode == 2
+    assert f"{path}:1: providers:" in result.stderr
+
+
+@pytest.fixture
+def embedded_gateway():
+    proc, line = spawn([sys.executable, "-m", "proxy", "serve", "--port", "0"], "ssegate listening on",
+                       env={"SSEGATE_PROVIDERS__0__SIMULATION__TTFT_MS": "1",
+                            "SSEGATE_PROVIDERS__0__SIMULATION__ITL_MS": "1"})
+    try:
+        yield line.rsplit(" ", 1)[-1]
+    finally:
+        stop(proc)
+
+
+def test_serve_embedded_default_streams_with_the_openai_sdk(embedded_gateway):
+    client = openai.OpenAI(base_url=embedded_gateway + "/v1", api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}],
+                                            stream=True, max_tokens=12, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(text) > 0
+    assert chunks[-1].usage.completion_tokens == 12
+    assert [m.id for m in client.models.list()][:2] == ["gpt-4o-mini", "gpt-4o"]
+    answer = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}],
+                                            max_tokens=5)
+    assert answer.usage.completion_tokens == 5 and answer.choices[0].finish_reason == "length"
+    emb = client.embeddings.create(model="text-embedding-3-small", input=["a", "b"], dimensions=16)
+    assert len(emb.data) == 2 and len(emb.data[0].embedding) == 16
+    legacy = client.completions.create(model="gpt-4o-mini", prompt="Once", max_tokens=4)
+    assert legacy.usage.completion_tokens == 4
