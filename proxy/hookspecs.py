@@ -117,8 +117,8 @@ def upstream_request(exchange: "Exchange", request: "UpstreamRequest") -> None:
 def on_chunk(exchange: "Exchange", chunk: "Chunk") -> "list[Chunk] | None":
     """Inspect or change one SSE event of a live stream before it is written to the client. Synchronous.
 
-    Called for every event in arrival order, including the final ``[DONE]`` (``chunk.is_done``) and comment
-    events, but not the gateway's own keepalives. Return None to pass the chunk on unchanged (after any
+    Called for every data event in arrival order, including the final ``[DONE]`` (``chunk.is_done``); not for
+    SSE comments (upstream or the gateway's own keepalives), which pass through untouched. Return None to pass the chunk on unchanged (after any
     :meth:`Chunk.set_json`), or a list of chunks to send in its place: ``[]`` drops it (or holds it back, to be
     returned later with another chunk), ``[held, chunk]`` releases held chunks. The next plugin in the pipeline
     sees each returned chunk. Raise :class:`proxy.StopStream` to end the stream cleanly with a final

@@ -42,6 +42,7 @@ async def test_usage_chunk_kept_when_the_client_asks(upstream, gateway_factory):
 
 
 async def test_openai_sdk_streams_and_non_streams(upstream, gateway_factory):
+    upstream.script = Script(chunk_size=5)  # SSE split at odd byte boundaries
     gw = await gateway_factory(config_for(upstream))
     client = openai_client(gw.base_url)
     stream = await client.chat.completions.create(model="gpt-4o-mini", messages=CHAT["messages"], stream=True,
