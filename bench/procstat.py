@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 
 __all__ = ["cpu_seconds", "rss_bytes", "RssSampler", "CLK_TCK"]
 
@@ -64,6 +63,3 @@ class RssSampler:
         except OSError:
             pass
 
-
-def wall() -> float:
-    return time.monotonic()

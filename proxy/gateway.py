@@ -45,6 +45,7 @@ class Gateway:
             intervals += [t for t in (p.first_token_timeout, p.idle_timeout, p.timeout) if t]
         self.watchdog = Watchdog(tick=min(1.0, max(0.005, min(intervals, default=1.0) / 4)))
         self._keepalive_interval = s.keepalive_interval if s.keepalive else None
+        self._redis: Any = None
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -58,6 +59,34 @@ class Gateway:
         await self.watchdog.stop()
         for provider in self.providers.values():
             await provider.close()
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    @property
+    def redis(self) -> Any:
+        """The process's shared ``redis.asyncio.Redis`` client (created on first use from ``redis.url``).
+
+        Raises GatewayError 500 when no ``redis.url`` is configured: a plugin with a Redis backend should
+        check ``gateway.config.redis.url`` in ``startup`` and refuse to start without it.
+        """
+        if self._redis is None:
+            cfg = self.config.redis
+            if not cfg.url:
+                raise GatewayError(500, "no redis.url configured", code="redis_not_configured")
+            import redis.asyncio as aioredis
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+            from redis.exceptions import ConnectionError as RedisConnectionError
+
+            # One retry on a dropped connection (a pooled socket gone stale after a Redis restart). Not on
+            # timeouts: a command that timed out may have run, and limits must not be charged twice.
+            self._redis = aioredis.Redis.from_url(
+                cfg.url, max_connections=cfg.max_connections, socket_timeout=cfg.socket_timeout,
+                socket_connect_timeout=cfg.connect_timeout, health_check_interval=30,
+                retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError],
+            )
+        return self._redis
 
     def plugin_config(self, name: str) -> Any:
         for plugin in self.plugins:

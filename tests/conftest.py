@@ -91,3 +91,29 @@ def simulator_process() -> Iterator[str]:
         yield line.rsplit(" ", 1)[-1] + "/v1"
     finally:
         stop(proc)
+
+
+@pytest.fixture(scope="session")
+def redis_server_session():
+    from tests.redis_server import RedisServer
+
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server_session) -> str:
+    """URL of a real, empty Redis (shared by the session, flushed for each test)."""
+    redis_server_session.flush()
+    return redis_server_session.url
+
+
+@pytest.fixture
+def redis_server():
+    """A Redis of this test's own, which the test may stop and start again (outage tests)."""
+    from tests.redis_server import RedisServer
+
+    server = RedisServer().start()
+    yield server
+    server.stop()

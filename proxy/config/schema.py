@@ -15,6 +15,7 @@ __all__ = [
     "StreamingConfig",
     "LoggingConfig",
     "ProviderConfig",
+    "RedisConfig",
     "SimulationConfig",
     "PipelineEntry",
 ]
@@ -75,6 +76,18 @@ class SimulationConfig:
 
 
 @attrs.frozen
+class RedisConfig:
+    """The shared Redis (one connection pool per process) that plugins with a `redis` backend use."""
+
+    url: str | None = attrs.field(
+        default=None, metadata=_doc("Redis URL, e.g. `redis://127.0.0.1:6379/0`; unset means no Redis.")
+    )
+    max_connections: int = attrs.field(default=100, metadata=_doc("Pool size per process."))
+    socket_timeout: float = attrs.field(default=1.0, metadata=_doc("Seconds to wait for a Redis reply."))
+    connect_timeout: float = attrs.field(default=1.0, metadata=_doc("Seconds to connect to Redis."))
+
+
+@attrs.frozen
 class ProviderConfig:
     name: str = attrs.field(metadata=_doc("Unique provider name (used in routes, logs, metrics)."))
     type: str = attrs.field(default="openai", metadata=_doc("Adapter: `openai` or `simulated`."))
@@ -119,6 +132,7 @@ class Config:
     server: ServerConfig = attrs.field(factory=ServerConfig, metadata=_doc("HTTP server."))
     streaming: StreamingConfig = attrs.field(factory=StreamingConfig, metadata=_doc("Streaming behaviour."))
     logging: LoggingConfig = attrs.field(factory=LoggingConfig, metadata=_doc("Logs."))
+    redis: RedisConfig = attrs.field(factory=RedisConfig, metadata=_doc("Shared Redis for multi-replica state."))
     providers: tuple[ProviderConfig, ...] = attrs.field(default=(), metadata=_doc("Upstream providers."))
     pipeline: tuple[PipelineEntry, ...] = attrs.field(
         default=(PipelineEntry("router"),), metadata=_doc("Plugins, in call order.")

@@ -1,0 +1,86 @@
+"""The bare baseline ("1x"): the least an aiohttp proxy can do.
+
+aiohttp + uvloop, ONE shared ``ClientSession`` (large ``TCPConnector`` limit, ``auto_decompress=False``). The
+handler POSTs the client's body to the upstream; an event stream is relayed as a ``web.StreamResponse`` writing
+each ``iter_any()`` piece as it arrives, with no parsing at all; any other answer is read whole and returned as
+a ``web.Response``.
+
+    python -m bench.passthrough --upstream http://127.0.0.1:9100 --port 0   # prints "READY <port>"
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+
+import aiohttp
+from aiohttp import web
+
+__all__ = ["make_app"]
+
+_UPSTREAM_HEADERS = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+
+
+def make_app(upstream: str) -> web.Application:
+    base = upstream.rstrip("/")
+    session_box: list[aiohttp.ClientSession] = []
+
+    async def session_ctx(app: web.Application):  # type: ignore[no-untyped-def]
+        connector = aiohttp.TCPConnector(limit=10000, limit_per_host=0)
+        session_box.append(aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=30),
+                                                 skip_auto_headers=("User-Agent",)))
+        yield
+        await session_box[0].close()
+
+    async def relay(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        async with session_box[0].post(base + request.path, data=body, headers=_UPSTREAM_HEADERS) as up:
+            ctype = up.headers.get("Content-Type", "application/octet-stream")
+            if ctype.startswith("text/event-stream"):
+                resp = web.StreamResponse(status=up.status, headers={"Content-Type": ctype,
+                                                                     "Cache-Control": "no-cache"})
+                await resp.prepare(request)
+                async for piece in up.content.iter_any():
+                    await resp.write(piece)
+                await resp.write_eof()
+                return resp
+            data = await up.read()
+            return web.Response(status=up.status, body=data, headers={"Content-Type": ctype})
+
+    app = web.Application()
+    app.cleanup_ctx.append(session_ctx)
+    app.router.add_post("/v1/chat/completions", relay)
+    return app
+
+
+async def serve(host: str, port: int, upstream: str) -> None:
+    runner = web.AppRunner(make_app(upstream), access_log=None, handler_cancellation=True, shutdown_timeout=1)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=1024)  # as ssegate serve
+    await site.start()
+    bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"READY {bound}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--upstream", required=True, help="base URL of the upstream, e.g. http://127.0.0.1:9100")
+    args = parser.parse_args()
+    import uvloop
+
+    uvloop.run(serve(args.host, args.port, args.upstream))
+
+
+if __name__ == "__main__":
+    main()
