@@ -96,6 +96,9 @@ class Exchange:
     include_usage: bool = False  #: the client asked for ``stream_options.include_usage``
     principal: Principal | None = None
     routes: list[Route] = attrs.field(factory=list)
+    #: What a stream does when its upstream fails after content was sent: "error" (final SSE error event and
+    #: ``[DONE]``) or "continue" (the next route continues the answer). Set by the router per model group.
+    on_midstream_failure: str = "error"
     attempts: list[dict[str, Any]] = attrs.field(factory=list)
     provider: str | None = None
     upstream_model: str | None = None

@@ -14,16 +14,17 @@ import structlog
 from aiohttp import web
 
 from .config.load import Origins
-from .config.schema import Config, ProviderConfig
+from .config.schema import Config
 from .errors import GatewayError, StopStream
-from .exchange import Exchange, Outcome, Usage
+from .exchange import Exchange, Outcome
 from .openai_format import finish_chunk
 from .pipeline import Pipeline, PluginError
 from .plugin_manager import load_plugins, new_plugin_manager
 from .providers import create_provider
-from .relay import ClientStream, StreamBroken, error_response, json_response, relay_stream, send_reply
-from .upstream import ENDPOINT_PATHS, Provider, UpstreamError, UpstreamRequest
-from .watchdog import Guard, Watchdog
+from .forwarding import Forwarder
+from .relay import ClientStream, error_response, json_response, send_reply
+from .upstream import Provider
+from .watchdog import Watchdog
 from .validation import models_body, validate
 
 __all__ = ["Gateway"]
@@ -44,8 +45,9 @@ class Gateway:
         for p in config.providers:
             intervals += [t for t in (p.first_token_timeout, p.idle_timeout, p.timeout) if t]
         self.watchdog = Watchdog(tick=min(1.0, max(0.005, min(intervals, default=1.0) / 4)))
-        self._keepalive_interval = s.keepalive_interval if s.keepalive else None
         self._redis: Any = None
+        self.forwarder = Forwarder(self)
+        self.breakers = self.forwarder.breakers
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -125,7 +127,7 @@ class Gateway:
                                    param="model", code="model_not_found")
             if exchange.stream:
                 out = ClientStream(request, exchange)
-            return await self._forward(request, exchange, routes, out)
+            return await self.forwarder.forward(request, exchange, routes, out)
         except web.HTTPRequestEntityTooLarge:
             exc = GatewayError(413, "Request body is larger than the configured limit (server.max_request_size).",
                                code="request_too_large")
@@ -137,6 +139,8 @@ class Gateway:
                 exchange.outcome = Outcome.REJECTED if exc.status < 500 else Outcome.ERROR
             if isinstance(exc, PluginError):
                 exchange.outcome = Outcome.ERROR
+            elif getattr(exc, "kind", None) == "timeout":
+                exchange.outcome = Outcome.TIMEOUT
             if out is not None and out.committed:
                 return await out.fail(exc)
             resp = error_response(exc, exchange.response_headers)
@@ -182,160 +186,3 @@ class Gateway:
         finally:
             exchange.ended = time.monotonic()
             await self.pipeline.exchange_done(exchange)
-
-    async def _forward(self, request: web.Request, exchange: Exchange, routes: list, out: ClientStream | None
-                       ) -> web.StreamResponse:
-        """Try the routes in order; fall back on retryable failures before the client saw any content."""
-        path = ENDPOINT_PATHS[exchange.endpoint]
-        loop = asyncio.get_running_loop()
-        last_error: GatewayError | None = None
-        for route in routes:
-            provider = self.providers.get(route.provider)
-            if provider is None:
-                raise GatewayError(500, f"route names unknown provider {route.provider!r}", code="bad_route")
-            ureq = UpstreamRequest(exchange, route, path)
-            self._prepare_upstream(exchange, ureq)
-            if self.pipeline.has_upstream_request:
-                await self.pipeline.upstream_request(exchange, ureq)
-            exchange.provider = provider.name
-            exchange.upstream_model = route.model
-            exchange.response_headers["x-ssegate-provider"] = provider.name
-            attempt: dict[str, Any] = {"provider": provider.name, "model": route.model}
-            exchange.attempts.append(attempt)
-            try:
-                if out is not None:
-                    return await self._attempt_stream(out, provider, ureq, exchange, loop)
-                return await self._attempt_body(request, provider, ureq, exchange, loop)
-            except UpstreamError as exc:
-                attempt["error"] = exc.kind
-                attempt["status"] = exc.status
-                last_error = exc
-                log.warning("upstream_failed", provider=provider.name, kind=exc.kind, status=exc.status,
-                            error=exc.message)
-                if not exc.retryable:
-                    raise
-        assert last_error is not None
-        raise last_error
-
-    def _prepare_upstream(self, exchange: Exchange, ureq: UpstreamRequest) -> None:
-        """Gateway-owned changes to the outgoing body: model rename and exact usage for streams."""
-        if ureq.route.model != exchange.model:
-            ureq.json["model"] = ureq.route.model
-        if exchange.stream and not exchange.include_usage and exchange.endpoint != "embeddings":
-            body = ureq.json
-            opts = body.get("stream_options")
-            body["stream_options"] = {**opts, "include_usage": True} if isinstance(opts, dict) else {"include_usage": True}
-
-    def _guard(self, loop: asyncio.AbstractEventLoop, cfg: ProviderConfig, out: ClientStream | None) -> Guard:
-        if out is not None and out.guard is not None:
-            guard = out.guard
-        else:
-            keepalive = self._keepalive_interval if out is not None else None
-            guard = Guard(loop.time(), cfg.timeout, keepalive, out.keepalive if out is not None else None)
-            if out is not None:
-                out.guard = guard
-        first = cfg.first_token_timeout or cfg.timeout
-        guard.attempt(loop.time(), first if out is not None else cfg.timeout, cfg.idle_timeout or cfg.timeout)
-        return guard
-
-    async def _attempt_stream(self, out: ClientStream, provider: Provider, ureq: UpstreamRequest,
-                              exchange: Exchange, loop: asyncio.AbstractEventLoop) -> web.StreamResponse:
-        cfg = provider.config
-        guard = self._guard(loop, cfg, out)
-        self.watchdog.guards.add(guard)
-        provider.in_flight += 1
-        upstream = None
-        try:
-            upstream = await provider.send(ureq)
-            await relay_stream(out, upstream, exchange, self.pipeline)
-            exchange.outcome = Outcome.OK
-            exchange.status = 200
-            return await out.finish()
-        except StreamBroken as broken:
-            if not out.content_sent:
-                raise broken.error
-            return await self._end_stream_with_error(out, exchange, broken.error)
-        except StopStream as stop:
-            exchange.outcome = Outcome.STOPPED
-            exchange.status = 200
-            return await out.stop(stop)
-        except asyncio.CancelledError:
-            kind = guard.expired
-            if kind is None or asyncio.current_task().uncancel() > 0:  # type: ignore[union-attr]
-                raise
-            guard.expired = None
-            error = UpstreamError(504, f"provider {provider.name!r}: {kind.replace('_', ' ')} timeout",
-                                  kind="timeout", retryable=kind != "total", code=f"{kind}_timeout")
-            if not out.content_sent and kind != "total":
-                raise error
-            exchange.outcome = Outcome.TIMEOUT
-            return await self._end_stream_with_error(out, exchange, error)
-        except (ConnectionResetError, BrokenPipeError):
-            raise  # the client went away while we wrote
-        except Exception as exc:  # upstream read errors (aiohttp.ClientPayloadError, ...)
-            if isinstance(exc, GatewayError):
-                raise
-            error = UpstreamError(502, f"provider {provider.name!r}: {type(exc).__name__}: {exc}",
-                                  kind="protocol", retryable=True, code="upstream_error")
-            if not out.content_sent:
-                raise error from exc
-            return await self._end_stream_with_error(out, exchange, error)
-        finally:
-            provider.in_flight -= 1
-            self.watchdog.guards.discard(guard)
-            if upstream is not None:
-                upstream.close()
-
-    async def _end_stream_with_error(self, out: ClientStream, exchange: Exchange, error: GatewayError
-                                     ) -> web.StreamResponse:
-        exchange.error = error
-        exchange.status = 200
-        if exchange.outcome is None or exchange.outcome == Outcome.OK:
-            exchange.outcome = Outcome.ERROR
-        log.warning("stream_failed_midway", provider=exchange.provider, error=error.message)
-        return await out.fail(error)
-
-    async def _attempt_body(self, request: web.Request, provider: Provider, ureq: UpstreamRequest,
-                            exchange: Exchange, loop: asyncio.AbstractEventLoop) -> web.StreamResponse:
-        cfg = provider.config
-        guard = self._guard(loop, cfg, None)
-        self.watchdog.guards.add(guard)
-        provider.in_flight += 1
-        upstream = None
-        try:
-            upstream = await provider.send(ureq)
-            body = await upstream.read()
-        except asyncio.CancelledError:
-            if guard.expired is None or asyncio.current_task().uncancel() > 0:  # type: ignore[union-attr]
-                raise
-            exchange.outcome = Outcome.TIMEOUT
-            raise UpstreamError(504, f"provider {provider.name!r}: timeout", kind="timeout", retryable=True,
-                                code="upstream_timeout") from None
-        except GatewayError:
-            raise
-        except Exception as exc:
-            raise UpstreamError(502, f"provider {provider.name!r}: {type(exc).__name__}: {exc}", kind="protocol",
-                                retryable=True, code="upstream_error") from exc
-        finally:
-            provider.in_flight -= 1
-            self.watchdog.guards.discard(guard)
-            if upstream is not None:
-                upstream.close()
-        if b'"usage"' in body or self.pipeline.has_on_response:
-            try:
-                parsed = orjson.loads(body)
-            except orjson.JSONDecodeError as exc:
-                raise UpstreamError(502, f"provider {provider.name!r} sent invalid JSON", kind="protocol",
-                                    retryable=True, code="upstream_error") from exc
-            if isinstance(parsed, dict):
-                exchange.usage = Usage.from_dict(parsed.get("usage"))
-            if self.pipeline.has_on_response:
-                new = await self.pipeline.on_response(exchange, parsed)
-                body = orjson.dumps(new)
-        exchange.outcome = Outcome.OK
-        exchange.status = 200
-        exchange.first_byte_at = time.monotonic()
-        resp = json_response(body, 200, exchange.response_headers)
-        await resp.prepare(request)
-        await resp.write_eof()
-        return resp

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from time import monotonic
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
 from aiohttp import web
@@ -159,9 +159,11 @@ async def _flush(out: ClientStream, exchange: Exchange, batch: list[bytes]) -> N
 
 
 async def relay_stream(out: ClientStream, upstream: UpstreamResponse, exchange: Exchange,
-                       pipeline: "Pipeline") -> None:
+                       pipeline: "Pipeline", rewrite: Callable[[bytes], bytes | None] | None = None) -> None:
     """Relay one upstream stream to the client until ``[DONE]``.
 
+    ``rewrite``, when given, sees each upstream data event first and returns it (changed or not) or None to
+    drop it: the mid-stream continuation uses it; a plain relay passes None and pays nothing for it.
     Raises :class:`StreamBroken` when the upstream ends without ``[DONE]`` or sends an error event,
     :class:`proxy.StopStream` when a plugin stops the stream, and lets connection errors of either side through.
     """
@@ -182,6 +184,10 @@ async def relay_stream(out: ClientStream, upstream: UpstreamResponse, exchange: 
                     if out.content_sent:
                         batch.append(ev)  # upstream comments pass once the stream is live
                     continue
+                if rewrite is not None and ev != DONE:
+                    ev = rewrite(ev)  # type: ignore[assignment]
+                    if ev is None:
+                        continue
                 if ev == DONE:
                     saw_done = True
                 else:

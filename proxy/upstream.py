@@ -101,10 +101,19 @@ class UpstreamResponse:
 class Provider:
     """Base class of provider adapters. One instance per configured provider, one connection pool each."""
 
+    #: Weight of the newest sample in the time-to-first-token moving average.
+    TTFT_ALPHA = 0.2
+
     def __init__(self, config: "ProviderConfig") -> None:
         self.config = config
         self.name = config.name
         self.in_flight = 0
+        #: Exponentially weighted moving average of time to first token, seconds (None until measured).
+        self.ttft_ewma: float | None = None
+
+    def observe_ttft(self, seconds: float) -> None:
+        prev = self.ttft_ewma
+        self.ttft_ewma = seconds if prev is None else prev + self.TTFT_ALPHA * (seconds - prev)
 
     async def start(self) -> None:
         """Open pools (called once before serving)."""

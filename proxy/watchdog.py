@@ -14,10 +14,14 @@ __all__ = ["Watchdog", "Guard"]
 
 
 class Guard:
-    """Deadlines and keepalive state of one live request (the relay owns it; the watchdog reads it)."""
+    """Deadlines and keepalive state of one live request (the relay owns it; the watchdog reads it).
 
-    __slots__ = ("task", "last_event", "got_first", "first_deadline", "idle_timeout", "total_deadline",
-                 "expired", "keepalive_interval", "last_write", "send_keepalive")
+    ``total_deadline`` is the request's deadline across all attempts; each attempt adds its own
+    ``attempt_deadline`` (the provider's ``timeout``), ``first_deadline`` and ``idle_timeout``.
+    """
+
+    __slots__ = ("task", "last_event", "got_first", "first_deadline", "idle_timeout", "attempt_deadline",
+                 "total_deadline", "expired", "keepalive_interval", "last_write", "send_keepalive")
 
     def __init__(self, now: float, total_timeout: float | None, keepalive_interval: float | None = None,
                  send_keepalive: Callable[[], Any] | None = None) -> None:
@@ -27,17 +31,26 @@ class Guard:
         self.got_first = False
         self.first_deadline: float | None = None
         self.idle_timeout: float | None = None
+        self.attempt_deadline: float | None = None
         self.total_deadline = now + total_timeout if total_timeout else None
         self.expired: str | None = None
         self.keepalive_interval = keepalive_interval
         self.send_keepalive = send_keepalive
 
-    def attempt(self, now: float, first_token_timeout: float | None, idle_timeout: float | None) -> None:
+    def attempt(self, now: float, first_token_timeout: float | None, idle_timeout: float | None,
+                attempt_timeout: float | None) -> None:
         """Start the deadlines of one upstream attempt."""
         self.got_first = False
         self.first_deadline = now + first_token_timeout if first_token_timeout else None
         self.idle_timeout = idle_timeout
+        self.attempt_deadline = now + attempt_timeout if attempt_timeout else None
         self.last_event = now
+        self.expired = None
+
+    def pause(self) -> None:
+        """Between attempts (backoff): only the request deadline and keepalives apply."""
+        self.first_deadline = self.attempt_deadline = self.idle_timeout = None
+        self.got_first = False
 
     def check(self, now: float) -> None:
         if self.expired is not None:
@@ -45,6 +58,8 @@ class Guard:
         kind = None
         if self.total_deadline is not None and now >= self.total_deadline:
             kind = "total"
+        elif self.attempt_deadline is not None and now >= self.attempt_deadline:
+            kind = "attempt"
         elif not self.got_first:
             if self.first_deadline is not None and now >= self.first_deadline:
                 kind = "first_token"

@@ -16,6 +16,8 @@ __all__ = [
     "LoggingConfig",
     "ProviderConfig",
     "RedisConfig",
+    "CircuitBreakerConfig",
+    "RetryConfig",
     "SimulationConfig",
     "PipelineEntry",
 ]
@@ -76,6 +78,37 @@ class SimulationConfig:
 
 
 @attrs.frozen
+class CircuitBreakerConfig:
+    """Per-provider circuit breaker (the seed's `circuit_breaker` block)."""
+
+    enabled: bool = attrs.field(default=True, metadata=_doc("Use circuit breakers."))
+    failure_threshold: int = attrs.field(
+        default=5, metadata=_doc("Consecutive failures that open a provider's circuit.")
+    )
+    recovery_timeout: float = attrs.field(
+        default=60.0, metadata=_doc("Seconds an open circuit skips the provider before trial calls.")
+    )
+    half_open_max_calls: int = attrs.field(
+        default=3, metadata=_doc("Trial calls allowed at once while half-open.")
+    )
+
+
+@attrs.frozen
+class RetryConfig:
+    """Retries before the first byte reached the client (on connect errors, timeouts, 429 and 5xx)."""
+
+    backoff_base: float = attrs.field(default=0.25, metadata=_doc("First backoff, seconds; doubles per retry."))
+    backoff_max: float = attrs.field(default=8.0, metadata=_doc("Longest backoff between two attempts, seconds."))
+    jitter: bool = attrs.field(default=True, metadata=_doc("Full jitter: sleep a random time up to the backoff."))
+    max_retry_after: float = attrs.field(
+        default=30.0, metadata=_doc("Longest `Retry-After` honoured; a longer one moves on to the next route.")
+    )
+    request_deadline: float = attrs.field(
+        default=600.0, metadata=_doc("Total seconds for a request across all attempts and fallbacks.")
+    )
+
+
+@attrs.frozen
 class RedisConfig:
     """The shared Redis (one connection pool per process) that plugins with a `redis` backend use."""
 
@@ -90,7 +123,9 @@ class RedisConfig:
 @attrs.frozen
 class ProviderConfig:
     name: str = attrs.field(metadata=_doc("Unique provider name (used in routes, logs, metrics)."))
-    type: str = attrs.field(default="openai", metadata=_doc("Adapter: `openai` or `simulated`."))
+    type: str = attrs.field(
+        default="openai", metadata=_doc("Adapter: `openai`, `azure_openai`, `anthropic` or `simulated`.")
+    )
     base_url: str = attrs.field(default="", metadata=_doc("Base URL including `/v1` for OpenAI-compatible servers."))
     api_key_env: str | None = attrs.field(default=None, metadata=_doc("Environment variable holding the API key."))
     api_key: str | None = attrs.field(default=None, metadata=_doc("API key; prefer `api_key_env` or `${VAR}`."))
@@ -114,6 +149,19 @@ class ProviderConfig:
     )
     keepalive_expiry: float = attrs.field(default=30.0, metadata=_doc("Seconds an idle connection is kept."))
     headers: dict[str, str] = attrs.field(factory=dict, metadata=_doc("Extra headers sent upstream."))
+    api_version: str | None = attrs.field(
+        default=None, metadata=_doc("`azure_openai`: the `api-version` query parameter; `anthropic`: the "
+                                    "`anthropic-version` header.")
+    )
+    deployments: dict[str, str] = attrs.field(
+        factory=dict, metadata=_doc("`azure_openai`: model name -> deployment name (default: the model name).")
+    )
+    max_tokens_default: int = attrs.field(
+        default=4096, metadata=_doc("`anthropic`: max_tokens sent when the request sets none (Anthropic requires it).")
+    )
+    circuit_breaker: CircuitBreakerConfig | None = attrs.field(
+        default=None, metadata=_doc("This provider's breaker settings (default: the top-level `circuit_breaker`).")
+    )
     simulation: SimulationConfig = attrs.field(
         factory=SimulationConfig, metadata=_doc("Settings of a `simulated` provider.")
     )
@@ -133,6 +181,10 @@ class Config:
     streaming: StreamingConfig = attrs.field(factory=StreamingConfig, metadata=_doc("Streaming behaviour."))
     logging: LoggingConfig = attrs.field(factory=LoggingConfig, metadata=_doc("Logs."))
     redis: RedisConfig = attrs.field(factory=RedisConfig, metadata=_doc("Shared Redis for multi-replica state."))
+    circuit_breaker: CircuitBreakerConfig = attrs.field(
+        factory=CircuitBreakerConfig, metadata=_doc("Default circuit breaker of every provider.")
+    )
+    retry: RetryConfig = attrs.field(factory=RetryConfig, metadata=_doc("Retries and the request deadline."))
     providers: tuple[ProviderConfig, ...] = attrs.field(default=(), metadata=_doc("Upstream providers."))
     pipeline: tuple[PipelineEntry, ...] = attrs.field(
         default=(PipelineEntry("router"),), metadata=_doc("Plugins, in call order.")

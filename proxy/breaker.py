@@ -1,0 +1,81 @@
+"""Circuit breaker per provider: closed → open after consecutive failures → half-open trials → closed.
+
+Settings follow the seed's ``circuit_breaker`` block: ``failure_threshold`` consecutive failures open the
+circuit; after ``recovery_timeout`` seconds it is half-open and lets at most ``half_open_max_calls`` trial calls
+run at once; a trial success closes it, a trial failure opens it again for another ``recovery_timeout``.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import structlog
+
+from .config.schema import CircuitBreakerConfig
+
+__all__ = ["CircuitBreaker", "CLOSED", "OPEN", "HALF_OPEN"]
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+log = structlog.get_logger("ssegate.breaker")
+
+
+class CircuitBreaker:
+    __slots__ = ("name", "config", "state", "failures", "opened_at", "trials", "clock", "listeners")
+
+    def __init__(self, name: str, config: CircuitBreakerConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
+        self.config = config
+        self.state = CLOSED
+        self.failures = 0
+        self.opened_at = 0.0
+        self.trials = 0
+        self.clock = clock
+        #: Called as ``listener(provider_name, old_state, new_state)`` on every change (metrics, health).
+        self.listeners: list[Callable[[str, str, str], None]] = []
+
+    def _set(self, state: str) -> None:
+        old, self.state = self.state, state
+        if old != state:
+            log.warning("circuit_state_changed", provider=self.name, old=old, new=state, failures=self.failures)
+            for listener in self.listeners:
+                listener(self.name, old, state)
+
+    def current(self) -> str:
+        """The state now (an open circuit past its recovery timeout reads as half-open)."""
+        if self.state == OPEN and self.clock() - self.opened_at >= self.config.recovery_timeout:
+            return HALF_OPEN
+        return self.state
+
+    def acquire(self) -> bool:
+        """May a call go to this provider now? A True in half-open state takes a trial slot: the caller
+        must then report :meth:`success` or :meth:`failure` (or :meth:`release` if it never called)."""
+        if not self.config.enabled or self.state == CLOSED:
+            return True
+        if self.state == OPEN:
+            if self.clock() - self.opened_at < self.config.recovery_timeout:
+                return False
+            self._set(HALF_OPEN)
+            self.trials = 0
+        if self.trials >= self.config.half_open_max_calls:
+            return False
+        self.trials += 1
+        return True
+
+    def release(self) -> None:
+        if self.state == HALF_OPEN and self.trials > 0:
+            self.trials -= 1
+
+    def success(self) -> None:
+        self.failures = 0
+        if self.state != CLOSED:
+            self.trials = 0
+            self._set(CLOSED)
+
+    def failure(self) -> None:
+        if not self.config.enabled:
+            return
+        self.failures += 1
+        if self.state == HALF_OPEN or (self.state == CLOSED and self.failures >= self.config.failure_threshold):
+            self.opened_at = self.clock()
+            self.trials = 0
+            self._set(OPEN)

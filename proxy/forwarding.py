@@ -1,0 +1,328 @@
+"""Getting an answer from the routes: attempts, retries with backoff, circuit breakers, fallback, and the
+mid-stream continuation. The relay (``relay.py``) writes; this module decides who is asked and when.
+
+Rules:
+- A route is skipped while its provider's circuit is open (half-open lets a bounded number of trials through).
+- Before any content reached the client, a retryable failure (connect error, timeout, 429, 5xx, an error event
+  or a truncated stream) is retried on the same provider up to its ``retry_attempts`` with exponential backoff
+  and full jitter, honouring ``Retry-After``, then falls back to the next route, all within the request deadline.
+- After content reached the client, a failure ends the stream with an SSE error event and ``[DONE]``, or, when
+  the route's model group says ``on_midstream_failure: continue``, the next route continues the answer.
+"""
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+import orjson
+import structlog
+from aiohttp import web
+
+from .breaker import CircuitBreaker
+from .continuation import Transcript, continuation_messages
+from .errors import GatewayError, StopStream
+from .exchange import Exchange, Outcome, Route, Usage
+from .relay import ClientStream, StreamBroken, json_response, relay_stream
+from .upstream import ENDPOINT_PATHS, Provider, UpstreamError, UpstreamRequest
+from .watchdog import Guard
+
+if TYPE_CHECKING:
+    from .gateway import Gateway
+
+__all__ = ["Forwarder", "MidStreamFailure"]
+
+log = structlog.get_logger("ssegate.forward")
+
+#: Failure kinds that say something about the provider's health (a 400 says something about the request).
+_PROVIDER_FAULTS = frozenset({"connect", "timeout", "protocol", "truncated", "stream_error", "circuit_open"})
+
+
+class MidStreamFailure(Exception):
+    """An attempt failed after some of its content reached the client."""
+
+    def __init__(self, error: GatewayError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _is_provider_fault(exc: UpstreamError) -> bool:
+    return exc.kind in _PROVIDER_FAULTS or exc.status == 429 or exc.status >= 500
+
+
+def _retry_after(exc: GatewayError) -> float | None:
+    value = exc.headers.get("Retry-After") or exc.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+
+
+class Forwarder:
+    def __init__(self, gateway: "Gateway") -> None:
+        self.gateway = gateway
+        self.pipeline = gateway.pipeline
+        self.providers = gateway.providers
+        self.retry = gateway.config.retry
+        self.breakers: dict[str, CircuitBreaker] = {
+            name: CircuitBreaker(name, p.config.circuit_breaker or gateway.config.circuit_breaker)
+            for name, p in gateway.providers.items()
+        }
+        s = gateway.config.streaming
+        self.keepalive_interval = s.keepalive_interval if s.keepalive else None
+        self.rng = random.Random()
+
+    async def forward(self, request: web.Request, exchange: Exchange, routes: list[Route],
+                      out: ClientStream | None) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        guard = Guard(loop.time(), self.retry.request_deadline, self.keepalive_interval if out else None,
+                      out.keepalive if out is not None else None)
+        if out is not None:
+            out.guard = guard
+        watchdog = self.gateway.watchdog
+        watchdog.guards.add(guard)
+        try:
+            return await self._try_routes(request, exchange, routes, out, guard)
+        finally:
+            watchdog.guards.discard(guard)
+
+    async def _try_routes(self, request: web.Request, exchange: Exchange, routes: list[Route],
+                          out: ClientStream | None, guard: Guard) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        continue_midstream = out is not None and exchange.on_midstream_failure == "continue"
+        transcript = Transcript() if continue_midstream else None
+        prefix: str | None = None
+        midstream_error: GatewayError | None = None
+        last_error: GatewayError | None = None
+        for route in routes:
+            provider = self.providers.get(route.provider)
+            if provider is None:
+                raise GatewayError(500, f"route names unknown provider {route.provider!r}", code="bad_route")
+            breaker = self.breakers[provider.name]
+            for try_no in range(provider.config.retry_attempts + 1):
+                attempt: dict[str, Any] = {"provider": provider.name, "model": route.model}
+                exchange.attempts.append(attempt)
+                if not breaker.acquire():
+                    attempt["error"] = "circuit_open"
+                    last_error = last_error or UpstreamError(
+                        503, f"provider {provider.name!r} is unavailable (circuit open)", kind="circuit_open",
+                        retryable=True, code="provider_unavailable")
+                    break
+                ureq = self._request(exchange, route, prefix)
+                if self.pipeline.has_upstream_request:
+                    try:
+                        await self.pipeline.upstream_request(exchange, ureq)
+                    except BaseException:
+                        breaker.release()
+                        raise
+                exchange.provider = provider.name
+                exchange.upstream_model = route.model
+                exchange.response_headers["x-ssegate-provider"] = provider.name
+                try:
+                    if out is not None:
+                        rewrite = None
+                        if transcript is not None:
+                            rewrite = transcript.splice if prefix is not None else transcript.observe
+                        response = await self._stream(out, provider, ureq, exchange, guard, rewrite)
+                    else:
+                        response = await self._body(request, provider, ureq, exchange, guard)
+                except UpstreamError as exc:
+                    attempt["error"], attempt["status"] = exc.kind, exc.status
+                    last_error = exc
+                    breaker.failure() if _is_provider_fault(exc) else breaker.release()
+                    log.warning("upstream_failed", provider=provider.name, kind=exc.kind, status=exc.status,
+                                error=exc.message, attempt=try_no + 1)
+                    if not exc.retryable or guard.expired == "total":
+                        raise
+                    if try_no < provider.config.retry_attempts:
+                        delay = self._backoff(try_no, exc, guard, loop.time())
+                        if delay is not None:
+                            attempt["retry_in"] = round(delay, 3)
+                            await self._sleep(delay, guard)
+                            continue
+                    break
+                except MidStreamFailure as failure:
+                    breaker.failure()
+                    attempt["error"], attempt["status"] = "midstream", failure.error.status
+                    midstream_error = last_error = failure.error
+                    log.warning("stream_failed_midway", provider=provider.name, error=failure.error.message,
+                                continuing=transcript is not None)
+                    if transcript is None or guard.expired == "total":
+                        return await self._end_with_error(out, exchange, failure.error)  # type: ignore[arg-type]
+                    prefix = transcript.start_continuation()
+                    exchange.state["continued_from"] = provider.name
+                    break
+                except BaseException:
+                    breaker.release()
+                    raise
+                breaker.success()
+                return response
+        if midstream_error is not None and out is not None:
+            return await self._end_with_error(out, exchange, midstream_error)
+        if last_error is None:
+            raise GatewayError(503, "no provider is available for this model", code="provider_unavailable")
+        raise last_error
+
+    # -- attempts -----------------------------------------------------------------------------------------
+    def _request(self, exchange: Exchange, route: Route, prefix: str | None) -> UpstreamRequest:
+        ureq = UpstreamRequest(exchange, route, ENDPOINT_PATHS[exchange.endpoint])
+        if route.model != exchange.model:
+            ureq.json["model"] = route.model
+        if exchange.stream and not exchange.include_usage:
+            body = ureq.json
+            opts = body.get("stream_options")
+            body["stream_options"] = {**opts, "include_usage": True} if isinstance(opts, dict) else {
+                "include_usage": True}
+        if prefix is not None:
+            ureq.json["messages"] = continuation_messages(ureq.json.get("messages") or [], prefix)
+        return ureq
+
+    async def _stream(self, out: ClientStream, provider: Provider, ureq: UpstreamRequest, exchange: Exchange,
+                      guard: Guard, rewrite: Callable[[bytes], bytes | None] | None) -> web.StreamResponse:
+        cfg = provider.config
+        loop = out.loop
+        guard.attempt(loop.time(), cfg.first_token_timeout or cfg.timeout, cfg.idle_timeout or cfg.timeout,
+                      cfg.timeout)
+        started = time.monotonic()
+        had_content = out.content_sent
+        provider.in_flight += 1
+        upstream = None
+        try:
+            upstream = await provider.send(ureq)
+            await relay_stream(out, upstream, exchange, self.pipeline, rewrite)
+            exchange.outcome = Outcome.OK
+            exchange.status = 200
+            return await out.finish()
+        except StreamBroken as broken:
+            if not out.content_sent:
+                raise broken.error from None
+            raise MidStreamFailure(broken.error) from None
+        except StopStream as stop:
+            exchange.outcome = Outcome.STOPPED
+            exchange.status = 200
+            return await out.stop(stop)
+        except asyncio.CancelledError:
+            error = self._timeout_error(guard, provider)
+            if error is None:
+                raise
+            if not out.content_sent:
+                raise error from None
+            exchange.outcome = Outcome.TIMEOUT
+            raise MidStreamFailure(error) from None
+        except (ConnectionResetError, BrokenPipeError):
+            raise  # the client went away while we wrote
+        except GatewayError:
+            raise
+        except Exception as exc:  # upstream read errors (aiohttp.ClientPayloadError, ...)
+            error = UpstreamError(502, f"provider {provider.name!r}: {type(exc).__name__}: {exc}",
+                                  kind="protocol", retryable=True, code="upstream_error")
+            if not out.content_sent:
+                raise error from exc
+            raise MidStreamFailure(error) from exc
+        finally:
+            provider.in_flight -= 1
+            guard.pause()
+            if upstream is not None:
+                upstream.close()
+            if not had_content and out.content_sent and exchange.first_byte_at is not None:
+                provider.observe_ttft(exchange.first_byte_at - started)
+
+    async def _body(self, request: web.Request, provider: Provider, ureq: UpstreamRequest, exchange: Exchange,
+                    guard: Guard) -> web.StreamResponse:
+        cfg = provider.config
+        guard.attempt(asyncio.get_running_loop().time(), None, None, cfg.timeout)
+        started = time.monotonic()
+        provider.in_flight += 1
+        upstream = None
+        try:
+            upstream = await provider.send(ureq)
+            body = await upstream.read()
+        except asyncio.CancelledError:
+            error = self._timeout_error(guard, provider)
+            if error is None:
+                raise
+            raise error from None
+        except GatewayError:
+            raise
+        except Exception as exc:
+            raise UpstreamError(502, f"provider {provider.name!r}: {type(exc).__name__}: {exc}", kind="protocol",
+                                retryable=True, code="upstream_error") from exc
+        finally:
+            provider.in_flight -= 1
+            guard.pause()
+            if upstream is not None:
+                upstream.close()
+        if b'"usage"' in body or self.pipeline.has_on_response:
+            try:
+                parsed = orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
+                raise UpstreamError(502, f"provider {provider.name!r} sent invalid JSON", kind="protocol",
+                                    retryable=True, code="upstream_error") from exc
+            if isinstance(parsed, dict):
+                exchange.usage = Usage.from_dict(parsed.get("usage"))
+            if self.pipeline.has_on_response:
+                body = orjson.dumps(await self.pipeline.on_response(exchange, parsed))
+        exchange.outcome = Outcome.OK
+        exchange.status = 200
+        exchange.first_byte_at = time.monotonic()
+        provider.observe_ttft(exchange.first_byte_at - started)
+        resp = json_response(body, 200, exchange.response_headers)
+        await resp.prepare(request)
+        await resp.write_eof()
+        return resp
+
+    # -- helpers ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _timeout_error(guard: Guard, provider: Provider) -> UpstreamError | None:
+        """Turn a watchdog cancellation into a timeout error (None: a real cancellation, e.g. a disconnect)."""
+        kind = guard.expired
+        task = asyncio.current_task()
+        if kind is None or task is None or task.uncancel() > 0:
+            return None
+        if kind == "total":
+            return UpstreamError(504, "the request deadline passed before an answer was complete",
+                                 kind="timeout", retryable=False, code="request_timeout")
+        guard.expired = None
+        what = {"attempt": "upstream", "first_token": "first token", "idle": "idle"}[kind]
+        code = {"attempt": "upstream_timeout", "first_token": "first_token_timeout", "idle": "idle_timeout"}[kind]
+        return UpstreamError(504, f"provider {provider.name!r}: {what} timeout", kind="timeout", retryable=True,
+                             code=code)
+
+    def _backoff(self, try_no: int, exc: GatewayError, guard: Guard, now: float) -> float | None:
+        """Seconds to wait before retrying the same provider, or None to move on to the next route."""
+        cfg = self.retry
+        delay = min(cfg.backoff_max, cfg.backoff_base * (2 ** try_no))
+        if cfg.jitter:
+            delay = self.rng.uniform(0, delay)
+        retry_after = _retry_after(exc)
+        if retry_after is not None:
+            if retry_after > cfg.max_retry_after:
+                return None
+            delay = max(delay, retry_after)
+        if guard.total_deadline is not None and now + delay >= guard.total_deadline:
+            return None
+        return delay
+
+    @staticmethod
+    async def _sleep(delay: float, guard: Guard) -> None:
+        try:
+            await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if guard.expired == "total" and task is not None and task.uncancel() == 0:
+                raise UpstreamError(504, "the request deadline passed while retrying", kind="timeout",
+                                    retryable=False, code="request_timeout") from None
+            raise
+
+    async def _end_with_error(self, out: ClientStream, exchange: Exchange, error: GatewayError
+                              ) -> web.StreamResponse:
+        exchange.error = error
+        exchange.status = 200
+        if exchange.outcome in (None, Outcome.OK):
+            exchange.outcome = Outcome.ERROR
+        return await out.fail(error)
