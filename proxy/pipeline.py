@@ -99,7 +99,11 @@ class Pipeline:
     # -- lifecycle ----------------------------------------------------------------------------------------
     async def startup(self, gateway: Any) -> None:
         for impl in self._impls["startup"]:
-            await self._call(impl, gateway)
+            try:
+                await self._call(impl, gateway)
+            except PluginError as exc:
+                raise GatewayError(500, f"plugin {exc.plugin!r} failed to start: {exc.original}",
+                                   code="plugin_startup_failed") from exc.original
 
     async def shutdown(self, gateway: Any) -> None:
         for impl in self._impls["shutdown"]:

@@ -39,6 +39,7 @@ class Script:
     delay: float = 0.0
     first_delay: float = 0.0
     status: int = 200
+    fail_times: int | None = None
     error: str = "scripted failure"
     retry_after: str | None = None
     cut_after: int | None = None
@@ -61,8 +62,10 @@ class ScriptedUpstream:
         self.script = Script()
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
+        self.times: list[float] = []  # loop time of each request's arrival
         self.cancelled = 0
         self.completed = 0
+        self.in_flight = 0
         self.cancel_event = asyncio.Event()
         self.port = 0
         self._runner: web.AppRunner | None = None
@@ -114,11 +117,13 @@ class ScriptedUpstream:
         body = await request.json()
         self.requests.append(body)
         self.headers.append(dict(request.headers))
+        self.times.append(asyncio.get_running_loop().time())
         s = self.script
+        self.in_flight += 1
         try:
             if s.first_delay:
                 await asyncio.sleep(s.first_delay)
-            if s.status >= 400:
+            if s.status >= 400 and (s.fail_times is None or len(self.requests) <= s.fail_times):
                 return await self._error()
             if not body.get("stream"):
                 text = "".join(s.texts)
@@ -133,6 +138,8 @@ class ScriptedUpstream:
             self.cancelled += 1
             self.cancel_event.set()
             raise
+        finally:
+            self.in_flight -= 1
 
     async def _stream(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         s = self.script

@@ -41,7 +41,7 @@ def test_bad_plugins_are_refused_with_a_clear_message(entry, message):
 
 def test_settings_for_a_plugin_without_config_class_are_refused():
     with pytest.raises(PluginLoadError, match="takes no settings"):
-        load(PipelineEntry("router", {"x": 1}))
+        load(PipelineEntry("tests.sample_plugins.audit", {"x": 1}))
 
 
 def test_listed_twice_is_refused():

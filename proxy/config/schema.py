@@ -134,6 +134,7 @@ class ProviderConfig:
     )
     enabled: bool = attrs.field(default=True, metadata=_doc("Disabled providers are never routed to."))
     priority: int = attrs.field(default=1, metadata=_doc("Lower is tried first."))
+    weight: float = attrs.field(default=1.0, metadata=_doc("Share of traffic under the `weighted` strategy."))
     timeout: float = attrs.field(default=600.0, metadata=_doc("Total seconds for one upstream request."))
     connect_timeout: float = attrs.field(default=10.0, metadata=_doc("Seconds to open a connection."))
     first_token_timeout: float | None = attrs.field(
