@@ -87,6 +87,7 @@ class Exchange:
 
     request_id: str
     endpoint: str  #: "chat.completions", "completions", "embeddings", "models", ...
+    ingress: str = "openai"  #: the client's wire format: "openai", or "anthropic" for ``/v1/messages``
     body: bytes = b""
     headers: Any = None  #: the client's request headers (case-insensitive mapping)
     client_ip: str | None = None

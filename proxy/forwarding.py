@@ -25,7 +25,7 @@ from .breaker import CircuitBreaker
 from .continuation import Transcript, continuation_messages
 from .errors import GatewayError, StopStream
 from .exchange import Exchange, Outcome, Route, Usage
-from .relay import ClientStream, StreamBroken, json_response, relay_stream
+from .relay import ClientStream, StreamBroken, answer_body, json_response, relay_stream
 from .upstream import ENDPOINT_PATHS, Provider, UpstreamError, UpstreamRequest
 from .watchdog import Guard
 
@@ -271,7 +271,7 @@ class Forwarder:
         exchange.status = 200
         exchange.first_byte_at = time.monotonic()
         provider.observe_ttft(exchange.first_byte_at - started)
-        resp = json_response(body, 200, exchange.response_headers)
+        resp = json_response(answer_body(exchange, body), 200, exchange.response_headers)
         await resp.prepare(request)
         await resp.write_eof()
         return resp

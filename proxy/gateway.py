@@ -25,7 +25,7 @@ from .forwarding import Forwarder
 from .relay import ClientStream, error_response, json_response, send_reply
 from .upstream import Provider
 from .watchdog import Watchdog
-from .validation import models_body, validate
+from .validation import models_body, translate_anthropic_ingress, validate
 
 __all__ = ["Gateway"]
 
@@ -111,6 +111,8 @@ class Gateway:
         out: ClientStream | None = None
         try:
             exchange.body = await request.read()
+            if exchange.ingress == "anthropic":
+                translate_anthropic_ingress(exchange)
             validate(exchange)
             await pipeline.authenticate(exchange)
             reply = await pipeline.check_request(exchange)
@@ -143,7 +145,7 @@ class Gateway:
                 exchange.outcome = Outcome.TIMEOUT
             if out is not None and out.committed:
                 return await out.fail(exc)
-            resp = error_response(exc, exchange.response_headers)
+            resp = error_response(exc, exchange.response_headers, exchange)
             await resp.prepare(request)
             await resp.write_eof()
             return resp
@@ -167,7 +169,7 @@ class Gateway:
 
     async def _reject(self, request: web.Request, exchange: Exchange, exc: GatewayError) -> web.StreamResponse:
         exchange.error, exchange.status, exchange.outcome = exc, exc.status, Outcome.REJECTED
-        resp = error_response(exc, exchange.response_headers)
+        resp = error_response(exc, exchange.response_headers, exchange)
         await resp.prepare(request)
         await resp.write_eof()
         return resp

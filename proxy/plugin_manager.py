@@ -24,6 +24,8 @@ __all__ = ["LoadedPlugin", "PluginLoadError", "load_plugins", "new_plugin_manage
 #: Built-in plugin names -> import path. Third-party plugins are peers: they use the same hooks.
 BUILTIN_PLUGINS = {
     "router": "plugins.router:RouterPlugin",
+    "auth": "plugins.auth:AuthPlugin",
+    "ratelimit": "plugins.ratelimit:RateLimitPlugin",
 }
 
 ENTRY_POINT_GROUP = "ssegate"

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from .errors import GatewayError, StopStream
 from .exchange import Exchange, Outcome, Reply, Usage
+from .anthropic_format import OpenAIStreamToAnthropic, anthropic_error_body, to_anthropic_message
 from .openai_format import body_to_chunks, finish_chunk, merge_chunks
 from .sse import DONE, Chunk, encode_event
 from .upstream import UpstreamError, UpstreamResponse
@@ -23,7 +24,8 @@ from .watchdog import Guard
 if TYPE_CHECKING:
     from .pipeline import Pipeline
 
-__all__ = ["ClientStream", "relay_stream", "StreamBroken", "send_reply", "json_response", "error_response"]
+__all__ = ["ClientStream", "relay_stream", "StreamBroken", "send_reply", "json_response", "error_response",
+           "answer_body"]
 
 _KEEPALIVE = b": keepalive\n\n"
 _DONE_FRAME = DONE + b"\n\n"
@@ -43,6 +45,19 @@ class StreamBroken(Exception):
         self.error = error
 
 
+def answer_body(exchange: Exchange, body: bytes) -> bytes:
+    """A successful non-stream answer in the client's wire format (OpenAI, or Anthropic for /v1/messages)."""
+    if exchange.ingress == "anthropic":
+        return orjson.dumps(to_anthropic_message(orjson.loads(body)))
+    return body
+
+
+def error_payload(exchange: Exchange | None, error: GatewayError) -> bytes:
+    if exchange is not None and exchange.ingress == "anthropic":
+        return orjson.dumps(anthropic_error_body(error.status, error.message))
+    return orjson.dumps(error.to_dict())
+
+
 def json_response(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     resp = web.Response(body=body, status=status, content_type="application/json")
     if headers:
@@ -50,15 +65,17 @@ def json_response(body: bytes, status: int = 200, headers: dict[str, str] | None
     return resp
 
 
-def error_response(error: GatewayError, headers: dict[str, str] | None = None) -> web.Response:
+def error_response(error: GatewayError, headers: dict[str, str] | None = None,
+                   exchange: Exchange | None = None) -> web.Response:
     merged = {**error.headers, **headers} if headers else error.headers
-    return json_response(orjson.dumps(error.to_dict()), error.status, merged)
+    return json_response(error_payload(exchange, error), error.status, merged)
 
 
 class ClientStream:
     """The client's event-stream response: committed (200 + headers) lazily, on first content or keepalive."""
 
-    __slots__ = ("request", "exchange", "resp", "_prepare", "loop", "guard", "content_sent", "last_template")
+    __slots__ = ("request", "exchange", "resp", "_prepare", "loop", "guard", "content_sent", "last_template",
+                 "egress")
 
     def __init__(self, request: web.Request, exchange: Exchange) -> None:
         self.request = request
@@ -69,6 +86,8 @@ class ClientStream:
         self.guard: Guard | None = None
         self.content_sent = False
         self.last_template: bytes | None = None  # last content event, to build a final chunk from when needed
+        #: Translates OpenAI events into the client's wire format (Anthropic ``/v1/messages`` clients).
+        self.egress: Any = OpenAIStreamToAnthropic() if exchange.ingress == "anthropic" else None
 
     @property
     def committed(self) -> bool:
@@ -102,6 +121,10 @@ class ClientStream:
     async def write_events(self, events: list[bytes]) -> None:
         if self._prepare is not True or not self.resp.prepared:
             await self.ensure_prepared()
+        if self.egress is not None:
+            events = [out for ev in events for out in self.egress.feed(ev)]
+            if not events:
+                return
         data = events[0] + b"\n\n" if len(events) == 1 else b"\n\n".join(events) + b"\n\n"
         self.exchange.bytes_sent += len(data)
         await self.resp.write(data)
@@ -116,8 +139,7 @@ class ClientStream:
     async def fail(self, error: GatewayError) -> web.StreamResponse:
         """End a committed stream with an OpenAI-format error event and ``[DONE]``."""
         try:
-            await self.ensure_prepared()
-            await self.resp.write(encode_event(error.to_json()) + b"\n\n" + _DONE_FRAME)
+            await self.write_events([encode_event(error.to_json()), DONE])
             await self.resp.write_eof()
         except (ConnectionError, RuntimeError):
             pass
@@ -140,6 +162,13 @@ def _usage_value_is_null(ev: bytes, at: int) -> bool:
     while j < n and ev[j] in b" :\t":
         j += 1
     return ev[j:j + 4] == b"null"
+
+
+_ROLE_ONLY = (b'"delta":{"role":"assistant","content":""}', b'"delta": {"role": "assistant", "content": ""}')
+
+
+def _is_role_only(ev: bytes) -> bool:
+    return _ROLE_ONLY[0] in ev or _ROLE_ONLY[1] in ev
 
 
 def _event_json(ev: bytes) -> Any:
@@ -172,6 +201,7 @@ async def relay_stream(out: ClientStream, upstream: UpstreamResponse, exchange: 
     guard = out.guard
     time = out.loop.time
     saw_done = False
+    held: list[bytes] | None = None
     async for events in upstream.batches():
         now = time()
         if guard is not None:
@@ -214,12 +244,23 @@ async def relay_stream(out: ClientStream, upstream: UpstreamResponse, exchange: 
                 else:
                     for chunk in on_chunk(exchange, Chunk(ev)):
                         batch.append(chunk.raw)
-        except (StopStream, StreamBroken, GatewayError):
-            if batch:  # what came before the failing event still reaches the client
-                await _flush(out, exchange, batch)
+        except (StopStream, StreamBroken, GatewayError) as exc:
+            if held:
+                batch[:0] = held
+            only_role = not out.content_sent and len(batch) == 1 and _is_role_only(batch[0])
+            if batch and not (only_role and isinstance(exc, StreamBroken)):
+                await _flush(out, exchange, batch)  # what came before the failing event still reaches the client
             raise
         if batch:
-            await _flush(out, exchange, batch)
+            if held:
+                batch[:0] = held
+                held = None
+            if not out.content_sent and len(batch) == 1 and _is_role_only(batch[0]):
+                # Hold the opening role-only chunk until real content follows: if the upstream fails in
+                # between, nothing reached the client and the next route can still answer.
+                held = batch
+            else:
+                await _flush(out, exchange, batch)
         if saw_done:
             return
     raise StreamBroken(UpstreamError(502, "the upstream closed the stream before it was complete",
@@ -234,7 +275,10 @@ async def send_reply(request: web.Request, exchange: Exchange, reply: Reply, pip
             body = merge_chunks([c if isinstance(c, dict) else Chunk(c).json for c in reply.chunks])
         if reply.status < 400 and pipeline.has_on_response:
             body = await pipeline.on_response(exchange, body)
-        resp = json_response(orjson.dumps(body), reply.status, {**exchange.response_headers, **reply.headers})
+        payload = orjson.dumps(body)
+        if reply.status < 400:
+            payload = answer_body(exchange, payload)
+        resp = json_response(payload, reply.status, {**exchange.response_headers, **reply.headers})
         exchange.first_byte_at = monotonic()
         await resp.prepare(request)
         await resp.write_eof()

@@ -9,7 +9,7 @@ import orjson
 from .errors import bad_request
 from .exchange import Exchange
 
-__all__ = ["validate", "models_body"]
+__all__ = ["validate", "models_body", "translate_anthropic_ingress"]
 
 
 def _require(cond: bool, message: str, param: str) -> None:
@@ -84,3 +84,26 @@ def models_body(names: list[str]) -> bytes:
     created = int(time.time())
     return orjson.dumps({"object": "list", "data": [
         {"id": name, "object": "model", "created": created, "owned_by": "ssegate"} for name in names]})
+
+
+def translate_anthropic_ingress(exchange: Exchange) -> None:
+    """``/v1/messages``: check the Anthropic-format body, then replace it by its OpenAI translation, so the
+    pipeline and every plugin see one format. The answer is translated back on the way out."""
+    from .anthropic_format import from_anthropic_request
+
+    try:
+        body = orjson.loads(exchange.body) if exchange.body else None
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"We could not parse the JSON body of your request: {exc}") from None
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.")
+    for key, kind in (("model", str), ("max_tokens", int), ("messages", list)):
+        if body.get(key) is None:
+            raise bad_request(f"{key}: Field required", param=key, code="missing_required_parameter")
+        _require(isinstance(body[key], kind) and not isinstance(body[key], bool), f"{key}: invalid type", key)
+    _require(body["max_tokens"] >= 1, "max_tokens: must be at least 1", "max_tokens")
+    translated = from_anthropic_request(body)
+    if translated.get("stream"):
+        # The Anthropic stream reports usage at the end: ask for the usage chunk, the egress consumes it.
+        translated["stream_options"] = {"include_usage": True}
+    exchange.body = orjson.dumps(translated)

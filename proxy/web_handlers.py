@@ -11,10 +11,10 @@ __all__ = ["routes"]
 routes = web.RouteTableDef()
 
 
-async def _serve(request: web.Request, endpoint: str) -> web.StreamResponse:
+async def _serve(request: web.Request, endpoint: str, ingress: str = "openai") -> web.StreamResponse:
     gateway = request.app[GATEWAY].current
     exchange = Exchange(request_id=request["request_id"], endpoint=endpoint, headers=request.headers,
-                        client_ip=request.remote)
+                        client_ip=request.remote, ingress=ingress)
     return await gateway.handle(request, exchange)
 
 
@@ -22,6 +22,12 @@ async def _serve(request: web.Request, endpoint: str) -> web.StreamResponse:
 @routes.post("/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _serve(request, "chat.completions")
+
+
+@routes.post("/v1/messages")
+async def messages(request: web.Request) -> web.StreamResponse:
+    """Anthropic Messages ingress: translated to the OpenAI format at the edge, answered by any provider."""
+    return await _serve(request, "chat.completions", ingress="anthropic")
 
 
 @routes.post("/v1/completions")

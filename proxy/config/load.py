@@ -67,7 +67,7 @@ CONFIG_SECTIONS = tuple(field.name for field in attrs.fields(Config))
 DEFAULT_ORIGIN = "<built-in default>"
 
 #: Provider ``type`` values accepted by :func:`load_config`; provider adapters may add theirs.
-PROVIDER_TYPES: set[str] = {"openai", "simulated"}
+PROVIDER_TYPES: set[str] = {"openai", "azure_openai", "anthropic", "simulated"}
 #: Provider types that need no ``base_url``.
 PROVIDER_TYPES_WITHOUT_URL: set[str] = {"simulated"}
 LOG_FORMATS = ("auto", "json", "console")

@@ -21,8 +21,22 @@ def _simulated(config: ProviderConfig) -> Provider:
     return SimulatedProvider(config)
 
 
+def _azure(config: ProviderConfig) -> Provider:
+    from .azure import AzureOpenAIProvider
+
+    return AzureOpenAIProvider(config)
+
+
+def _anthropic(config: ProviderConfig) -> Provider:
+    from .anthropic import AnthropicProvider
+
+    return AnthropicProvider(config)
+
+
 PROVIDER_FACTORIES: dict[str, Callable[[ProviderConfig], Provider]] = {
     "openai": _openai,
+    "azure_openai": _azure,
+    "anthropic": _anthropic,
     "simulated": _simulated,
 }
 

@@ -12,12 +12,12 @@ from ..config.schema import ProviderConfig
 from ..sse import SSEParser
 from ..upstream import Provider, UpstreamError, UpstreamRequest, UpstreamResponse
 
-__all__ = ["OpenAIProvider"]
+__all__ = ["OpenAIProvider", "HTTPResponse", "upstream_error_from_body"]
 
 _RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
-class _HTTPResponse(UpstreamResponse):
+class HTTPResponse(UpstreamResponse):
     __slots__ = ("_resp",)
 
     def __init__(self, resp: aiohttp.ClientResponse) -> None:
@@ -74,11 +74,16 @@ class OpenAIProvider(Provider):
         super().__init__(config)
         self._base = config.base_url.rstrip("/")
         self._session: aiohttp.ClientSession | None = None
-        key = config.api_key or (os.environ.get(config.api_key_env) if config.api_key_env else None)
-        self._headers = {"Content-Type": "application/json", "Accept-Encoding": "identity", **config.headers}
-        if key:
-            self._headers["Authorization"] = f"Bearer {key}"
+        self._headers = {"Content-Type": "application/json", "Accept-Encoding": "identity",
+                         **self.auth_headers(self.api_key()), **config.headers}
         self._timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout)
+
+    def api_key(self) -> str | None:
+        c = self.config
+        return c.api_key or (os.environ.get(c.api_key_env) if c.api_key_env else None)
+
+    def auth_headers(self, key: str | None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}"} if key else {}
 
     async def start(self) -> None:
         c = self.config
@@ -94,11 +99,23 @@ class OpenAIProvider(Provider):
             await self._session.close()
             self._session = None
 
+    def url(self, request: UpstreamRequest) -> str:
+        return self._base + request.path
+
+    def body(self, request: UpstreamRequest) -> bytes:
+        return request.body
+
+    def error_from(self, status: int, body: bytes, headers: Mapping[str, str]) -> UpstreamError:
+        return upstream_error_from_body(status, body, self.name, headers)
+
+    def wrap(self, resp: aiohttp.ClientResponse, request: UpstreamRequest) -> UpstreamResponse:
+        return HTTPResponse(resp)
+
     async def send(self, request: UpstreamRequest) -> UpstreamResponse:
         assert self._session is not None, "provider not started"
         headers = self._headers if not request.headers else {**self._headers, **request.headers}
         try:
-            resp = await self._session.post(self._base + request.path, data=request.body, headers=headers)
+            resp = await self._session.post(self.url(request), data=self.body(request), headers=headers)
         except asyncio.TimeoutError as exc:
             raise UpstreamError(504, f"provider {self.name!r}: connect timeout", kind="timeout",
                                 retryable=True, code="upstream_timeout") from exc
@@ -112,5 +129,5 @@ class OpenAIProvider(Provider):
                 body = b""
             finally:
                 resp.release()
-            raise upstream_error_from_body(resp.status, body, self.name, resp.headers)
-        return _HTTPResponse(resp)
+            raise self.error_from(resp.status, body, resp.headers)
+        return self.wrap(resp, request)

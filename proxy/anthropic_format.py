@@ -1,0 +1,431 @@
+"""Translation between the OpenAI chat format and the Anthropic Messages format, both directions, whole
+answers and streams. Pure functions and small stateful stream translators: no I/O here.
+
+Used by the ``anthropic`` provider (OpenAI request in, Anthropic upstream) and by the ``/v1/messages`` ingress
+(Anthropic client in, any provider behind the OpenAI-format pipeline).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+
+from .sse import Chunk
+
+__all__ = [
+    "to_anthropic_request", "from_anthropic_message", "AnthropicStreamToOpenAI",
+    "from_anthropic_request", "to_anthropic_message", "OpenAIStreamToAnthropic",
+    "FINISH_FROM_ANTHROPIC", "STOP_FROM_OPENAI", "anthropic_error_body",
+]
+
+FINISH_FROM_ANTHROPIC = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
+                         "tool_use": "tool_calls", "refusal": "content_filter", "pause_turn": "stop"}
+STOP_FROM_OPENAI = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
+                    "function_call": "tool_use", "content_filter": "refusal"}
+_ERROR_TYPE_BY_STATUS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                         404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                         500: "api_error", 529: "overloaded_error"}
+
+
+def _event(name: str, obj: Any) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(obj)
+
+
+def _chunk(obj: Any) -> bytes:
+    return b"data: " + orjson.dumps(obj)
+
+
+def anthropic_error_body(status: int, message: str) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": _ERROR_TYPE_BY_STATUS.get(status, "api_error"), "message": message}}
+
+
+# -- OpenAI request -> Anthropic request ----------------------------------------------------------------------
+
+def _image_block(url: str) -> dict[str, Any]:
+    if url.startswith("data:") and ";base64," in url:
+        media, data = url[5:].split(";base64,", 1)
+        return {"type": "image", "source": {"type": "base64", "media_type": media, "data": data}}
+    return {"type": "image", "source": {"type": "url", "url": url}}
+
+
+def _blocks_from_openai_content(content: Any) -> list[dict[str, Any]]:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    blocks = []
+    for part in content:
+        kind = part.get("type")
+        if kind == "text":
+            blocks.append({"type": "text", "text": part.get("text", "")})
+        elif kind == "image_url":
+            image = part.get("image_url")
+            blocks.append(_image_block(image.get("url", "") if isinstance(image, dict) else str(image)))
+    return blocks
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content or () if isinstance(p, dict) and p.get("type") == "text")
+
+
+def to_anthropic_request(body: dict[str, Any], max_tokens_default: int) -> dict[str, Any]:
+    """An OpenAI chat completion request as an Anthropic Messages request."""
+    system: list[str] = []
+    messages: list[dict[str, Any]] = []
+
+    def add(role: str, blocks: list[dict[str, Any]]) -> None:
+        if messages and messages[-1]["role"] == role:  # Anthropic wants alternating turns
+            messages[-1]["content"].extend(blocks)
+        else:
+            messages.append({"role": role, "content": blocks})
+
+    for m in body.get("messages") or ():
+        role = m.get("role")
+        if role in ("system", "developer"):
+            system.append(_text_of(m.get("content")))
+        elif role == "user":
+            add("user", _blocks_from_openai_content(m.get("content")))
+        elif role == "assistant":
+            blocks = _blocks_from_openai_content(m.get("content"))
+            for call in m.get("tool_calls") or ():
+                fn = call.get("function") or {}
+                try:
+                    arguments = orjson.loads(fn.get("arguments") or "{}")
+                except orjson.JSONDecodeError:
+                    arguments = {"_raw": fn.get("arguments")}
+                blocks.append({"type": "tool_use", "id": call.get("id"), "name": fn.get("name"), "input": arguments})
+            add("assistant", blocks)
+        elif role in ("tool", "function"):
+            add("user", [{"type": "tool_result", "tool_use_id": m.get("tool_call_id"),
+                          "content": _text_of(m.get("content"))}])
+    # A trailing assistant text block must not end with whitespace (Anthropic rejects it); strip it.
+    if messages and messages[-1]["role"] == "assistant":
+        last = messages[-1]["content"]
+        if last and last[-1].get("type") == "text":
+            last[-1]["text"] = last[-1]["text"].rstrip()
+    out: dict[str, Any] = {
+        "model": body.get("model"),
+        "messages": messages,
+        "max_tokens": body.get("max_completion_tokens") or body.get("max_tokens") or max_tokens_default,
+    }
+    if system:
+        out["system"] = "\n\n".join(system)
+    if body.get("stream"):
+        out["stream"] = True
+    if body.get("temperature") is not None:
+        out["temperature"] = min(float(body["temperature"]), 1.0)
+    if body.get("top_p") is not None:
+        out["top_p"] = body["top_p"]
+    stop = body.get("stop")
+    if stop:
+        out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+    if body.get("user"):
+        out["metadata"] = {"user_id": body["user"]}
+    tools = body.get("tools")
+    if tools:
+        out["tools"] = [{"name": t["function"]["name"], "description": t["function"].get("description", ""),
+                         "input_schema": t["function"].get("parameters") or {"type": "object", "properties": {}}}
+                        for t in tools if t.get("type") == "function"]
+    choice = body.get("tool_choice")
+    if choice is not None and tools:
+        if choice == "auto":
+            out["tool_choice"] = {"type": "auto"}
+        elif choice == "required":
+            out["tool_choice"] = {"type": "any"}
+        elif choice == "none":
+            out["tool_choice"] = {"type": "none"}
+        elif isinstance(choice, dict) and choice.get("function"):
+            out["tool_choice"] = {"type": "tool", "name": choice["function"]["name"]}
+    if body.get("parallel_tool_calls") is False and "tool_choice" in out:
+        out["tool_choice"]["disable_parallel_tool_use"] = True
+    return out
+
+
+# -- Anthropic answer -> OpenAI answer -----------------------------------------------------------------------
+
+def _usage(usage: dict[str, Any]) -> dict[str, int]:
+    prompt = int(usage.get("input_tokens") or 0) + int(usage.get("cache_read_input_tokens") or 0) + int(
+        usage.get("cache_creation_input_tokens") or 0)
+    completion = int(usage.get("output_tokens") or 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def from_anthropic_message(msg: dict[str, Any]) -> dict[str, Any]:
+    text, calls = [], []
+    for block in msg.get("content") or ():
+        if block.get("type") == "text":
+            text.append(block.get("text", ""))
+        elif block.get("type") == "tool_use":
+            calls.append({"id": block.get("id"), "type": "function",
+                          "function": {"name": block.get("name"),
+                                       "arguments": orjson.dumps(block.get("input") or {}).decode()}})
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(text) if text or not calls else None,
+                               "refusal": None}
+    if calls:
+        message["tool_calls"] = calls
+    return {
+        "id": msg.get("id"), "object": "chat.completion", "created": int(time.time()), "model": msg.get("model"),
+        "choices": [{"index": 0, "message": message, "logprobs": None,
+                     "finish_reason": FINISH_FROM_ANTHROPIC.get(msg.get("stop_reason") or "", "stop")}],
+        "usage": _usage(msg.get("usage") or {}),
+    }
+
+
+class AnthropicStreamToOpenAI:
+    """Anthropic SSE events in, OpenAI ``chat.completion.chunk`` events out (raw, without terminators)."""
+
+    __slots__ = ("id", "model", "created", "input_usage", "output_tokens", "tool_index", "block_tools",
+                 "finish")
+
+    def __init__(self) -> None:
+        self.id = "chatcmpl-anthropic"
+        self.model: str | None = None
+        self.created = int(time.time())
+        self.input_usage: dict[str, Any] = {}
+        self.output_tokens = 0
+        self.tool_index = -1
+        self.block_tools: dict[int, int] = {}
+        self.finish: str | None = None
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return _chunk({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                       "model": self.model, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                         "finish_reason": finish}]})
+
+    def feed(self, raw: bytes) -> list[bytes]:
+        chunk = Chunk(raw)
+        obj = chunk.json
+        if not isinstance(obj, dict):
+            return []
+        kind = obj.get("type") or chunk.event
+        if kind == "content_block_delta":
+            delta = obj.get("delta") or {}
+            if delta.get("type") == "text_delta":
+                return [self._chunk({"content": delta.get("text", "")})]
+            if delta.get("type") == "input_json_delta":
+                index = self.block_tools.get(obj.get("index", 0), 0)
+                return [self._chunk({"tool_calls": [{"index": index,
+                                                     "function": {"arguments": delta.get("partial_json", "")}}]})]
+            return []
+        if kind == "message_start":
+            message = obj.get("message") or {}
+            self.id = message.get("id") or self.id
+            self.model = message.get("model")
+            self.input_usage = message.get("usage") or {}
+            self.output_tokens = int(self.input_usage.get("output_tokens") or 0)
+            return [self._chunk({"role": "assistant", "content": ""})]
+        if kind == "content_block_start":
+            block = obj.get("content_block") or {}
+            if block.get("type") == "tool_use":
+                self.tool_index += 1
+                self.block_tools[obj.get("index", 0)] = self.tool_index
+                return [self._chunk({"tool_calls": [{"index": self.tool_index, "id": block.get("id"),
+                                                     "type": "function",
+                                                     "function": {"name": block.get("name"), "arguments": ""}}]})]
+            if block.get("type") == "text" and block.get("text"):
+                return [self._chunk({"content": block["text"]})]
+            return []
+        if kind == "message_delta":
+            usage = obj.get("usage") or {}
+            if usage.get("output_tokens") is not None:
+                self.output_tokens = int(usage["output_tokens"])
+            stop = (obj.get("delta") or {}).get("stop_reason")
+            if stop:
+                self.finish = FINISH_FROM_ANTHROPIC.get(stop, "stop")
+                return [self._chunk({}, self.finish)]
+            return []
+        if kind == "message_stop":
+            usage = _usage({**self.input_usage, "output_tokens": self.output_tokens})
+            return [_chunk({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                            "model": self.model, "choices": [], "usage": usage}), b"data: [DONE]"]
+        if kind == "error":
+            err = obj.get("error") or {}
+            return [_chunk({"error": {"message": err.get("message", "upstream error"),
+                                      "type": err.get("type", "api_error"), "param": None,
+                                      "code": err.get("type")}})]
+        return []  # ping, content_block_stop, unknown events
+
+
+# -- Anthropic request (ingress) -> OpenAI request ------------------------------------------------------------
+
+def _openai_parts(blocks: Any) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]:
+    """Anthropic content -> (OpenAI content, tool_calls, tool messages)."""
+    if isinstance(blocks, str):
+        return blocks, [], []
+    parts: list[dict[str, Any]] = []
+    calls: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    for block in blocks or ():
+        kind = block.get("type")
+        if kind == "text":
+            parts.append({"type": "text", "text": block.get("text", "")})
+        elif kind == "image":
+            src = block.get("source") or {}
+            url = src.get("url") if src.get("type") == "url" else f"data:{src.get('media_type')};base64,{src.get('data')}"
+            parts.append({"type": "image_url", "image_url": {"url": url}})
+        elif kind == "tool_use":
+            calls.append({"id": block.get("id"), "type": "function",
+                          "function": {"name": block.get("name"),
+                                       "arguments": orjson.dumps(block.get("input") or {}).decode()}})
+        elif kind == "tool_result":
+            content = block.get("content")
+            results.append({"role": "tool", "tool_call_id": block.get("tool_use_id"),
+                            "content": content if isinstance(content, str) else _text_of(content)})
+    if all(p["type"] == "text" for p in parts):
+        return "".join(p["text"] for p in parts), calls, results
+    return parts, calls, results
+
+
+def from_anthropic_request(body: dict[str, Any]) -> dict[str, Any]:
+    """An Anthropic Messages request as an OpenAI chat completion request."""
+    messages: list[dict[str, Any]] = []
+    system = body.get("system")
+    if system:
+        messages.append({"role": "system", "content": system if isinstance(system, str) else _text_of(system)})
+    for m in body.get("messages") or ():
+        content, calls, results = _openai_parts(m.get("content"))
+        messages.extend(results)
+        if m.get("role") == "assistant":
+            msg: dict[str, Any] = {"role": "assistant", "content": content or None}
+            if calls:
+                msg["tool_calls"] = calls
+            messages.append(msg)
+        elif content or not results:
+            messages.append({"role": m.get("role", "user"), "content": content})
+    out: dict[str, Any] = {"model": body.get("model"), "messages": messages, "max_tokens": body.get("max_tokens")}
+    for key in ("temperature", "top_p", "stream"):
+        if body.get(key) is not None:
+            out[key] = body[key]
+    if body.get("stop_sequences"):
+        out["stop"] = list(body["stop_sequences"])
+    if (body.get("metadata") or {}).get("user_id"):
+        out["user"] = body["metadata"]["user_id"]
+    if body.get("tools"):
+        out["tools"] = [{"type": "function", "function": {"name": t.get("name"), "description": t.get(
+            "description", ""), "parameters": t.get("input_schema") or {}}} for t in body["tools"]]
+    choice = body.get("tool_choice") or {}
+    if choice and body.get("tools"):
+        kind = choice.get("type")
+        out["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}.get(kind) or {
+            "type": "function", "function": {"name": choice.get("name")}}
+    return out
+
+
+# -- OpenAI answer -> Anthropic answer (ingress egress) --------------------------------------------------------
+
+def _anthropic_usage(usage: dict[str, Any] | None) -> dict[str, int]:
+    usage = usage or {}
+    return {"input_tokens": int(usage.get("prompt_tokens") or 0), "output_tokens": int(usage.get(
+        "completion_tokens") or 0)}
+
+
+def to_anthropic_message(body: dict[str, Any]) -> dict[str, Any]:
+    choice = (body.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    content: list[dict[str, Any]] = []
+    if message.get("content"):
+        content.append({"type": "text", "text": message["content"]})
+    for call in message.get("tool_calls") or ():
+        fn = call.get("function") or {}
+        try:
+            arguments = orjson.loads(fn.get("arguments") or "{}")
+        except orjson.JSONDecodeError:
+            arguments = {}
+        content.append({"type": "tool_use", "id": call.get("id"), "name": fn.get("name"), "input": arguments})
+    return {"id": body.get("id"), "type": "message", "role": "assistant", "model": body.get("model"),
+            "content": content, "stop_reason": STOP_FROM_OPENAI.get(choice.get("finish_reason") or "stop",
+                                                                    "end_turn"),
+            "stop_sequence": None, "usage": _anthropic_usage(body.get("usage"))}
+
+
+class OpenAIStreamToAnthropic:
+    """OpenAI chunk events in, Anthropic SSE events out (for ``/v1/messages`` clients)."""
+
+    __slots__ = ("started", "block", "block_kind", "tools", "stop_reason", "usage", "model", "id", "finished")
+
+    def __init__(self) -> None:
+        self.started = False
+        self.block = -1
+        self.block_kind: str | None = None
+        self.tools: dict[int, int] = {}
+        self.stop_reason: str | None = None
+        self.usage: dict[str, Any] | None = None
+        self.model: str | None = None
+        self.id: str | None = None
+        self.finished = False
+
+    def _start(self, obj: dict[str, Any]) -> list[bytes]:
+        self.started = True
+        self.id = obj.get("id")
+        self.model = obj.get("model")
+        return [_event("message_start", {"type": "message_start", "message": {
+            "id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
+            "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}})]
+
+    def _close_block(self) -> list[bytes]:
+        if self.block_kind is None:
+            return []
+        self.block_kind = None
+        return [_event("content_block_stop", {"type": "content_block_stop", "index": self.block})]
+
+    def _open_block(self, kind: str, block: dict[str, Any]) -> list[bytes]:
+        out = self._close_block()
+        self.block += 1
+        self.block_kind = kind
+        out.append(_event("content_block_start", {"type": "content_block_start", "index": self.block,
+                                                  "content_block": block}))
+        return out
+
+    def feed(self, raw: bytes) -> list[bytes]:
+        if raw.startswith(b":"):
+            return [raw]
+        chunk = Chunk(raw)
+        if chunk.is_done:
+            return self.finish()
+        obj = chunk.json
+        if not isinstance(obj, dict):
+            return []
+        if "error" in obj and isinstance(obj["error"], dict):
+            err = obj["error"]
+            self.finished = True
+            return [_event("error", {"type": "error", "error": {"type": err.get("type") or "api_error",
+                                                                "message": err.get("message", "")}})]
+        out = [] if self.started else self._start(obj)
+        if obj.get("usage"):
+            self.usage = obj["usage"]
+        for choice in obj.get("choices") or ():
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                if self.block_kind != "text":
+                    out += self._open_block("text", {"type": "text", "text": ""})
+                out.append(_event("content_block_delta", {"type": "content_block_delta", "index": self.block,
+                                                          "delta": {"type": "text_delta", "text": delta["content"]}}))
+            for call in delta.get("tool_calls") or ():
+                idx = call.get("index", 0)
+                fn = call.get("function") or {}
+                if idx not in self.tools:
+                    out += self._open_block("tool", {"type": "tool_use", "id": call.get("id"),
+                                                     "name": fn.get("name"), "input": {}})
+                    self.tools[idx] = self.block
+                if fn.get("arguments"):
+                    out.append(_event("content_block_delta", {
+                        "type": "content_block_delta", "index": self.tools[idx],
+                        "delta": {"type": "input_json_delta", "partial_json": fn["arguments"]}}))
+            if choice.get("finish_reason"):
+                self.stop_reason = STOP_FROM_OPENAI.get(choice["finish_reason"], "end_turn")
+        return out
+
+    def finish(self) -> list[bytes]:
+        if self.finished:
+            return []
+        self.finished = True
+        out = [] if self.started else self._start({})
+        out += self._close_block()
+        out.append(_event("message_delta", {"type": "message_delta", "delta": {
+            "stop_reason": self.stop_reason or "end_turn", "stop_sequence": None},
+            "usage": {"output_tokens": int((self.usage or {}).get("completion_tokens") or 0)}}))
+        out.append(_event("message_stop", {"type": "message_stop"}))
+        return out

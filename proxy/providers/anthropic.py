@@ -1,0 +1,84 @@
+"""Anthropic Messages API behind the OpenAI-format pipeline: requests and answers are translated both ways
+(``proxy/anthropic_format.py``), streams event by event, errors into OpenAI error bodies."""
+from __future__ import annotations
+
+from typing import Any, AsyncIterator, Mapping
+
+import aiohttp
+import orjson
+
+from ..anthropic_format import AnthropicStreamToOpenAI, from_anthropic_message, to_anthropic_request
+from ..sse import SSEParser
+from ..upstream import UpstreamError, UpstreamRequest, UpstreamResponse
+from .openai import OpenAIProvider, upstream_error_from_body
+
+__all__ = ["AnthropicProvider"]
+
+DEFAULT_VERSION = "2023-06-01"
+_RETRYABLE = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+
+
+class _AnthropicResponse(UpstreamResponse):
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._resp = resp
+        self.status = resp.status
+        self.headers = resp.headers
+
+    async def read(self) -> bytes:
+        message = orjson.loads(await self._resp.read())
+        return orjson.dumps(from_anthropic_message(message))
+
+    async def batches(self) -> AsyncIterator[list[bytes]]:
+        parser = SSEParser()
+        translate = AnthropicStreamToOpenAI()
+        async for data in self._resp.content.iter_any():
+            out: list[bytes] = []
+            for event in parser.feed(data):
+                out.extend(translate.feed(event))
+            if out:
+                yield out
+
+    def close(self) -> None:
+        self._resp.close()
+
+
+class AnthropicProvider(OpenAIProvider):
+    def __init__(self, config) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(config)
+        base = config.base_url.rstrip("/")
+        self._url = base + ("/messages" if base.endswith("/v1") else "/v1/messages")
+        self._headers["anthropic-version"] = config.api_version or DEFAULT_VERSION
+
+    def auth_headers(self, key: str | None) -> dict[str, str]:
+        return {"x-api-key": key} if key else {}
+
+    def url(self, request: UpstreamRequest) -> str:
+        if request.exchange.endpoint != "chat.completions":
+            raise UpstreamError(400, f"provider {self.name!r} (anthropic) serves chat completions only",
+                                kind="unsupported", retryable=True, code="unsupported_endpoint")
+        return self._url
+
+    def body(self, request: UpstreamRequest) -> bytes:
+        body: Any = request.json if request._json is not None else request.exchange.json
+        translated = to_anthropic_request({**body, "model": request.route.model}, self.config.max_tokens_default)
+        return orjson.dumps(translated)
+
+    def error_from(self, status: int, body: bytes, headers: Mapping[str, str]) -> UpstreamError:
+        try:
+            parsed = orjson.loads(body) if body else None
+        except orjson.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+            err = parsed["error"]
+            out_status = 503 if status == 529 else status
+            extra = {"Retry-After": headers["Retry-After"]} if "Retry-After" in headers else {}
+            openai_body = {"error": {"message": str(err.get("message") or "upstream error"),
+                                     "type": err.get("type") or "api_error", "param": None,
+                                     "code": err.get("type")}}
+            return UpstreamError(out_status, openai_body["error"]["message"], kind="status",
+                                 retryable=status in _RETRYABLE, body=openai_body, code=err.get("type"),
+                                 headers=extra)
+        return upstream_error_from_body(status, body, self.name, headers)
+
+    def wrap(self, resp: aiohttp.ClientResponse, request: UpstreamRequest) -> UpstreamResponse:
+        return _AnthropicResponse(resp)

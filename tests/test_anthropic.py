@@ -1,0 +1,199 @@
+"""Anthropic both ways: the `anthropic` provider behind OpenAI clients, and `/v1/messages` for Anthropic clients,
+with the official SDKs as clients and an upstream speaking the Anthropic wire format exactly."""
+from __future__ import annotations
+
+import anthropic
+import openai
+import orjson
+import pytest
+
+from proxy.config.schema import Config, PipelineEntry, ProviderConfig
+from proxy.testing import Script, config_for
+from tests.anthropic_upstream import AnthropicUpstream
+from tests.conftest import openai_client
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+                                           "parameters": {"type": "object",
+                                                          "properties": {"city": {"type": "string"}}}}}]
+
+
+@pytest.fixture
+async def claude():
+    up = await AnthropicUpstream.start()
+    yield up
+    await up.close()
+
+
+def anthropic_config(claude, *others, **options):
+    providers = [ProviderConfig(name="claude", type="anthropic", base_url=claude.base_url, api_key="sk-ant-test",
+                                models=("claude-*",), max_tokens_default=1024, **options)]
+    for i, up in enumerate(others):
+        providers.append(ProviderConfig(name=f"up{i}", type="openai", base_url=up.base_url, priority=2 + i))
+    return Config(providers=tuple(providers), pipeline=(PipelineEntry("router"),))
+
+
+async def test_openai_request_is_translated_for_anthropic(claude, gateway_factory):
+    gw = await gateway_factory(anthropic_config(claude))
+    client = openai_client(gw.base_url)
+    answer = await client.chat.completions.create(
+        model="claude-3-haiku", temperature=1.5, top_p=0.9, stop="END", user="u-1", tools=TOOLS,
+        tool_choice="required",
+        messages=[{"role": "system", "content": "Be brief."},
+                  {"role": "user", "content": [{"type": "text", "text": "Hi"},
+                                               {"type": "image_url",
+                                                "image_url": {"url": "data:image/png;base64,iVBO"}}]},
+                  {"role": "assistant", "content": None, "tool_calls": [
+                      {"id": "call_1", "type": "function",
+                       "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+                  {"role": "tool", "tool_call_id": "call_1", "content": "Sunny"},
+                  {"role": "user", "content": "Thanks"}])
+    await client.close()
+    sent = claude.requests[-1]
+    headers = claude.headers[-1]
+    assert headers["x-api-key"] == "sk-ant-test" and headers["anthropic-version"] == "2023-06-01"
+    assert sent["system"] == "Be brief." and sent["max_tokens"] == 1024
+    assert sent["temperature"] == 1.0 and sent["top_p"] == 0.9 and sent["stop_sequences"] == ["END"]
+    assert sent["metadata"] == {"user_id": "u-1"}
+    assert sent["tools"] == [{"name": "get_weather", "description": "Weather for a city",
+                              "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+    assert sent["tool_choice"] == {"type": "any"}
+    assert [m["role"] for m in sent["messages"]] == ["user", "assistant", "user"]
+    assert sent["messages"][0]["content"][1] == {"type": "image", "source": {
+        "type": "base64", "media_type": "image/png", "data": "iVBO"}}
+    assert sent["messages"][1]["content"] == [{"type": "tool_use", "id": "call_1", "name": "get_weather",
+                                               "input": {"city": "Oslo"}}]
+    assert sent["messages"][2]["content"][0] == {"type": "tool_result", "tool_use_id": "call_1",
+                                                 "content": "Sunny"}
+    assert answer.choices[0].message.content == "Hello from Claude"
+    assert answer.choices[0].finish_reason == "stop"
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (25, 15)
+
+
+async def test_anthropic_stream_becomes_openai_chunks(claude, gateway_factory):
+    claude.tool = {"name": "get_weather", "input_parts": ["{\"city\": ", "\"Oslo\"}"]}
+    gw = await gateway_factory(anthropic_config(claude))
+    client = openai_client(gw.base_url)
+    stream = await client.chat.completions.create(model="claude-3-haiku", messages=[{"role": "user", "content": "Hi"}],
+                                                  tools=TOOLS, stream=True, stream_options={"include_usage": True})
+    chunks = [c async for c in stream]
+    await client.close()
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Hello from Claude"
+    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert calls[0].id == "toolu_01A" and calls[0].function.name == "get_weather"
+    assert "".join(tc.function.arguments or "" for tc in calls) == "{\"city\": \"Oslo\"}"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["tool_calls"]
+    assert chunks[-1].usage.prompt_tokens == 25 and chunks[-1].usage.completion_tokens == 15
+    assert {c.id for c in chunks} == {"msg_01XYZ"}
+
+
+async def test_anthropic_errors_become_openai_errors_and_529_falls_back(claude, upstream, gateway_factory):
+    claude.error = (400, "invalid_request_error", "messages: roles must alternate")
+    gw = await gateway_factory(anthropic_config(claude))
+    client = openai_client(gw.base_url)
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.chat.completions.create(model="claude-3-haiku", messages=[{"role": "user", "content": "x"}])
+    assert info.value.body["message"] == "messages: roles must alternate"
+    assert info.value.body["type"] == "invalid_request_error"
+    await client.close()
+
+    claude.error = (529, "overloaded_error", "Overloaded")
+    gw2 = await gateway_factory(with_backup(anthropic_config(claude), upstream))
+    client = openai_client(gw2.base_url)
+    answer = await client.chat.completions.create(model="claude-3-haiku", messages=[{"role": "user", "content": "x"}])
+    assert answer.choices[0].message.content == "Hello, world!"
+    await client.close()
+
+
+def with_backup(config, upstream):
+    backup = ProviderConfig(name="backup", type="openai", base_url=upstream.base_url, models=("*",), priority=2)
+    return config.__class__(providers=(config.providers[0], backup), pipeline=config.pipeline)
+
+
+async def test_error_event_before_any_text_falls_back(claude, upstream, gateway_factory):
+    """Overloaded right after message_start: the role chunk was held back, so the backup can still answer."""
+    claude.error_event_at = 0
+    gw = await gateway_factory(with_backup(anthropic_config(claude), upstream))
+    client = openai_client(gw.base_url)
+    stream = await client.chat.completions.create(model="claude-3-haiku", stream=True,
+                                                  messages=[{"role": "user", "content": "x"}])
+    chunks = [c async for c in stream]
+    await client.close()
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello, world!"
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.role) == 1
+
+
+async def test_error_event_after_text_is_an_in_band_error(claude, upstream, gateway_factory):
+    claude.error_event_at = 1
+    claude.texts = ["x", "y"]
+    gw = await gateway_factory(with_backup(anthropic_config(claude), upstream))
+    client = openai_client(gw.base_url)
+    stream = await client.chat.completions.create(model="claude-3-haiku", stream=True,
+                                                  messages=[{"role": "user", "content": "x"}])
+    received = []
+    with pytest.raises(openai.APIError, match="Overloaded"):
+        async for c in stream:
+            received.append(c.choices[0].delta.content or "" if c.choices else "")
+    await client.close()
+    assert "".join(received) == "x"  # what was sent stays; the stream does not silently stop
+    assert upstream.requests == []
+
+
+def anthropic_client(gw) -> anthropic.AsyncAnthropic:
+    return anthropic.AsyncAnthropic(base_url=gw.url, api_key="unused", max_retries=0)
+
+
+@pytest.mark.parametrize("behind", ["anthropic", "openai"])
+async def test_messages_ingress_with_the_anthropic_sdk(claude, upstream, gateway_factory, behind):
+    if behind == "anthropic":
+        gw = await gateway_factory(anthropic_config(claude))
+        expected = "Hello from Claude"
+    else:
+        gw = await gateway_factory(config_for(upstream))
+        expected = "Hello, world!"
+    client = anthropic_client(gw)
+    message = await client.messages.create(model="claude-3-haiku", max_tokens=50, system="Be brief.",
+                                           messages=[{"role": "user", "content": "Hi"}])
+    assert message.type == "message" and message.role == "assistant"
+    assert message.content[0].text == expected and message.stop_reason == "end_turn"
+    assert message.usage.output_tokens > 0
+    async with client.messages.stream(model="claude-3-haiku", max_tokens=50,
+                                      messages=[{"role": "user", "content": "Hi"}]) as stream:
+        text = "".join([t async for t in stream.text_stream])
+        final = await stream.get_final_message()
+    assert text == expected
+    assert final.stop_reason == "end_turn" and final.usage.output_tokens > 0
+    await client.close()
+    if behind == "openai":
+        sent = upstream.requests[0]
+        assert sent["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+        assert sent["max_tokens"] == 50
+
+
+async def test_messages_ingress_errors_use_the_anthropic_format(upstream, gateway_factory):
+    gw = await gateway_factory(config_for(upstream))
+    client = anthropic_client(gw)
+    with pytest.raises(anthropic.BadRequestError) as info:
+        await client.messages.create(model="m", max_tokens=0, messages=[{"role": "user", "content": "x"}])
+    assert info.value.body["type"] == "error" and info.value.body["error"]["type"] == "invalid_request_error"
+    upstream.script = Script(status=500, error="upstream broke")
+    with pytest.raises(anthropic.InternalServerError) as info:
+        await client.messages.create(model="m", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+    assert info.value.body["error"]["message"] == "upstream broke"
+    await client.close()
+
+
+async def test_messages_ingress_midstream_error_is_an_anthropic_error_event(upstream, gateway_factory):
+    upstream.script = Script(texts=["a", "b", "c"], cut_after=2)
+    gw = await gateway_factory(config_for(upstream))
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + "/v1/messages", data=orjson.dumps({
+                "model": "m", "max_tokens": 5, "stream": True,
+                "messages": [{"role": "user", "content": "x"}]})) as resp:
+            text = await resp.text()
+    events = [line[7:] for line in text.splitlines() if line.startswith("event: ")]
+    assert events[0] == "message_start" and events[-1] == "error"
+    assert "message_stop" not in events
