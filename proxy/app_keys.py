@@ -1,14 +1,14 @@
 """Typed keys of the aiohttp application's state."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 if TYPE_CHECKING:
     from .gateway import Gateway
 
-__all__ = ["GATEWAY", "GatewayHolder"]
+__all__ = ["GATEWAY", "RELOADER", "GatewayHolder"]
 
 
 class GatewayHolder:
@@ -22,3 +22,4 @@ class GatewayHolder:
 
 
 GATEWAY = web.AppKey("GATEWAY", GatewayHolder)
+RELOADER: web.AppKey[Any] = web.AppKey("RELOADER")

@@ -1,4 +1,4 @@
-"""The ``ssegate`` command: serve, check-config, simulate."""
+"""The ``ssegate`` command: serve, check-config, simulate, keys."""
 from __future__ import annotations
 
 import argparse
@@ -52,7 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .workers import run_workers
 
         return run_workers(config.server.workers, sys.argv)
-    _run(serve(create_app(gateway), config.server.host, config.server.port,
+    _run(serve(create_app(gateway, path, configure_logs=True), config.server.host, config.server.port,
                reuse_port=bool(os.environ.get("SSEGATE_REUSE_PORT"))))
     return 0
 
@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--tokens", type=int, help="completion length when the request sets no max_tokens")
     sim.add_argument("--seed", type=int)
     sim.set_defaults(func=cmd_simulate)
+
+    from .keys_cli import add_parser as add_keys_parser
+
+    add_keys_parser(sub)
     return parser
 
 

@@ -137,7 +137,7 @@ class Forwarder:
                     breaker.failure() if _is_provider_fault(exc) else breaker.release()
                     log.warning("upstream_failed", provider=provider.name, kind=exc.kind, status=exc.status,
                                 error=exc.message, attempt=try_no + 1)
-                    if not exc.retryable or guard.expired == "total":
+                    if not exc.retryable:
                         raise
                     if try_no < provider.config.retry_attempts:
                         delay = self._backoff(try_no, exc, guard, loop.time())
@@ -152,7 +152,8 @@ class Forwarder:
                     midstream_error = last_error = failure.error
                     log.warning("stream_failed_midway", provider=provider.name, error=failure.error.message,
                                 continuing=transcript is not None)
-                    if transcript is None or guard.expired == "total":
+                    final = isinstance(failure.error, UpstreamError) and not failure.error.retryable
+                    if transcript is None or final:
                         return await self._end_with_error(out, exchange, failure.error)  # type: ignore[arg-type]
                     prefix = transcript.start_continuation()
                     exchange.state["continued_from"] = provider.name
@@ -212,7 +213,7 @@ class Forwarder:
                 raise
             if not out.content_sent:
                 raise error from None
-            exchange.outcome = Outcome.TIMEOUT
+            exchange.outcome = Outcome.TIMEOUT if error.kind == "timeout" else Outcome.ERROR
             raise MidStreamFailure(error) from None
         except (ConnectionResetError, BrokenPipeError):
             raise  # the client went away while we wrote
@@ -287,6 +288,9 @@ class Forwarder:
         if kind == "total":
             return UpstreamError(504, "the request deadline passed before an answer was complete",
                                  kind="timeout", retryable=False, code="request_timeout")
+        if kind == "shutdown":
+            return UpstreamError(503, "the gateway is shutting down; retry the request", kind="shutdown",
+                                 retryable=False, code="server_shutting_down")
         guard.expired = None
         what = {"attempt": "upstream", "first_token": "first token", "idle": "idle"}[kind]
         code = {"attempt": "upstream_timeout", "first_token": "first_token_timeout", "idle": "idle_timeout"}[kind]
@@ -317,6 +321,9 @@ class Forwarder:
             if guard.expired == "total" and task is not None and task.uncancel() == 0:
                 raise UpstreamError(504, "the request deadline passed while retrying", kind="timeout",
                                     retryable=False, code="request_timeout") from None
+            if guard.expired == "shutdown" and task is not None and task.uncancel() == 0:
+                raise UpstreamError(503, "the gateway is shutting down; retry the request", kind="shutdown",
+                                    retryable=False, code="server_shutting_down") from None
             raise
 
     async def _end_with_error(self, out: ClientStream, exchange: Exchange, error: GatewayError

@@ -46,6 +46,8 @@ class Gateway:
             intervals += [t for t in (p.first_token_timeout, p.idle_timeout, p.timeout) if t]
         self.watchdog = Watchdog(tick=min(1.0, max(0.005, min(intervals, default=1.0) / 4)))
         self._redis: Any = None
+        self.in_flight = 0
+        self._idle: asyncio.Event | None = None
         self.forwarder = Forwarder(self)
         self.breakers = self.forwarder.breakers
 
@@ -104,9 +106,42 @@ class Gateway:
                     seen.setdefault(model, None)
         return list(seen)
 
+    # -- draining (reload, shutdown) ------------------------------------------------------------------------
+    async def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no request is in flight on this Gateway; False if ``timeout`` passed first."""
+        if self.in_flight == 0:
+            return True
+        if self._idle is None:
+            self._idle = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    def abort_live(self) -> int:
+        """End every live upstream exchange now (shutdown past its grace): streams get a final SSE error
+        event and ``[DONE]``, waiting requests a 503. Returns how many were aborted."""
+        count = 0
+        for guard in tuple(self.watchdog.guards):
+            if guard.expired is None and guard.task is not None:
+                guard.expired = "shutdown"
+                guard.task.cancel()
+                count += 1
+        return count
+
     # -- one request --------------------------------------------------------------------------------------
     async def handle(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
-        """Run the pipeline for a validated exchange; always runs ``exchange_done`` once."""
+        """Run the pipeline for one exchange; always runs ``exchange_done`` once."""
+        self.in_flight += 1
+        try:
+            return await self._handle(request, exchange)
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0 and self._idle is not None:
+                self._idle.set()
+
+    async def _handle(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
         pipeline = self.pipeline
         out: ClientStream | None = None
         try:

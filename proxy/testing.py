@@ -199,6 +199,14 @@ class GatewayServer:
 
     def __init__(self, gateway: Gateway, runner: web.AppRunner, port: int) -> None:
         self.gateway, self.runner, self.port = gateway, runner, port
+        self.app: web.Application | None = None
+
+    @property
+    def current(self) -> Gateway:
+        """The Gateway serving new requests now (changes on reload)."""
+        from .app_keys import GATEWAY
+
+        return self.app[GATEWAY].current if self.app is not None else self.gateway
 
     @property
     def url(self) -> str:
@@ -209,11 +217,16 @@ class GatewayServer:
         return f"{self.url}/v1"
 
     @classmethod
-    async def start(cls, config: Config, plugins: dict[str, Any] | None = None) -> "GatewayServer":
-        """Start a gateway; ``plugins`` maps pipeline names to ready plugin objects (they are not imported)."""
+    async def start(cls, config: Config, plugins: dict[str, Any] | None = None,
+                    config_path: str | None = None) -> "GatewayServer":
+        """Start a gateway; ``plugins`` maps pipeline names to ready plugin objects (they are not imported);
+        ``config_path`` is the file a reload reads."""
         gateway = Gateway(config, plugin_objects=plugins)
-        runner, port = await start_server(create_app(gateway), "127.0.0.1", 0)
-        return cls(gateway, runner, port)
+        app = create_app(gateway, config_path)
+        runner, port = await start_server(app, "127.0.0.1", 0)
+        server = cls(gateway, runner, port)
+        server.app = app
+        return server
 
     async def close(self) -> None:
         await self.runner.cleanup()

@@ -1,30 +1,41 @@
-"""Building the aiohttp application and serving it."""
+"""Building the aiohttp application and serving it: signals, reload, graceful drain."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 from typing import AsyncIterator
 
+import structlog
 from aiohttp import web
 
-from .app_keys import GATEWAY, GatewayHolder
+from .app_keys import GATEWAY, RELOADER, GatewayHolder
 from .gateway import Gateway
+from .reload import Reloader
 from .web_handlers import routes
 from .web_middlewares import add_request_id_header, gateway_middleware
 
-__all__ = ["create_app", "start_server", "serve"]
+__all__ = ["create_app", "start_server", "serve", "drain"]
+
+log = structlog.get_logger("ssegate.server")
 
 
-def create_app(gateway: Gateway) -> web.Application:
-    """The application for a (not yet started) Gateway; the app's startup starts it, cleanup closes it."""
+def create_app(gateway: Gateway, config_path: str | None = None, configure_logs: bool = False) -> web.Application:
+    """The application for a (not yet started) Gateway; the app's startup starts it, cleanup closes it.
+
+    ``config_path`` is where reloads read the config from (None: the embedded default).
+    """
     app = web.Application(client_max_size=gateway.config.server.max_request_size, middlewares=[gateway_middleware])
-    app[GATEWAY] = GatewayHolder(gateway)
+    holder = GatewayHolder(gateway)
+    app[GATEWAY] = holder
+    app[RELOADER] = Reloader(holder, config_path, configure_logs)
     app.on_response_prepare.append(add_request_id_header)
     app.add_routes(routes)
 
     async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
         await app[GATEWAY].current.start()
         yield
+        await app[RELOADER].close()
         await app[GATEWAY].current.close()
 
     app.cleanup_ctx.append(gateway_ctx)
@@ -49,22 +60,39 @@ async def start_server(app: web.Application, host: str, port: int, *, reuse_port
     return runner, bound
 
 
+async def drain(app: web.Application, grace: float) -> None:
+    """Graceful stop: readiness and new requests answer 503, in-flight requests run on for up to ``grace``
+    seconds, then live streams end with a final SSE error event and ``[DONE]``."""
+    holder = app[GATEWAY]
+    holder.draining = True
+    gateway = holder.current
+    log.info("draining", in_flight=gateway.in_flight, grace_seconds=grace)
+    if not await gateway.wait_idle(grace):
+        aborted = gateway.abort_live()
+        log.warning("drain_grace_expired", aborted=aborted, in_flight=gateway.in_flight)
+        await gateway.wait_idle(5.0)
+    log.info("drained")
+
+
 async def serve(app: web.Application, host: str, port: int, *, reuse_port: bool = False,
                 ready_message: bool = True) -> None:
-    """Serve until SIGINT/SIGTERM."""
-    import signal
-
+    """Serve until SIGTERM/SIGINT (then drain); SIGHUP reloads the config."""
     runner, bound = await start_server(app, host, port, reuse_port=reuse_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+
+    def on_hup() -> None:
+        loop.create_task(app[RELOADER].reload())
+
+    for sig, handler in ((signal.SIGINT, stop.set), (signal.SIGTERM, stop.set), (signal.SIGHUP, on_hup)):
         try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, handler)
+        except (NotImplementedError, RuntimeError, AttributeError):
             pass
     if ready_message:
         print(f"ssegate listening on http://{host}:{bound}", flush=True)
     try:
         await stop.wait()
+        await drain(app, app[GATEWAY].current.config.server.shutdown_grace_seconds)
     finally:
         await runner.cleanup()

@@ -38,6 +38,10 @@ class ServerConfig:
     shutdown_grace_seconds: float = attrs.field(
         default=30.0, metadata=_doc("How long in-flight streams may run on after SIGTERM.")
     )
+    admin_key: str | None = attrs.field(
+        default=None, metadata=_doc("Bearer key of the admin API (`POST /admin/reload`); unset disables it. "
+                                    "Use `${VAR}`.")
+    )
 
 
 @attrs.frozen

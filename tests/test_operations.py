@@ -1,0 +1,154 @@
+"""Operations: config reload under live streams (admin API and SIGHUP) and graceful drain on SIGTERM."""
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import textwrap
+
+import aiohttp
+import pytest
+
+from proxy.config import load_config
+from proxy.testing import GatewayServer, Script
+from tests.conftest import spawn, stop
+from tests.helpers import CHAT, content_of, data_events, read_stream
+
+STREAM = {**CHAT, "stream": True}
+
+
+def write_config(path, upstream, admin_key="adm-secret", grace=30.0):
+    path.write_text(textwrap.dedent(f"""\
+        server: {{admin_key: {admin_key}, shutdown_grace_seconds: {grace}}}
+        providers:
+          - name: "p{upstream.port}"
+            type: openai
+            base_url: {upstream.base_url}
+        """))
+
+
+async def test_reload_under_100_live_streams(tmp_path, upstream, upstream2):
+    upstream.script = Script(texts=[f"a{i} " for i in range(10)], delay=0.08)
+    upstream2.script = Script(texts=["new"])
+    path = tmp_path / "ssegate.yaml"
+    write_config(path, upstream)
+    gw = await GatewayServer.start(load_config(str(path)), config_path=str(path))
+    try:
+        streams = [asyncio.create_task(read_stream(gw.base_url + "/chat/completions", STREAM)) for _ in range(100)]
+        await asyncio.sleep(0.3)
+        write_config(path, upstream2)
+        async with aiohttp.ClientSession() as s:
+            async with s.post(gw.url + "/admin/reload", headers={"Authorization": "Bearer adm-secret"}) as r:
+                assert r.status == 200, await r.text()
+            async with s.post(gw.base_url + "/chat/completions", json=CHAT) as r:
+                assert r.headers["x-ssegate-provider"] == f"p{upstream2.port}"
+        results = await asyncio.wait_for(asyncio.gather(*streams), 30)
+        expected = "".join(f"a{i} " for i in range(10))
+        assert all(status == 200 and content_of(ev) == expected and data_events(ev)[-1] == "[DONE]"
+                   for status, _, ev in results)
+        assert gw.current is not gw.gateway
+        await asyncio.sleep(0.1)
+        assert gw.gateway.in_flight == 0
+        assert all(p._session is None for p in gw.gateway.providers.values())  # the old pools were closed
+
+        path.write_text("providers:\n  - name: x\n    type: openai\n    base_url: nope\n    timout: 1\n")
+        async with aiohttp.ClientSession() as s:
+            async with s.post(gw.url + "/admin/reload", headers={"Authorization": "Bearer adm-secret"}) as r:
+                assert r.status == 422
+                body = await r.json()
+            assert any("timout" in p and ":5:" in p for p in body["problems"])
+            async with s.post(gw.base_url + "/chat/completions", json=CHAT) as r:
+                assert r.status == 200 and r.headers["x-ssegate-provider"] == f"p{upstream2.port}"
+    finally:
+        await gw.close()
+
+
+async def test_admin_reload_needs_the_admin_key(tmp_path, upstream):
+    path = tmp_path / "ssegate.yaml"
+    write_config(path, upstream)
+    gw = await GatewayServer.start(load_config(str(path)), config_path=str(path))
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(gw.url + "/admin/reload") as r:
+                assert r.status == 401 and (await r.json())["error"]["code"] == "invalid_admin_key"
+            async with s.post(gw.url + "/admin/reload", headers={"Authorization": "Bearer wrong"}) as r:
+                assert r.status == 401
+    finally:
+        await gw.close()
+    path.write_text(f"providers:\n  - name: a\n    base_url: {upstream.base_url}\n")
+    gw = await GatewayServer.start(load_config(str(path)), config_path=str(path))
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(gw.url + "/admin/reload", headers={"Authorization": "Bearer x"}) as r:
+                assert r.status == 403 and (await r.json())["error"]["code"] == "admin_disabled"
+    finally:
+        await gw.close()
+
+
+def serve_process(path):
+    proc, line = spawn([sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port", "0"],
+                       "ssegate listening on")
+    return proc, line.rsplit(" ", 1)[-1]
+
+
+async def test_sighup_reloads_the_config_file(tmp_path, upstream, upstream2):
+    path = tmp_path / "ssegate.yaml"
+    write_config(path, upstream)
+    proc, url = serve_process(path)
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url + "/v1/chat/completions", json=CHAT) as r:
+                assert r.headers["x-ssegate-provider"] == f"p{upstream.port}"
+            write_config(path, upstream2)
+            proc.send_signal(signal.SIGHUP)
+            for _ in range(50):  # bounded: 5 s
+                async with s.post(url + "/v1/chat/completions", json=CHAT) as r:
+                    if r.headers["x-ssegate-provider"] == f"p{upstream2.port}":
+                        break
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail("SIGHUP did not load the new config")
+    finally:
+        stop(proc)
+
+
+async def test_sigterm_drains_live_streams_then_exits_0(tmp_path, upstream):
+    upstream.script = Script(texts=[f"t{i} " for i in range(8)], delay=0.1)
+    path = tmp_path / "ssegate.yaml"
+    write_config(path, upstream, grace=10)
+    proc, url = serve_process(path)
+    try:
+        streams = [asyncio.create_task(read_stream(url + "/v1/chat/completions", STREAM)) for _ in range(20)]
+        await asyncio.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.1)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(url + "/health/ready") as r:
+                assert r.status == 503
+            async with s.post(url + "/v1/chat/completions", json=CHAT) as r:
+                assert r.status == 503 and (await r.json())["error"]["code"] == "server_shutting_down"
+        results = await asyncio.wait_for(asyncio.gather(*streams), 20)
+        expected = "".join(f"t{i} " for i in range(8))
+        assert sum(1 for _, _, ev in results if content_of(ev) == expected and data_events(ev)[-1] == "[DONE]") == 20
+        assert await asyncio.to_thread(proc.wait, 15) == 0
+    finally:
+        stop(proc)
+
+
+async def test_sigterm_past_the_grace_ends_streams_with_an_error_event(tmp_path, upstream):
+    upstream.script = Script(texts=[f"t{i} " for i in range(100)], delay=0.1)
+    path = tmp_path / "ssegate.yaml"
+    write_config(path, upstream, grace=0.5)
+    proc, url = serve_process(path)
+    try:
+        stream = asyncio.create_task(read_stream(url + "/v1/chat/completions", STREAM))
+        await asyncio.sleep(0.4)
+        proc.send_signal(signal.SIGTERM)
+        status, _, events = await asyncio.wait_for(stream, 20)
+        objs = data_events(events)
+        assert status == 200 and objs[-1] == "[DONE]"
+        assert objs[-2]["error"]["code"] == "server_shutting_down"
+        assert 0 < len(content_of(events)) < len("".join(f"t{i} " for i in range(100)))
+        assert await asyncio.to_thread(proc.wait, 15) == 0
+    finally:
+        stop(proc)
