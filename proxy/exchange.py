@@ -113,6 +113,11 @@ class Exchange:
     first_byte_at: float | None = None  #: when the first content event reached the client
     ended: float | None = None
     state: dict[Any, Any] = attrs.field(factory=dict)
+    #: Short labels plugins attach for logs and metrics ("cache_hit", "moderation_flagged", "ratelimited", ...).
+    tags: set[str] = attrs.field(factory=set)
+    upstream_sent_at: float | None = None  #: when the first upstream request was sent (monotonic)
+    upstream_first_at: float | None = None  #: when the first upstream event/body arrived (monotonic)
+    trace_id: str | None = None  #: W3C trace id (from ``traceparent``, or generated)
     response_headers: dict[str, str] = attrs.field(factory=dict)
 
     @property

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import os
 import random
 import time
 from typing import TYPE_CHECKING, Any, Callable
@@ -181,6 +182,9 @@ class Forwarder:
                 "include_usage": True}
         if prefix is not None:
             ureq.json["messages"] = continuation_messages(ureq.json.get("messages") or [], prefix)
+        if exchange.trace_id is not None:
+            # W3C trace context: the same trace, a new span for this upstream call.
+            ureq.headers["traceparent"] = f"00-{exchange.trace_id}-{os.urandom(8).hex()}-01"
         return ureq
 
     async def _stream(self, out: ClientStream, provider: Provider, ureq: UpstreamRequest, exchange: Exchange,
@@ -193,6 +197,8 @@ class Forwarder:
         had_content = out.content_sent
         provider.in_flight += 1
         upstream = None
+        if exchange.upstream_sent_at is None:
+            exchange.upstream_sent_at = started
         try:
             upstream = await provider.send(ureq)
             await relay_stream(out, upstream, exchange, self.pipeline, rewrite)
@@ -240,9 +246,13 @@ class Forwarder:
         started = time.monotonic()
         provider.in_flight += 1
         upstream = None
+        if exchange.upstream_sent_at is None:
+            exchange.upstream_sent_at = started
         try:
             upstream = await provider.send(ureq)
             body = await upstream.read()
+            if exchange.upstream_first_at is None:
+                exchange.upstream_first_at = time.monotonic()
         except asyncio.CancelledError:
             error = self._timeout_error(guard, provider)
             if error is None:

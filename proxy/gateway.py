@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from ipaddress import ip_network
+from typing import Any, Callable
 
 import orjson
 import structlog
 from aiohttp import web
 
-from .config.load import Origins
-from .config.schema import Config
+from .config.load import ConfigError, Origins
+from .config.schema import Config, PipelineEntry
 from .errors import GatewayError, StopStream
 from .exchange import Exchange, Outcome
 from .openai_format import finish_chunk
@@ -22,6 +23,7 @@ from .pipeline import Pipeline, PluginError
 from .plugin_manager import load_plugins, new_plugin_manager
 from .providers import create_provider
 from .forwarding import Forwarder
+from .metrics import Registry
 from .relay import ClientStream, error_response, json_response, send_reply
 from .upstream import Provider
 from .watchdog import Watchdog
@@ -34,11 +36,23 @@ log = structlog.get_logger("ssegate.gateway")
 
 class Gateway:
     def __init__(self, config: Config, origins: Origins | None = None,
-                 plugin_objects: dict[str, Any] | None = None) -> None:
+                 plugin_objects: dict[str, Any] | None = None, registry: Registry | None = None) -> None:
         self.config = config
         self.providers: dict[str, Provider] = {p.name: create_provider(p) for p in config.providers}
         self.plugin_manager = new_plugin_manager()
-        self.plugins = load_plugins(config.pipeline, self.plugin_manager, origins, plugin_objects)
+        self.plugins = load_plugins(_with_builtins(config), self.plugin_manager, origins, plugin_objects)
+        #: Prometheus registry of the process (a reload passes it on, so counters survive).
+        self.registry = registry if registry is not None else Registry()
+        #: Called before each /metrics scrape (plugins hand over accumulated values there).
+        self.scrape_callbacks: list[Callable[[], None]] = []
+        self.active_streams = 0
+        self.started_at = time.time()
+        try:
+            self.trusted_proxies = tuple(ip_network(p, strict=False) for p in config.server.trusted_proxies)
+        except ValueError as exc:
+            origins = origins or Origins()
+            raise ConfigError([origins.problem(("server", "trusted_proxies"), f"not an address or CIDR: {exc}")]
+                              ) from None
         self.pipeline = Pipeline(self.plugin_manager, [p.name for p in self.plugins])
         s = config.streaming
         intervals = [s.keepalive_interval] if s.keepalive else []
@@ -56,6 +70,7 @@ class Gateway:
         for provider in self.providers.values():
             await provider.start()
         self.watchdog.start()
+        await self.pipeline.register_metrics(self.registry)
         await self.pipeline.startup(self)
 
     async def close(self) -> None:
@@ -164,6 +179,7 @@ class Gateway:
                                    param="model", code="model_not_found")
             if exchange.stream:
                 out = ClientStream(request, exchange)
+                self.active_streams += 1
             return await self.forwarder.forward(request, exchange, routes, out)
         except web.HTTPRequestEntityTooLarge:
             exc = GatewayError(413, "Request body is larger than the configured limit (server.max_request_size).",
@@ -199,8 +215,14 @@ class Gateway:
             exchange.status = 499
             raise
         finally:
+            if out is not None:
+                self.active_streams -= 1
             exchange.ended = time.monotonic()
             await pipeline.exchange_done(exchange)
+
+    def plugin(self, name: str) -> Any:
+        """The plugin object registered under a pipeline name (None if absent)."""
+        return self.plugin_manager.get_plugin(name)
 
     async def _reject(self, request: web.Request, exchange: Exchange, exc: GatewayError) -> web.StreamResponse:
         exchange.error, exchange.status, exchange.outcome = exc, exc.status, Outcome.REJECTED
@@ -223,3 +245,15 @@ class Gateway:
         finally:
             exchange.ended = time.monotonic()
             await self.pipeline.exchange_done(exchange)
+
+
+def _with_builtins(config: Config) -> tuple[PipelineEntry, ...]:
+    """The configured pipeline plus the always-on observability plugins (metrics, access log) when they are
+    enabled and not listed explicitly; they only implement ``exchange_done``, so their place is irrelevant."""
+    entries = list(config.pipeline)
+    names = {e.name for e in entries}
+    obs = config.observability
+    for name, enabled in (("metrics", obs.metrics), ("access_log", obs.access_log)):
+        if enabled and name not in names:
+            entries.append(PipelineEntry(name))
+    return tuple(entries)

@@ -53,6 +53,18 @@ def shutdown(gateway: "Gateway") -> None:
     """
 
 
+@hookspec
+def register_metrics(registry: Any) -> None:
+    """Create this plugin's Prometheus collectors, once per process, before ``startup``.
+
+    ``registry`` is the process's ``aioprometheus.Registry`` (it survives config reloads, so counters do not
+    reset). Create collectors with :func:`proxy.metrics.counter`, :func:`proxy.metrics.gauge` and
+    :func:`proxy.metrics.histogram`, which return the existing collector when a reload asks again. Name them
+    ``<yourplugin>_...``; keep label values bounded (never request ids or keys). Update them in
+    ``exchange_done``, once per exchange, not per chunk.
+    """
+
+
 # -- admission ----------------------------------------------------------------------------------------------
 
 @hookspec(firstresult=True)

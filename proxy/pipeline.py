@@ -59,7 +59,7 @@ class Pipeline:
         self.order = order
         rank = {name: i for i, name in enumerate(order)}
         self._impls: dict[str, list[_Impl]] = {}
-        for hook_name in ("startup", "shutdown", "authenticate", "check_request", "cached_response",
+        for hook_name in ("register_metrics", "startup", "shutdown", "authenticate", "check_request", "cached_response",
                           "select_route", "upstream_request", "on_chunk", "on_response", "exchange_done"):
             caller = getattr(pm.hook, hook_name)
             spec_args = tuple(caller.spec.argnames)
@@ -103,6 +103,14 @@ class Pipeline:
                 await self._call(impl, gateway)
             except PluginError as exc:
                 raise GatewayError(500, f"plugin {exc.plugin!r} failed to start: {exc.original}",
+                                   code="plugin_startup_failed") from exc.original
+
+    async def register_metrics(self, registry: Any) -> None:
+        for impl in self._impls["register_metrics"]:
+            try:
+                await self._call(impl, registry)
+            except PluginError as exc:
+                raise GatewayError(500, f"plugin {exc.plugin!r} failed to register metrics: {exc.original}",
                                    code="plugin_startup_failed") from exc.original
 
     async def shutdown(self, gateway: Any) -> None:

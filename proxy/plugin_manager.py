@@ -24,8 +24,12 @@ __all__ = ["LoadedPlugin", "PluginLoadError", "load_plugins", "new_plugin_manage
 #: Built-in plugin names -> import path. Third-party plugins are peers: they use the same hooks.
 BUILTIN_PLUGINS = {
     "router": "plugins.router:RouterPlugin",
+    "metrics": "plugins.metrics:MetricsPlugin",
+    "access_log": "plugins.access_log:AccessLogPlugin",
     "auth": "plugins.auth:AuthPlugin",
     "ratelimit": "plugins.ratelimit:RateLimitPlugin",
+    "cache": "plugins.cache:CachePlugin",
+    "moderation": "plugins.moderation:ModerationPlugin",
 }
 
 ENTRY_POINT_GROUP = "ssegate"

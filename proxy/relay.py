@@ -207,6 +207,8 @@ async def relay_stream(out: ClientStream, upstream: UpstreamResponse, exchange: 
         if guard is not None:
             guard.last_event = now
             guard.got_first = True
+        if exchange.upstream_first_at is None:
+            exchange.upstream_first_at = monotonic()
         batch: list[bytes] = []
         try:
             for ev in events:

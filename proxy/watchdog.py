@@ -79,6 +79,7 @@ class Watchdog:
     def __init__(self, tick: float) -> None:
         self.tick = tick
         self.guards: set[Guard] = set()
+        self.lag = 0.0
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -96,9 +97,13 @@ class Watchdog:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        tick = self.tick
         while True:
-            await asyncio.sleep(self.tick)
+            before = loop.time()
+            await asyncio.sleep(tick)
+            now = loop.time()
+            #: How late this tick woke up: a loop blocked by CPU work or a sync call shows here (liveness).
+            self.lag = max(0.0, now - before - tick)
             if self.guards:
-                now = loop.time()
                 for guard in tuple(self.guards):
                     guard.check(now)

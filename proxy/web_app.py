@@ -13,7 +13,7 @@ from .app_keys import GATEWAY, RELOADER, GatewayHolder
 from .gateway import Gateway
 from .reload import Reloader
 from .web_handlers import routes
-from .web_middlewares import add_request_id_header, gateway_middleware
+from .web_middlewares import add_cors_headers, add_request_id_header, cors_middleware, gateway_middleware
 
 __all__ = ["create_app", "start_server", "serve", "drain"]
 
@@ -25,11 +25,15 @@ def create_app(gateway: Gateway, config_path: str | None = None, configure_logs:
 
     ``config_path`` is where reloads read the config from (None: the embedded default).
     """
-    app = web.Application(client_max_size=gateway.config.server.max_request_size, middlewares=[gateway_middleware])
+    cors = gateway.config.cors
+    middlewares = [cors_middleware(cors), gateway_middleware] if cors.allow_origins else [gateway_middleware]
+    app = web.Application(client_max_size=gateway.config.server.max_request_size, middlewares=middlewares)
     holder = GatewayHolder(gateway)
     app[GATEWAY] = holder
     app[RELOADER] = Reloader(holder, config_path, configure_logs)
     app.on_response_prepare.append(add_request_id_header)
+    if cors.allow_origins:
+        app.on_response_prepare.append(add_cors_headers(cors))
     app.add_routes(routes)
 
     async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -2,16 +2,43 @@
 from __future__ import annotations
 
 import hmac
+from ipaddress import ip_address
+from typing import Any
 
 from aiohttp import web
 
+from . import health
 from .app_keys import GATEWAY, RELOADER
 from .errors import GatewayError
 from .exchange import Exchange
+from .metrics import render_metrics
 
 __all__ = ["routes"]
 
 routes = web.RouteTableDef()
+
+
+def client_ip(request: web.Request, trusted: tuple[Any, ...]) -> str | None:
+    """The caller's address: the peer, or, when the peer is a trusted proxy, the right-most address of
+    ``X-Forwarded-For`` that is not itself a trusted proxy."""
+    peer = request.remote
+    if not trusted or peer is None:
+        return peer
+    try:
+        if not any(ip_address(peer) in net for net in trusted):
+            return peer
+    except ValueError:
+        return peer
+    forwarded = request.headers.get("X-Forwarded-For")
+    if not forwarded:
+        return peer
+    for hop in reversed([h.strip() for h in forwarded.split(",") if h.strip()]):
+        try:
+            if not any(ip_address(hop) in net for net in trusted):
+                return hop
+        except ValueError:
+            return peer  # garbage in the header: do not believe any of it
+    return peer
 
 
 def _refuse_while_draining() -> web.Response:
@@ -26,7 +53,8 @@ async def _serve(request: web.Request, endpoint: str, ingress: str = "openai") -
         return _refuse_while_draining()
     gateway = holder.current
     exchange = Exchange(request_id=request["request_id"], endpoint=endpoint, headers=request.headers,
-                        client_ip=request.remote, ingress=ingress)
+                        client_ip=client_ip(request, gateway.trusted_proxies), ingress=ingress,
+                        trace_id=request["trace_id"])
     return await gateway.handle(request, exchange)
 
 
@@ -59,21 +87,52 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
 async def models(request: web.Request) -> web.StreamResponse:
     gateway = request.app[GATEWAY].current
     exchange = Exchange(request_id=request["request_id"], endpoint="models", headers=request.headers,
-                        client_ip=request.remote)
+                        client_ip=client_ip(request, gateway.trusted_proxies), trace_id=request["trace_id"])
     return await gateway.handle_models(request, exchange)
 
 
 @routes.get("/health/live")
 async def live(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    ok, body = health.liveness(request.app[GATEWAY].current)
+    return web.json_response(body, status=200 if ok else 503)
 
 
 @routes.get("/health/ready")
 async def ready(request: web.Request) -> web.Response:
     holder = request.app[GATEWAY]
-    if holder.draining:
-        return web.json_response({"status": "draining"}, status=503)
-    return web.json_response({"status": "ready"})
+    ok, body = await health.readiness(holder.current, holder.draining)
+    return web.json_response(body, status=200 if ok else 503)
+
+
+@routes.get("/health")
+async def health_report(request: web.Request) -> web.Response:
+    holder = request.app[GATEWAY]
+    status, body = await health.report(holder.current, holder.draining)
+    return web.json_response(body, status=status)
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    return metrics_response(request)
+
+
+@routes.get("/metrics/summary")
+async def metrics_summary(request: web.Request) -> web.Response:
+    plugin = request.app[GATEWAY].current.plugin("metrics")
+    if plugin is None:
+        raise GatewayError(404, "Metrics are disabled (observability.metrics: false).", code="not_found")
+    return web.json_response(plugin.summary())
+
+
+def metrics_response(request: web.Request) -> web.Response:
+    """Prometheus text exposition of the process's registry (also served on observability.metrics_port)."""
+    gateway = request.app[GATEWAY].current
+    if gateway.plugin("metrics") is None:
+        raise GatewayError(404, "Metrics are disabled (observability.metrics: false).", code="not_found")
+    for callback in gateway.scrape_callbacks:
+        callback()
+    body, headers = render_metrics(gateway.registry, request.headers.getall("Accept", []))
+    return web.Response(body=body, headers=headers)
 
 
 @routes.post("/admin/reload")

@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import os
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import orjson
 import structlog
+import structlog.contextvars
 from aiohttp import web
 
+from .config.schema import CorsConfig
 from .errors import GatewayError, error_body
 
-__all__ = ["gateway_middleware", "add_request_id_header", "REQUEST_ID_HEADER"]
+__all__ = ["gateway_middleware", "add_request_id_header", "cors_middleware", "add_cors_headers",
+           "REQUEST_ID_HEADER"]
 
 REQUEST_ID_HEADER = "X-Request-ID"
 log = structlog.get_logger("ssegate.http")
@@ -42,10 +45,27 @@ def _http_error(exc: web.HTTPException) -> web.Response:
     return resp
 
 
+def _trace_id(request: web.Request) -> str:
+    """The W3C trace id of ``traceparent`` (``00-<32 hex>-<16 hex>-<2 hex>``), or a new one."""
+    header = request.headers.get("traceparent")
+    if header and len(header) == 55 and header[2] == "-" and header[35] == "-":
+        trace = header[3:35]
+        if trace != "0" * 32:
+            try:
+                int(trace, 16)
+                return trace
+            except ValueError:
+                pass
+    return os.urandom(16).hex()
+
+
 @web.middleware
 async def gateway_middleware(request: web.Request,
                              handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    request["request_id"] = _request_id(request)
+    request_id = request["request_id"] = _request_id(request)
+    trace_id = request["trace_id"] = _trace_id(request)
+    # Every log line of this request (this handler task's context) carries both ids.
+    structlog.contextvars.bind_contextvars(request_id=request_id, trace_id=trace_id)
     try:
         return await handler(request)
     except web.HTTPException as exc:
@@ -60,6 +80,58 @@ async def gateway_middleware(request: web.Request,
         return web.Response(body=orjson.dumps(error_body("Internal server error", "server_error", None,
                                                          "internal_error")),
                             status=500, content_type="application/json")
+
+
+def cors_middleware(config: CorsConfig) -> Any:
+    """CORS for browser front ends: preflight answers and the headers of actual responses."""
+    any_origin = "*" in config.allow_origins
+    allowed = frozenset(config.allow_origins)
+    allow_headers = ", ".join(config.allow_headers)
+
+    def origin_ok(origin: str) -> bool:
+        return any_origin or origin in allowed
+
+    @web.middleware
+    async def cors(request: web.Request,
+                   handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return await handler(request)
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            if not origin_ok(origin):
+                err = GatewayError(403, f"Origin {origin!r} is not allowed.", code="cors_origin_not_allowed")
+                return web.Response(body=err.to_json(), status=403, content_type="application/json")
+            headers = {
+                "Access-Control-Allow-Origin": origin if (config.allow_credentials or not any_origin) else "*",
+                "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                "Access-Control-Allow-Headers": allow_headers,
+                "Access-Control-Max-Age": str(config.max_age),
+                "Vary": "Origin",
+            }
+            if config.allow_credentials:
+                headers["Access-Control-Allow-Credentials"] = "true"
+            return web.Response(status=204, headers=headers)
+        if origin_ok(origin):
+            request["cors_origin"] = origin if (config.allow_credentials or not any_origin) else "*"
+        return await handler(request)
+
+    return cors
+
+
+def add_cors_headers(config: CorsConfig) -> Any:
+    """on_response_prepare: CORS headers on actual responses (streams included) for allowed origins."""
+    expose = ", ".join(config.expose_headers)
+
+    async def add(request: web.Request, response: web.StreamResponse) -> None:
+        origin = request.get("cors_origin")
+        if origin is not None:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Expose-Headers"] = expose
+            response.headers["Vary"] = "Origin"
+            if config.allow_credentials:
+                response.headers["Access-Control-Allow-Credentials"] = "true"
+
+    return add
 
 
 async def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:

@@ -17,6 +17,8 @@ __all__ = [
     "ProviderConfig",
     "RedisConfig",
     "CircuitBreakerConfig",
+    "ObservabilityConfig",
+    "CorsConfig",
     "RetryConfig",
     "SimulationConfig",
     "PipelineEntry",
@@ -37,6 +39,9 @@ class ServerConfig:
     )
     shutdown_grace_seconds: float = attrs.field(
         default=30.0, metadata=_doc("How long in-flight streams may run on after SIGTERM.")
+    )
+    trusted_proxies: tuple[str, ...] = attrs.field(
+        default=(), metadata=_doc("Proxy addresses/CIDRs whose `X-Forwarded-For` is believed.")
     )
     admin_key: str | None = attrs.field(
         default=None, metadata=_doc("Bearer key of the admin API (`POST /admin/reload`); unset disables it. "
@@ -125,6 +130,48 @@ class RedisConfig:
 
 
 @attrs.frozen
+class ObservabilityConfig:
+    """Metrics, access log and health."""
+
+    metrics: bool = attrs.field(default=True, metadata=_doc("Serve Prometheus metrics on `/metrics`."))
+    metrics_port: int | None = attrs.field(
+        default=None, metadata=_doc("Also serve `/metrics` on this port (e.g. 9090), on `server.host`.")
+    )
+    access_log: bool = attrs.field(default=True, metadata=_doc("One access log line per exchange."))
+    log_prompts: bool = attrs.field(
+        default=False, metadata=_doc("Include prompt text in access lines (off: never logged).")
+    )
+    summary_window: int = attrs.field(
+        default=10000, metadata=_doc("Recent exchanges kept for `/metrics/summary` percentiles.")
+    )
+    loop_lag_threshold: float = attrs.field(
+        default=1.0, metadata=_doc("Event-loop lag (seconds) above which liveness fails.")
+    )
+
+
+@attrs.frozen
+class CorsConfig:
+    """CORS for browser front ends."""
+
+    allow_origins: tuple[str, ...] = attrs.field(
+        default=(), metadata=_doc("Allowed origins (`*` for any); empty disables CORS.")
+    )
+    allow_credentials: bool = attrs.field(default=False, metadata=_doc("Send `Access-Control-Allow-Credentials`."))
+    allow_headers: tuple[str, ...] = attrs.field(
+        default=("Authorization", "Content-Type", "X-Request-ID", "x-api-key", "api-key", "anthropic-version",
+                 "OpenAI-Organization", "OpenAI-Project", "Cache-Control", "traceparent"),
+        metadata=_doc("Request headers a browser may send."),
+    )
+    expose_headers: tuple[str, ...] = attrs.field(
+        default=("X-Request-ID", "x-ssegate-provider", "x-cache", "x-ratelimit-limit-requests",
+                 "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests", "x-ratelimit-limit-tokens",
+                 "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens", "Retry-After"),
+        metadata=_doc("Response headers a browser may read."),
+    )
+    max_age: int = attrs.field(default=600, metadata=_doc("Seconds a browser may cache a preflight answer."))
+
+
+@attrs.frozen
 class ProviderConfig:
     name: str = attrs.field(metadata=_doc("Unique provider name (used in routes, logs, metrics)."))
     type: str = attrs.field(
@@ -190,6 +237,10 @@ class Config:
         factory=CircuitBreakerConfig, metadata=_doc("Default circuit breaker of every provider.")
     )
     retry: RetryConfig = attrs.field(factory=RetryConfig, metadata=_doc("Retries and the request deadline."))
+    observability: ObservabilityConfig = attrs.field(
+        factory=ObservabilityConfig, metadata=_doc("Metrics, access log, health.")
+    )
+    cors: CorsConfig = attrs.field(factory=CorsConfig, metadata=_doc("CORS for browser front ends."))
     providers: tuple[ProviderConfig, ...] = attrs.field(default=(), metadata=_doc("Upstream providers."))
     pipeline: tuple[PipelineEntry, ...] = attrs.field(
         default=(PipelineEntry("router"),), metadata=_doc("Plugins, in call order.")

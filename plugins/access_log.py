@@ -1,0 +1,63 @@
+"""One access log line per exchange, written in ``exchange_done`` (so rejected, failed and abandoned
+requests are logged too). Never a key or a prompt: the caller is named by its principal's name, and prompt
+text appears only with ``observability.log_prompts: true``."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import structlog
+
+from proxy import hookimpl
+
+if TYPE_CHECKING:
+    from proxy import Exchange
+    from proxy.gateway import Gateway
+
+__all__ = ["AccessLogPlugin"]
+
+log = structlog.get_logger("ssegate.access")
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 2)
+
+
+class AccessLogPlugin:
+    def __init__(self) -> None:
+        self.log_prompts = False
+
+    @hookimpl
+    def startup(self, gateway: "Gateway") -> None:
+        self.log_prompts = gateway.config.observability.log_prompts
+
+    @hookimpl
+    def exchange_done(self, exchange: "Exchange") -> None:
+        usage = exchange.usage
+        retries = max(0, len(exchange.attempts) - 1)
+        fields = {
+            "request_id": exchange.request_id,
+            "trace_id": exchange.trace_id,
+            "route": exchange.endpoint if exchange.ingress == "openai" else f"{exchange.endpoint}:{exchange.ingress}",
+            "key": exchange.principal.name if exchange.principal is not None else None,
+            "client_ip": exchange.client_ip,
+            "model": exchange.model,
+            "provider": exchange.provider,
+            "status": exchange.status,
+            "outcome": exchange.outcome,
+            "stream": exchange.stream,
+            "ttft_ms": _ms(exchange.ttft),
+            "duration_ms": _ms(exchange.duration),
+            "prompt_tokens": usage.prompt_tokens if usage is not None else None,
+            "completion_tokens": usage.completion_tokens if usage is not None else None,
+            "cache": exchange.response_headers.get("x-cache"),
+            "retries": retries,
+        }
+        if exchange.error is not None:
+            fields["error_code"] = exchange.error.code
+        if exchange.tags:
+            fields["tags"] = sorted(exchange.tags)
+        body = exchange._json  # the parsed request, if it parsed
+        if self.log_prompts and isinstance(body, dict):
+            fields["messages"] = body.get("messages") or body.get("prompt")
+        level = log.info if (exchange.status or 0) < 500 else log.warning
+        level("access", **fields)

@@ -1,0 +1,195 @@
+"""Metrics, health, access log, CORS, trusted proxies and trace context, over real sockets."""
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+
+import aiohttp
+import attrs
+import pytest
+from structlog.testing import capture_logs
+
+from proxy.config.schema import CircuitBreakerConfig, CorsConfig, RedisConfig
+from proxy.testing import Script, config_for
+from tests.helpers import CHAT, read_stream
+
+STREAM = {**CHAT, "stream": True}
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample line of a Prometheus text exposition (0 if absent)."""
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            series, _, value = line.rpartition(" ")
+            if all(f'{k}="{v}"' in series for k, v in labels.items()):
+                return float(value)
+    return 0.0
+
+
+async def get(url: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url) as r:
+            return r.status, await r.text()
+
+
+async def test_metrics_after_known_traffic(upstream, upstream2, gateway_factory):
+    upstream.script = Script(status=503, error="down")
+    gw = await gateway_factory(config_for(upstream, upstream2))
+    async with aiohttp.ClientSession() as s:
+        for _ in range(3):
+            async with s.post(gw.base_url + "/chat/completions", json=CHAT) as r:
+                assert r.status == 200
+        for _ in range(2):
+            await read_stream(gw.base_url + "/chat/completions", STREAM)
+        async with s.post(gw.base_url + "/chat/completions", json={"model": "m"}) as r:
+            assert r.status == 400
+    status, text = await get(gw.url + "/metrics")
+    assert status == 200
+    assert sample(text, "ssegate_requests_total", route="chat.completions", provider="up1", status="200") == 5
+    assert sample(text, "ssegate_requests_total", route="chat.completions", model="unknown", status="400") == 1
+    assert sample(text, "ssegate_request_duration_seconds_count", route="chat.completions", stream="false") == 4
+    assert sample(text, "ssegate_request_duration_seconds_count", route="chat.completions", stream="true") == 2
+    assert sample(text, "ssegate_request_duration_seconds_bucket", stream="true", le="+Inf") == 2
+    assert sample(text, "ssegate_time_to_first_token_seconds_count", provider="up1") == 5
+    assert sample(text, "ssegate_inter_token_seconds_count", provider="up1") == 2
+    assert sample(text, "ssegate_tokens_total", type="completion", provider="up1") == 5 * 4
+    assert sample(text, "ssegate_upstream_errors_total", provider="up0", kind="status") == 5
+    assert sample(text, "ssegate_fallbacks_total") == 5
+    assert sample(text, "ssegate_overhead_seconds_count") == 5
+    assert sample(text, "ssegate_circuit_state", provider="up0") == 2  # 5 consecutive failures: open
+    assert sample(text, "ssegate_active_streams") == 0
+    assert "request_id" not in text and "test-key" not in text
+
+
+async def test_active_streams_rise_and_fall(upstream, gateway_factory):
+    upstream.script = Script(texts=["a", "b", "c", "d"], delay=0.25)
+    gw = await gateway_factory(config_for(upstream))
+    streams = [asyncio.create_task(read_stream(gw.base_url + "/chat/completions", STREAM)) for _ in range(3)]
+    await asyncio.sleep(0.4)
+    _, text = await get(gw.url + "/metrics")
+    assert sample(text, "ssegate_active_streams") == 3
+    await asyncio.gather(*streams)
+    _, text = await get(gw.url + "/metrics")
+    assert sample(text, "ssegate_active_streams") == 0
+
+
+async def test_promtool_accepts_the_exposition(upstream, gateway_factory, tmp_path):
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is required (Debian package prometheus; .ci/run installs it)"
+    gw = await gateway_factory(config_for(upstream))
+    await read_stream(gw.base_url + "/chat/completions", STREAM)
+    _, text = await get(gw.url + "/metrics")
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+async def test_metrics_summary(upstream, gateway_factory):
+    gw = await gateway_factory(config_for(upstream))
+    for _ in range(4):
+        await read_stream(gw.base_url + "/chat/completions", STREAM)
+    await read_stream(gw.base_url + "/chat/completions", {"model": "m"})
+    status, text = await get(gw.url + "/metrics/summary")
+    import orjson
+
+    summary = orjson.loads(text)
+    assert status == 200
+    assert summary["requests"]["total"] == 5 and summary["requests"]["streams"] == 4
+    assert summary["latency_seconds"]["p50"] > 0 and summary["ttft_seconds"]["p99"] > 0
+    assert summary["errors"] == {"total": 1, "rate": 0.2, "by_class": {"client": 1}}
+    assert summary["tokens"]["completion"] == 16 and summary["active_streams"] == 0
+
+
+async def test_health_endpoints(upstream, gateway_factory):
+    gw = await gateway_factory(config_for(upstream))
+    status, text = await get(gw.url + "/health/live")
+    assert status == 200 and '"loop_lag_seconds"' in text
+    status, text = await get(gw.url + "/health")
+    import orjson
+
+    body = orjson.loads(text)
+    assert status == 200 and body["status"] == "healthy" and body["version"]
+    assert body["checks"]["provider:up0"]["circuit"] == "closed" and body["metrics"] is not None
+    gw.gateway.watchdog.lag = 5.0  # as if the loop had been blocked for 5 s
+    status, _ = await get(gw.url + "/health/live")
+    assert status == 503
+
+
+async def test_readiness_flips_with_all_breakers_open(upstream, gateway_factory):
+    upstream.script = Script(status=500)
+    config = attrs.evolve(config_for(upstream), circuit_breaker=CircuitBreakerConfig(failure_threshold=1,
+                                                                                     recovery_timeout=60))
+    gw = await gateway_factory(config)
+    assert (await get(gw.url + "/health/ready"))[0] == 200
+    await read_stream(gw.base_url + "/chat/completions", CHAT)
+    status, text = await get(gw.url + "/health/ready")
+    assert status == 503 and "no provider with a closed or half-open circuit" in text
+    status, text = await get(gw.url + "/health")
+    assert status == 503 and '"unhealthy"' in text
+
+
+async def test_readiness_flips_with_redis_down_and_back(upstream, gateway_factory, redis_server):
+    gw = await gateway_factory(attrs.evolve(config_for(upstream), redis=RedisConfig(url=redis_server.url,
+                                                                                    socket_timeout=0.3,
+                                                                                    connect_timeout=0.3)))
+    assert (await get(gw.url + "/health/ready"))[0] == 200
+    redis_server.stop()
+    status, text = await get(gw.url + "/health/ready")
+    assert status == 503 and "redis unreachable" in text
+    redis_server.start()
+    for _ in range(20):  # bounded: the pool reconnects by itself
+        if (await get(gw.url + "/health/ready"))[0] == 200:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        pytest.fail("readiness did not recover after Redis came back")
+
+
+async def test_access_line_per_exchange(upstream, gateway_factory):
+    config = attrs.evolve(config_for(upstream), server=attrs.evolve(config_for(upstream).server,
+                                                                    trusted_proxies=("127.0.0.0/8",)))
+    gw = await gateway_factory(config)
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    with capture_logs() as logs:
+        await read_stream(gw.base_url + "/chat/completions", STREAM,
+                          {"X-Request-ID": "req-1", "traceparent": f"00-{trace}-00f067aa0ba902b7-01",
+                           "X-Forwarded-For": "203.0.113.9, 127.0.0.5", "Authorization": "Bearer sk-secret"})
+        await read_stream(gw.base_url + "/chat/completions", {"model": "m"})
+    access = [e for e in logs if e["event"] == "access"]
+    assert len(access) == 2
+    line = access[0]
+    assert line["request_id"] == "req-1" and line["trace_id"] == trace
+    assert line["client_ip"] == "203.0.113.9"
+    assert (line["model"], line["provider"], line["status"], line["stream"]) == ("gpt-4o-mini", "up0", 200, True)
+    assert line["prompt_tokens"] == 7 and line["completion_tokens"] == 4 and line["retries"] == 0
+    assert line["ttft_ms"] > 0 and line["duration_ms"] >= line["ttft_ms"]
+    assert access[1]["status"] == 400 and access[1]["error_code"] == "missing_required_parameter"
+    assert "sk-secret" not in repr(logs) and "Say hello" not in repr(logs)
+    sent = upstream.headers[0]["traceparent"]
+    assert sent.startswith(f"00-{trace}-") and sent != f"00-{trace}-00f067aa0ba902b7-01"
+
+
+async def test_cors_preflight_and_headers(upstream, gateway_factory):
+    config = attrs.evolve(config_for(upstream), cors=CorsConfig(allow_origins=("https://chat.example",),
+                                                                allow_credentials=True))
+    gw = await gateway_factory(config)
+    preflight = {"Origin": "https://chat.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+    async with aiohttp.ClientSession() as s:
+        async with s.options(gw.base_url + "/chat/completions", headers=preflight) as r:
+            assert r.status == 204
+            assert r.headers["Access-Control-Allow-Origin"] == "https://chat.example"
+            assert r.headers["Access-Control-Allow-Credentials"] == "true"
+            assert "POST" in r.headers["Access-Control-Allow-Methods"]
+            assert "Authorization" in r.headers["Access-Control-Allow-Headers"]
+        async with s.options(gw.base_url + "/chat/completions",
+                             headers={**preflight, "Origin": "https://evil.example"}) as r:
+            assert r.status == 403 and "Access-Control-Allow-Origin" not in r.headers
+        async with s.post(gw.base_url + "/chat/completions", json=STREAM,
+                          headers={"Origin": "https://chat.example"}) as r:
+            await r.read()
+            assert r.headers["Access-Control-Allow-Origin"] == "https://chat.example"
+            assert "x-ssegate-provider" in r.headers["Access-Control-Expose-Headers"]
+        async with s.post(gw.base_url + "/chat/completions", json=CHAT,
+                          headers={"Origin": "https://evil.example"}) as r:
+            assert "Access-Control-Allow-Origin" not in r.headers
