@@ -82,6 +82,10 @@ async def serve(app: web.Application, host: str, port: int, *, reuse_port: bool 
                 ready_message: bool = True) -> None:
     """Serve until SIGTERM/SIGINT (then drain); SIGHUP reloads the config."""
     runner, bound = await start_server(app, host, port, reuse_port=reuse_port)
+    metrics_runner = None
+    metrics_port = app[GATEWAY].current.config.observability.metrics_port
+    if metrics_port:
+        metrics_runner, _ = await start_server(metrics_app(app), host, metrics_port, reuse_port=reuse_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -99,4 +103,20 @@ async def serve(app: web.Application, host: str, port: int, *, reuse_port: bool 
         await stop.wait()
         await drain(app, app[GATEWAY].current.config.server.shutdown_grace_seconds)
     finally:
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         await runner.cleanup()
+
+
+def metrics_app(main: web.Application) -> web.Application:
+    """A second listener with only ``/metrics`` (the seed's port 9090), sharing the main app's gateway."""
+    from .web_handlers import metrics_response
+
+    app = web.Application()
+    app[GATEWAY] = main[GATEWAY]
+
+    async def metrics(request: web.Request) -> web.Response:
+        return metrics_response(request)
+
+    app.router.add_get("/metrics", metrics)
+    return app

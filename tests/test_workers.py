@@ -1,0 +1,81 @@
+"""--workers N: processes sharing one port, a dead worker replaced, signals forwarded; the metrics port."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import openai
+import pytest
+
+from tests.conftest import spawn, stop
+from tests.redis_server import free_port
+
+
+def worker_pids(supervisor_pid: int) -> set[int]:
+    children = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == supervisor_pid and fields[0] != "Z":
+                children.add(int(entry))
+    return children
+
+
+def wait_for(predicate, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    pytest.fail("condition not reached in time")
+
+
+def test_killed_worker_is_replaced_and_sigterm_stops_all():
+    port = free_port()
+    proc, _ = spawn([sys.executable, "-m", "proxy", "serve", "--port", str(port), "--workers", "2"],
+                    "ssegate supervisor: 2 workers")
+    try:
+        wait_for(lambda: len(worker_pids(proc.pid)) == 2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=3)
+
+        def answers() -> bool:
+            try:
+                return bool(client.chat.completions.create(
+                    model="gpt-4o-mini", max_tokens=3, messages=[{"role": "user", "content": "hi"}]).choices)
+            except openai.APIConnectionError:
+                return False
+
+        wait_for(answers)
+        first = worker_pids(proc.pid)
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: len(worker_pids(proc.pid)) == 2 and victim not in worker_pids(proc.pid))
+        wait_for(answers)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        assert worker_pids(proc.pid) == set()
+    finally:
+        stop(proc)
+
+
+def test_metrics_on_a_separate_port(tmp_path):
+    port, metrics_port = free_port(), free_port()
+    path = tmp_path / "c.yaml"
+    path.write_text(f"observability: {{metrics_port: {metrics_port}}}\n")
+    proc, _ = spawn([sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port", str(port)],
+                    "ssegate listening on")
+    try:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+            assert r.status == 200 and b"ssegate_requests_total" in r.read()
+        with pytest.raises(Exception):
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/v1/models", timeout=5)
+    finally:
+        stop(proc)
