@@ -1,36 +1,85 @@
-"""structlog setup: JSON lines in production, a readable console in development."""
+"""structlog setup: JSON lines in production, a readable console in development, levels per logger.
+
+Loggers are named (``structlog.get_logger("ssegate.access")``); ``logging.levels`` sets a level per name or
+name prefix (``ssegate.access: warning`` silences access lines, ``ssegate: debug`` opens everything of ours),
+for structlog loggers and standard-library ones (``aiohttp``, ``redis``) alike.
+"""
 from __future__ import annotations
 
 import logging
 import sys
+from typing import Any, TextIO
 
 import structlog
 
 from .config.schema import LoggingConfig
 
-__all__ = ["configure_logging"]
+__all__ = ["configure_logging", "level_filter"]
+
+_LEVELS = {"debug": 10, "info": 20, "msg": 20, "warning": 30, "warn": 30, "error": 40, "exception": 40,
+           "critical": 50, "fatal": 50}
 
 
-def configure_logging(config: LoggingConfig) -> None:
+class _NamedPrintLogger(structlog.PrintLogger):
+    """A PrintLogger that remembers the name it was created for (processors read ``logger.name``)."""
+
+    def __init__(self, file: TextIO, name: str) -> None:
+        super().__init__(file)
+        self.name = name
+
+
+def _factory(file: TextIO) -> Any:
+    def create(*args: Any) -> _NamedPrintLogger:
+        return _NamedPrintLogger(file, str(args[0]) if args else "")
+    return create
+
+
+def level_filter(default: int, levels: dict[str, int]) -> Any:
+    """A processor adding ``logger`` to each event and dropping events below their logger's level."""
+    resolved: dict[str, int] = {}
+
+    def threshold(name: str) -> int:
+        found = resolved.get(name)
+        if found is None:
+            found, best = default, -1
+            for prefix, level in levels.items():
+                if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
+                    found, best = level, len(prefix)
+            resolved[name] = found
+        return found
+
+    def process(logger: Any, method: str, event: Any) -> Any:
+        name = getattr(logger, "name", "") or ""
+        if _LEVELS.get(method, 20) < threshold(name):
+            raise structlog.DropEvent
+        if name:
+            event["logger"] = name
+        return event
+
+    return process
+
+
+def configure_logging(config: LoggingConfig, file: TextIO | None = None) -> None:
+    out = file or sys.stderr
     fmt = config.format
     if fmt == "auto":
-        fmt = "console" if sys.stderr.isatty() else "json"
-    renderer: structlog.types.Processor = (
-        structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
-    )
-    level = getattr(logging, config.level.upper(), logging.INFO)
+        fmt = "console" if out.isatty() else "json"
+    default = getattr(logging, config.level.upper(), logging.INFO)
+    levels = {name: getattr(logging, lvl.upper(), logging.INFO) for name, lvl in config.levels.items()}
+    renderer: Any = structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
     structlog.configure(
         processors=[
+            level_filter(default, levels),
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info if fmt == "json" else structlog.dev.set_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        wrapper_class=structlog.make_filtering_bound_logger(min([default, *levels.values()])),
+        logger_factory=_factory(out),
         cache_logger_on_first_use=True,
     )
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
-    for name, lvl in config.levels.items():
-        logging.getLogger(name).setLevel(lvl.upper())
+    logging.basicConfig(level=default, stream=out, format="%(levelname)s %(name)s %(message)s", force=True)
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
