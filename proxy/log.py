@@ -10,6 +10,7 @@ import logging
 import sys
 from typing import Any, TextIO
 
+import orjson
 import structlog
 
 from .config.schema import LoggingConfig
@@ -28,7 +29,22 @@ class _NamedPrintLogger(structlog.PrintLogger):
         self.name = name
 
 
-def _factory(file: TextIO) -> Any:
+class _NamedBytesLogger(structlog.BytesLogger):
+    """The JSON path: orjson renders bytes, written without an encode step."""
+
+    def __init__(self, file: Any, name: str) -> None:
+        super().__init__(file)
+        self.name = name
+
+
+def _factory(file: TextIO, json: bool) -> Any:
+    if json:
+        binary = getattr(file, "buffer", None)
+        if binary is not None:
+            def create_bytes(*args: Any) -> _NamedBytesLogger:
+                return _NamedBytesLogger(binary, str(args[0]) if args else "")
+            return create_bytes
+
     def create(*args: Any) -> _NamedPrintLogger:
         return _NamedPrintLogger(file, str(args[0]) if args else "")
     return create
@@ -66,7 +82,13 @@ def configure_logging(config: LoggingConfig, file: TextIO | None = None) -> None
         fmt = "console" if out.isatty() else "json"
     default = getattr(logging, config.level.upper(), logging.INFO)
     levels = {name: getattr(logging, lvl.upper(), logging.INFO) for name, lvl in config.levels.items()}
-    renderer: Any = structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
+    binary = fmt == "json" and getattr(out, "buffer", None) is not None
+    if fmt == "console":
+        renderer: Any = structlog.dev.ConsoleRenderer()
+    elif binary:
+        renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)
+    else:
+        renderer = structlog.processors.JSONRenderer(serializer=lambda obj, **kw: orjson.dumps(obj, **kw).decode())
     structlog.configure(
         processors=[
             level_filter(default, levels),
@@ -77,7 +99,7 @@ def configure_logging(config: LoggingConfig, file: TextIO | None = None) -> None
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(min([default, *levels.values()])),
-        logger_factory=_factory(out),
+        logger_factory=_factory(out, fmt == "json"),
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=default, stream=out, format="%(levelname)s %(name)s %(message)s", force=True)
