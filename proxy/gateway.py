@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from fnmatch import fnmatchcase
 from ipaddress import ip_network
 from typing import Any, Callable
 
@@ -36,13 +37,17 @@ log = structlog.get_logger("ssegate.gateway")
 
 class Gateway:
     def __init__(self, config: Config, origins: Origins | None = None,
-                 plugin_objects: dict[str, Any] | None = None, registry: Registry | None = None) -> None:
+                 plugin_objects: dict[str, Any] | None = None, registry: Registry | None = None,
+                 process_state: dict[str, Any] | None = None) -> None:
         self.config = config
         self.providers: dict[str, Provider] = {p.name: create_provider(p) for p in config.providers}
         self.plugin_manager = new_plugin_manager()
         self.plugins = load_plugins(_with_builtins(config), self.plugin_manager, origins, plugin_objects)
         #: Prometheus registry of the process (a reload passes it on, so counters survive).
         self.registry = registry if registry is not None else Registry()
+        #: State that outlives config reloads (handed from each Gateway to its successor), keyed by plugin:
+        #: e.g. the memory rate-limit buckets, so a reload does not hand every caller a fresh burst.
+        self.process_state: dict[str, Any] = process_state if process_state is not None else {}
         #: Called before each /metrics scrape (plugins hand over accumulated values there).
         self.scrape_callbacks: list[Callable[[], None]] = []
         self.active_streams = 0
@@ -62,6 +67,7 @@ class Gateway:
         self._redis: Any = None
         self.in_flight = 0
         self._idle: asyncio.Event | None = None
+        self._finishing: set[asyncio.Task[None]] = set()
         self.forwarder = Forwarder(self)
         self.breakers = self.forwarder.breakers
 
@@ -74,6 +80,8 @@ class Gateway:
         await self.pipeline.startup(self)
 
     async def close(self) -> None:
+        if self._finishing:  # exchange_done walks that outlived their (cancelled) handlers
+            await asyncio.wait(set(self._finishing), timeout=10)
         await self.pipeline.shutdown(self)
         await self.watchdog.stop()
         for provider in self.providers.values():
@@ -218,7 +226,20 @@ class Gateway:
             if out is not None:
                 self.active_streams -= 1
             exchange.ended = time.monotonic()
+            await self._exchange_done(exchange)
+
+    async def _exchange_done(self, exchange: Exchange) -> None:
+        """Run ``exchange_done`` to its end even if the handler is cancelled meanwhile (aiohttp cancels it
+        when the client closes the connection, which may happen right after the last byte). Synchronous
+        implementations cannot be interrupted, so the task and shield are paid only when one awaits."""
+        pipeline = self.pipeline
+        if not pipeline.exchange_done_awaits:
             await pipeline.exchange_done(exchange)
+            return
+        task = asyncio.get_running_loop().create_task(pipeline.exchange_done(exchange))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+        await asyncio.shield(task)
 
     def plugin(self, name: str) -> Any:
         """The plugin object registered under a pipeline name (None if absent)."""
@@ -236,7 +257,11 @@ class Gateway:
         try:
             await self.pipeline.authenticate(exchange)
             exchange.outcome, exchange.status = Outcome.OK, 200
-            resp = json_response(models_body(self.models()), 200, exchange.response_headers)
+            names = self.models()
+            allowed = exchange.principal.allowed_models if exchange.principal is not None else None
+            if allowed is not None:
+                names = [n for n in names if any(fnmatchcase(n, pattern) for pattern in allowed)]
+            resp = json_response(models_body(names), 200, exchange.response_headers)
             await resp.prepare(request)
             await resp.write_eof()
             return resp
@@ -244,7 +269,7 @@ class Gateway:
             return await self._reject(request, exchange, exc)
         finally:
             exchange.ended = time.monotonic()
-            await self.pipeline.exchange_done(exchange)
+            await self._exchange_done(exchange)
 
 
 def _with_builtins(config: Config) -> tuple[PipelineEntry, ...]:

@@ -78,6 +78,8 @@ class Pipeline:
             self._make_chunk_chain(chunk_impls) if chunk_impls else None
         )
         self.has_on_response = bool(self._impls["on_response"])
+        #: exchange_done needs protection from cancellation only when some implementation awaits.
+        self.exchange_done_awaits = any(i.is_async for i in self._impls["exchange_done"])
         self.has_upstream_request = bool(self._impls["upstream_request"])
 
     def implementations(self, hook_name: str) -> list[str]:

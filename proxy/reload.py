@@ -32,7 +32,7 @@ class Reloader:
             old = self.holder.current
             try:
                 config, origins = load_config_with_origins(self.config_path)
-                new = Gateway(config, origins, registry=old.registry)
+                new = Gateway(config, origins, registry=old.registry, process_state=old.process_state)
             except ConfigError as exc:
                 problems = [str(p) for p in exc.problems]
                 log.error("config_reload_refused", path=self.config_path, problems=problems)

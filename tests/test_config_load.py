@@ -603,7 +603,8 @@ def test_shipped_base_config_content():
     (local,) = [p for p in config.providers if p.type == "openai"]
     assert (local.base_url, local.api_key_env, local.models, local.priority) == (
         "http://127.0.0.1:9100/v1", "LOCAL_API_KEY", ("*",), 2)
-    assert config.pipeline == (PipelineEntry("router"),)
+    assert [e.name for e in config.pipeline] == ["router"]
+    assert config.pipeline[0].config["strategy"] == "priority"
     assert len(by_name) == 2
     production = load_config(str(REPO_ROOT / "conf" / "ssegate.yaml"), environment="production", env={})
     assert (production.logging.format, production.server.host) == ("json", "0.0.0.0")

@@ -270,3 +270,28 @@ async def test_plugins_load_by_dotted_path_with_typed_config(upstream, gateway_f
     gw = await gateway_factory(config_for(upstream, pipeline=pipeline))
     await read_stream(gw.base_url + "/chat/completions", CHAT)
     assert audit.CALLS == ["audit:debug", "module"]
+
+
+class SlowDone:
+    def __init__(self) -> None:
+        self.finished = 0
+
+    @hookimpl
+    async def exchange_done(self, exchange):
+        await asyncio.sleep(0.3)  # e.g. a Redis round trip, while the client hangs up
+        self.finished += 1
+
+
+async def test_exchange_done_survives_the_client_hanging_up(upstream, gateway_factory):
+    slow, after = SlowDone(), Tracer("after", [])
+    gw = await gateway_factory(config_for(upstream, pipeline=["slow", "after", "router"]),
+                               plugins={"slow": slow, "after": after})
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as s:
+        async with s.post(gw.base_url + "/chat/completions", json=CHAT) as resp:
+            assert (await resp.json())["choices"][0]["message"]["content"] == "Hello, world!"
+    for _ in range(100):  # bounded: 2 s
+        if after.done:
+            break
+        await asyncio.sleep(0.02)
+    assert slow.finished == 1 and len(after.done) == 1
