@@ -1,0 +1,248 @@
+"""helm/ssegate: rendered and linted with Helm's own engine (helm-python-sdk, Helm's Go SDK through its C ABI;
+no helm binary), every rendered manifest validated strictly against a pinned Kubernetes version, the probes
+exercised on a gateway running the rendered config, values the schema rejects."""
+from __future__ import annotations
+
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import spawn, stop
+
+helm = pytest.importorskip("helm_python", reason="pip install -e .[test] (helm-python-sdk)")
+kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install -e .[test] (kubernetes-validate)")
+
+REPO = Path(__file__).resolve().parent.parent
+CHART = REPO / "helm" / "ssegate"
+KUBE_VERSION = "1.30.0"          # pinned: the oldest Kubernetes minor the chart is validated against
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}   # prometheus-operator CRDs: not in Kubernetes' own schemas
+
+ALL_ON = {
+    "replicaCount": 3,
+    "image": {"repository": "registry.example.com/ssegate", "tag": "0.1.0"},
+    "config": {
+        "server": {"shutdown_grace_seconds": 60.0},
+        "providers": [
+            {"name": "openai", "type": "openai", "base_url": "https://api.openai.com/v1",
+             "api_key_env": "OPENAI_API_KEY", "models": ["gpt-4o*"], "priority": 1},
+            {"name": "simulated", "type": "simulated", "models": ["*"], "priority": 2},
+        ],
+        "pipeline": [
+            {"auth": {"key_file": "/etc/ssegate-keys/api_keys.txt"}},
+            {"ratelimit": {"backend": "redis", "default_tier": "tier-3"}},
+            {"cache": {"backend": "redis"}},
+            "router",
+        ],
+    },
+    "ssegate": {"terminationGracePeriodSeconds": 75, "preStopSeconds": 10},
+    "secrets": {"env": {"OPENAI_API_KEY": "sk-test-0000"},
+                "apiKeys": "sk-test-alice-000000 name=alice tier=tier-3\n"},
+    "redis": {"trial": {"enabled": True}},
+    "autoscaling": {"enabled": True},
+    "podDisruptionBudget": {"enabled": True},
+    "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+    "prometheusRule": {"enabled": True},
+    "ingress": {"enabled": True, "className": "nginx", "tls": [{"secretName": "ssegate-tls",
+                                                              "hosts": ["ssegate.example.com"]}]},
+    "networkPolicy": {"enabled": True},
+}
+
+
+def render(values: dict | None = None) -> dict[str, list[dict]]:
+    """Kind -> rendered objects (NOTES.txt left out)."""
+    chart = helm.Chart.load(str(CHART))
+    rendered = chart.render(values, name="rel", namespace="llm", is_install=True)
+    objects: dict[str, list[dict]] = {}
+    for path, text in rendered.items():
+        if path.endswith("NOTES.txt"):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                objects.setdefault(doc["kind"], []).append(doc)
+    return objects
+
+
+def the(objects: dict[str, list[dict]], kind: str) -> dict:
+    (obj,) = objects[kind]
+    return obj
+
+
+@pytest.fixture(scope="module")
+def default_objects() -> dict[str, list[dict]]:
+    return render()
+
+
+@pytest.fixture(scope="module")
+def all_on_objects() -> dict[str, list[dict]]:
+    return render(ALL_ON)
+
+
+@pytest.mark.parametrize("values", [None, ALL_ON], ids=["defaults", "all-features"])
+def test_chart_lints_strictly(values: dict | None) -> None:
+    report = helm.lint(str(CHART), values, strict=True, kube_version=f"v{KUBE_VERSION}")
+    problems = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
+    assert report["total_charts_linted"] == 1 and not problems, problems
+
+
+def test_default_render(default_objects: dict[str, list[dict]]) -> None:
+    assert set(default_objects) == {"Deployment", "Service", "ConfigMap"}
+
+
+def test_all_features_render(all_on_objects: dict[str, list[dict]]) -> None:
+    assert set(all_on_objects) == {"Deployment", "Service", "ConfigMap", "Secret", "HorizontalPodAutoscaler",
+                                   "PodDisruptionBudget", "ServiceMonitor", "PrometheusRule", "Ingress",
+                                   "NetworkPolicy"}
+    assert len(all_on_objects["Deployment"]) == 2 and len(all_on_objects["Service"]) == 2  # + trial Redis
+
+
+@pytest.mark.parametrize("which", ["defaults", "all-features"])
+def test_every_manifest_validates_strictly(which: str, default_objects, all_on_objects) -> None:
+    objects = default_objects if which == "defaults" else all_on_objects
+    for kind, items in objects.items():
+        for obj in items:
+            if kind in CRD_KINDS:
+                continue  # checked structurally below
+            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+            labels = obj["metadata"]["labels"]
+            for label in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version",
+                          "app.kubernetes.io/managed-by", "helm.sh/chart"):
+                assert label in labels, (kind, label)
+
+
+def test_unknown_fields_are_caught_by_the_validator() -> None:
+    """The strict validation above is not vacuous: a misspelt field fails it."""
+    deployment = the(render(), "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {}
+    with pytest.raises(Exception, match="livenesProbe"):
+        kubernetes_validate.validate(deployment, KUBE_VERSION, strict=True)
+
+
+def test_deployment_hardening_and_drain(all_on_objects) -> None:
+    deployment = all_on_objects["Deployment"][0]
+    assert deployment["metadata"]["name"] == "rel-ssegate"
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    config = yaml.safe_load(the(all_on_objects, "ConfigMap")["data"]["ssegate.yaml"])
+    pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + config["server"]["shutdown_grace_seconds"]
+    assert {c["topologyKey"] for c in pod["topologySpreadConstraints"]} >= {"kubernetes.io/hostname"}
+    assert "--workers" in container["args"] and config["server"]["host"] == "0.0.0.0"
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert "replicas" not in deployment["spec"]  # the HPA owns it
+    env_from = container["envFrom"][0]["secretRef"]["name"]
+    assert env_from == the(all_on_objects, "Secret")["metadata"]["name"]
+    assert config["redis"]["url"] == "redis://rel-ssegate-redis:6379/0"
+    assert {"rel-ssegate-redis", "rel-ssegate"} == {s["metadata"]["name"] for s in all_on_objects["Service"]}
+
+
+def test_termination_grace_must_cover_the_drain() -> None:
+    with pytest.raises(helm.HelmError, match="terminationGracePeriodSeconds .* must exceed"):
+        render({"ssegate": {"terminationGracePeriodSeconds": 30}})
+
+
+def test_config_change_rolls_the_pods_unless_reload_is_chosen() -> None:
+    def annotations(values: dict | None) -> dict:
+        return the(render(values), "Deployment")["spec"]["template"]["metadata"].get("annotations") or {}
+
+    base = annotations(None)["checksum/config"]
+    changed = annotations({"config": {"providers": [{"name": "sim2", "type": "simulated", "models": ["*"]}],
+                                      "pipeline": ["router"]}})["checksum/config"]
+    assert base != changed
+    assert "checksum/config" not in annotations({"ssegate": {"configChange": "reload"}})
+
+
+@pytest.mark.parametrize("which", ["defaults", "all-features"])
+def test_rendered_config_passes_check_config(which: str, tmp_path: Path, default_objects, all_on_objects) -> None:
+    objects = default_objects if which == "defaults" else all_on_objects
+    text = the(objects, "ConfigMap")["data"]["ssegate.yaml"]
+    secret = (objects.get("Secret") or [{}])[0].get("stringData", {})
+    if "api_keys.txt" in secret:  # the Secret's key file, where the pod mounts it -> a temporary file
+        (tmp_path / "api_keys.txt").write_text(secret["api_keys.txt"])
+        text = text.replace("/etc/ssegate-keys/api_keys.txt", str(tmp_path / "api_keys.txt"))
+    (tmp_path / "ssegate.yaml").write_text(text)
+    import subprocess
+
+    env = {**__import__("os").environ, **{k: v for k, v in secret.items() if k != "api_keys.txt"}}
+    result = subprocess.run([sys.executable, "-m", "proxy", "check-config", str(tmp_path / "ssegate.yaml")],
+                            cwd=REPO, capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_probes_answer_on_a_gateway_running_the_rendered_config(tmp_path: Path, default_objects) -> None:
+    """The probe paths are ssegate's real endpoints: serve the rendered ConfigMap's config (on 127.0.0.1 and a
+    free port instead of the pod's 0.0.0.0:8000) and call each probe as the kubelet would."""
+    (tmp_path / "ssegate.yaml").write_text(the(default_objects, "ConfigMap")["data"]["ssegate.yaml"])
+    container = the(default_objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert container["ports"][0]["containerPort"] == 8000
+    probes = {name: container[name]["httpGet"] for name in ("startupProbe", "livenessProbe", "readinessProbe")}
+    assert probes["readinessProbe"]["path"] == "/health/ready"
+    assert probes["livenessProbe"]["path"] == probes["startupProbe"]["path"] == "/health/live"
+    proc, line = spawn([sys.executable, "-m", "proxy", "serve", "--config", str(tmp_path / "ssegate.yaml"),
+                        "--host", "127.0.0.1", "--port", "0"], "ssegate listening on")
+    try:
+        base = line.rsplit(" ", 1)[-1]
+        for name, probe in probes.items():
+            assert probe["port"] == "http"
+            with urllib.request.urlopen(base + probe["path"], timeout=5) as response:
+                assert response.status == 200, name
+    finally:
+        stop(proc)
+
+
+def test_prometheus_rule_is_the_docker_alert_rules(all_on_objects) -> None:
+    docker_rules = (REPO / "docker" / "prometheus" / "alerts.yml").read_text()
+    assert (CHART / "files" / "alerts.yml").read_text() == docker_rules, \
+        "helm/ssegate/files/alerts.yml must be a copy of docker/prometheus/alerts.yml"
+    rule = the(all_on_objects, "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["spec"] == yaml.safe_load(docker_rules)
+    monitor = the(all_on_objects, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["spec"]["endpoints"][0]["port"] == "http" and monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_ingress_disables_buffering_and_allows_long_streams(all_on_objects) -> None:
+    annotations = the(all_on_objects, "Ingress")["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 600
+
+
+def test_hpa_scales_on_cpu_and_active_streams(all_on_objects) -> None:
+    metrics = the(all_on_objects, "HorizontalPodAutoscaler")["spec"]["metrics"]
+    assert {m["type"] for m in metrics} == {"Resource", "Pods"}
+    assert any(m.get("pods", {}).get("metric", {}).get("name") == "ssegate_active_streams" for m in metrics)
+
+
+@pytest.mark.parametrize("values, key", [
+    ({"replicas": 3}, "replicas"),                          # unknown top-level key
+    ({"ingress": {"enabled": True, "hots": "x"}}, "hots"),  # unknown nested key
+    ({"replicaCount": "3"}, "replicaCount"),                # wrong type
+    ({"service": {"port": 70000}}, "port"),                 # out of range
+    ({"ssegate": {"configChange": "restart"}}, "configChange"),
+    ({"redis": {"url": "localhost:6379"}}, "url"),
+])
+def test_schema_rejects_bad_values_with_a_clear_error(values: dict, key: str) -> None:
+    chart = helm.Chart.load(str(CHART))
+    with pytest.raises(helm.HelmError) as info:
+        chart.render(values, name="rel", namespace="llm")
+    assert key in str(info.value), str(info.value)
+
+
+def test_values_yaml_is_fully_commented() -> None:
+    """Every key of values.yaml is commented: on the line above, or (for a section) on the lines just above
+    or just inside it."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#") or stripped.startswith("- ") or line.startswith("    "):
+            continue
+        window = lines[max(0, i - 2):i + 2] if line.startswith(" ") else lines[max(0, i - 3):i + 3]
+        assert any(w.strip().startswith("#") or " # " in w for w in window), f"values.yaml:{i + 1}: {line}"
