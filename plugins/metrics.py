@@ -7,6 +7,8 @@ config), status, error kinds, and model names only for models that were actually
 """
 from __future__ import annotations
 
+import asyncio
+import os
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
 __all__ = ["MetricsPlugin"]
 
 MAX_MODELS = 200
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _CIRCUIT_VALUE = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
 
 
@@ -37,6 +40,7 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 class MetricsPlugin:
     def __init__(self) -> None:
+        self._probe: asyncio.Task[None] | None = None
         self.gateway: "Gateway | None" = None
         self.models: set[str] = set()
         self.recent: deque[tuple[float, float, float | None, int, int, str | None, bool, bool | None]] = deque(
@@ -59,7 +63,7 @@ class MetricsPlugin:
                                            "Mean time between streamed events, per stream.", TOKEN_BUCKETS),
                                  ("provider",))
         self.tokens = FastCounter(counter(registry, "ssegate_tokens_total", "Tokens, as reported by upstreams."),
-                                  ("type", "model", "provider"))
+                                  ("type", "model", "provider", "tier"))
         self.upstream_errors = FastCounter(counter(registry, "ssegate_upstream_errors_total",
                                                    "Failed upstream attempts."), ("provider", "kind"))
         self.retries = FastCounter(counter(registry, "ssegate_retries_total", "Retries on the same provider."),
@@ -80,6 +84,11 @@ class MetricsPlugin:
         self.in_flight = gauge(registry, "ssegate_requests_in_flight", "Requests in flight now.")
         self.circuit = gauge(registry, "ssegate_circuit_state",
                              "Circuit breaker per provider: 0 closed, 1 half-open, 2 open.")
+        self.redis_up = gauge(registry, "ssegate_redis_up", "1 when the shared Redis answered its last ping.")
+        self.process_cpu = counter(registry, "process_cpu_seconds_total", "User and system CPU time, seconds.")
+        self.process_rss = gauge(registry, "process_resident_memory_bytes", "Resident memory, bytes.")
+        self.process_fds = gauge(registry, "process_open_fds", "Open file descriptors.")
+        self.process_start = gauge(registry, "process_start_time_seconds", "Start time, Unix seconds.")
         self._fast = (self.requests, self.duration, self.ttft, self.itl, self.tokens, self.upstream_errors,
                       self.retries, self.fallbacks, self.cache_hits, self.cache_misses, self.ratelimited,
                       self.flagged, self.overhead)
@@ -89,17 +98,50 @@ class MetricsPlugin:
         self.gateway = gateway
         self.recent = deque(self.recent, maxlen=gateway.config.observability.summary_window)
         gateway.scrape_callbacks.append(self.sync)
+        self.process_start.set({}, self.started)
+        if gateway.config.redis.url:
+            self._probe = asyncio.get_running_loop().create_task(self._redis_probe(), name="ssegate-redis-probe")
+
+    @hookimpl
+    async def shutdown(self, gateway: "Gateway") -> None:
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            probe.cancel()
+            await asyncio.gather(probe, return_exceptions=True)
+
+    async def _redis_probe(self, interval: float = 5.0) -> None:
+        """Ping the shared Redis every few seconds, so ``ssegate_redis_up`` tells what the gateway sees."""
+        gateway = self.gateway
+        assert gateway is not None
+        while True:
+            try:
+                await asyncio.wait_for(gateway.redis.ping(), gateway.config.redis.socket_timeout + 0.5)
+                self.redis_up.set({}, 1)
+            except Exception:  # any failure means down
+                self.redis_up.set({}, 0)
+            await asyncio.sleep(interval)
 
     def sync(self) -> None:
         """Hand the accumulated values to the collectors (called before each scrape)."""
         for fast in self._fast:
             fast.sync()
+        self._process()
         gateway = self.gateway
         if gateway is not None:
             self.active_streams.set({}, gateway.active_streams)
             self.in_flight.set({}, gateway.in_flight)
             for name, breaker in gateway.breakers.items():
                 self.circuit.set({"provider": name}, _CIRCUIT_VALUE[breaker.current()])
+
+    def _process(self) -> None:
+        times = os.times()
+        self.process_cpu.set({}, times.user + times.system)
+        try:
+            with open("/proc/self/statm") as f:
+                self.process_rss.set({}, int(f.read().split()[1]) * _PAGE)
+            self.process_fds.set({}, len(os.listdir("/proc/self/fd")))
+        except OSError:  # not Linux
+            pass
 
     # -- per exchange ---------------------------------------------------------------------------------------
     def _model(self, exchange: "Exchange") -> str:
@@ -128,8 +170,10 @@ class MetricsPlugin:
                 self.itl.observe((provider,), (exchange.ended - exchange.first_byte_at) / (exchange.chunks_sent - 1))
         usage = exchange.usage
         if usage is not None:
-            self.tokens.inc(("prompt", model, provider), usage.prompt_tokens)
-            self.tokens.inc(("completion", model, provider), usage.completion_tokens)
+            principal = exchange.principal
+            tier = (principal.tier or "none") if principal is not None else "anonymous"
+            self.tokens.inc(("prompt", model, provider, tier), usage.prompt_tokens)
+            self.tokens.inc(("completion", model, provider, tier), usage.completion_tokens)
         attempts = exchange.attempts
         if attempts:
             previous = None

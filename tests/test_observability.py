@@ -59,6 +59,9 @@ async def test_metrics_after_known_traffic(upstream, upstream2, gateway_factory)
     assert sample(text, "ssegate_overhead_seconds_count") == 5
     assert sample(text, "ssegate_circuit_state", provider="up0") == 2  # 5 consecutive failures: open
     assert sample(text, "ssegate_active_streams") == 0
+    assert sample(text, "ssegate_tokens_total", type="prompt", tier="anonymous") == 5 * 7
+    assert sample(text, "process_resident_memory_bytes") > 10_000_000
+    assert sample(text, "process_cpu_seconds_total") > 0
     assert "request_id" not in text and "test-key" not in text
 
 
@@ -133,6 +136,12 @@ async def test_readiness_flips_with_redis_down_and_back(upstream, gateway_factor
                                                                                     socket_timeout=0.3,
                                                                                     connect_timeout=0.3)))
     assert (await get(gw.url + "/health/ready"))[0] == 200
+    for _ in range(20):  # the metrics plugin's probe has pinged once
+        if sample((await get(gw.url + "/metrics"))[1], "ssegate_redis_up") == 1:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        pytest.fail("ssegate_redis_up never became 1")
     redis_server.stop()
     status, text = await get(gw.url + "/health/ready")
     assert status == 503 and "redis unreachable" in text
