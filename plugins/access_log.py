@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from proxy import hookimpl
+from proxy.log import line_writer
 
 if TYPE_CHECKING:
     from proxy import Exchange
@@ -25,10 +26,12 @@ def _ms(seconds: float | None) -> float | None:
 class AccessLogPlugin:
     def __init__(self) -> None:
         self.log_prompts = False
+        self.write = None
 
     @hookimpl
     def startup(self, gateway: "Gateway") -> None:
         self.log_prompts = gateway.config.observability.log_prompts
+        self.write = line_writer("ssegate.access")  # the fast JSON path when JSON logs are configured
 
     @hookimpl
     def exchange_done(self, exchange: "Exchange") -> None:
@@ -59,5 +62,8 @@ class AccessLogPlugin:
         body = exchange._json  # the parsed request, if it parsed
         if self.log_prompts and isinstance(body, dict):
             fields["messages"] = body.get("messages") or body.get("prompt")
-        level = log.info if (exchange.status or 0) < 500 else log.warning
-        level("access", **fields)
+        level = "info" if (exchange.status or 0) < 500 else "warning"
+        if self.write is not None:
+            self.write(level, "access", fields)
+        else:
+            getattr(log, level)("access", **fields)

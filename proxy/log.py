@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import Any, TextIO
 
 import orjson
@@ -15,7 +16,7 @@ import structlog
 
 from .config.schema import LoggingConfig
 
-__all__ = ["configure_logging", "level_filter"]
+__all__ = ["configure_logging", "level_filter", "line_writer"]
 
 _LEVELS = {"debug": 10, "info": 20, "msg": 20, "warning": 30, "warn": 30, "error": 40, "exception": 40,
            "critical": 50, "fatal": 50}
@@ -72,7 +73,61 @@ def level_filter(default: int, levels: dict[str, int]) -> Any:
             event["logger"] = name
         return event
 
+    process.threshold = threshold  # type: ignore[attr-defined]
     return process
+
+
+def _timestamper() -> Any:
+    """ISO-8601 UTC timestamps with microseconds, the date-time part formatted once per second (structlog's
+    TimeStamper costs ~8 µs an event, more than the rest of an access line)."""
+    cache: list[Any] = [-1, ""]
+
+    def stamp(logger: Any, method: str, event: Any) -> Any:
+        now = time.time()
+        second = int(now)
+        if second != cache[0]:
+            cache[0], cache[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        event["timestamp"] = f"{cache[1]}.{int((now - second) * 1e6):06d}Z"
+        return event
+
+    return stamp
+
+
+#: name -> writer of JSON lines that skips structlog's processor chain (set by configure_logging for json).
+_line_writers: dict[str, Any] = {}
+_json_target: dict[str, Any] = {}
+
+
+def line_writer(name: str) -> Any:
+    """A fast writer for one hot, structured line per exchange (the access log), or None.
+
+    Returns ``write(level, event, fields)`` when JSON logging to a binary stream is configured: it checks the
+    logger's level once, adds ``timestamp``, ``level`` and ``logger``, and writes one orjson line (about a fifth
+    of structlog's cost). Returns None otherwise (console logs, or structlog left to tests'
+    ``capture_logs``): callers then log through structlog as usual.
+    """
+    target = _json_target.get("stream")
+    if target is None:
+        return None
+    writer = _line_writers.get(name)
+    if writer is None:
+        threshold = _json_target["threshold"](name)
+        stamp = _timestamper()
+        stream = target
+        dumps = orjson.dumps
+
+        def write(level: str, event: str, fields: dict[str, Any]) -> None:
+            if _LEVELS.get(level, 20) < threshold:
+                return
+            fields["event"] = event
+            fields["level"] = level
+            fields["logger"] = name
+            stamp(None, level, fields)
+            stream.write(dumps(fields, default=str) + b"\n")
+            stream.flush()
+
+        writer = _line_writers[name] = write
+    return writer
 
 
 def configure_logging(config: LoggingConfig, file: TextIO | None = None) -> None:
@@ -89,12 +144,17 @@ def configure_logging(config: LoggingConfig, file: TextIO | None = None) -> None
         renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)
     else:
         renderer = structlog.processors.JSONRenderer(serializer=lambda obj, **kw: orjson.dumps(obj, **kw).decode())
+    filter_ = level_filter(default, levels)
+    _line_writers.clear()
+    _json_target.clear()
+    if binary:
+        _json_target.update(stream=out.buffer, threshold=filter_.threshold)  # type: ignore[attr-defined]
     structlog.configure(
         processors=[
-            level_filter(default, levels),
+            filter_,
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _timestamper(),
             structlog.processors.format_exc_info if fmt == "json" else structlog.dev.set_exc_info,
             renderer,
         ],

@@ -26,3 +26,29 @@ def test_json_lines_with_levels_per_logger():
         ("access", "ssegate.access"), ("shown", "ssegate.debuggy.sub"), ("shown_too", "ssegate.gateway")]
     assert lines[0]["status"] == 502 and lines[0]["level"] == "warning"
     assert all(e["request_id"] == "r-1" and "timestamp" in e for e in lines)
+
+
+async def test_access_lines_take_the_fast_json_path(tmp_path, upstream, gateway_factory):
+    from proxy import log as log_module
+    from proxy.testing import config_for
+    from tests.helpers import CHAT, read_stream
+
+    path = tmp_path / "ssegate.log"
+    with open(path, "w") as out:
+        try:
+            configure_logging(LoggingConfig(format="json", levels={"ssegate.forward": "error"}), out)
+            gw = await gateway_factory(config_for(upstream))
+            assert gw.current.plugin("access_log").write is not None
+            await read_stream(gw.base_url + "/chat/completions", {**CHAT, "stream": True},
+                              {"X-Request-ID": "fast-1"})
+        finally:
+            structlog.reset_defaults()
+            log_module._json_target.clear()
+            log_module._line_writers.clear()
+    lines = [orjson.loads(line) for line in path.read_text().splitlines()]
+    access = [e for e in lines if e.get("event") == "access"]
+    assert len(access) == 1
+    line = access[0]
+    assert (line["logger"], line["level"], line["request_id"], line["status"]) == ("ssegate.access", "info",
+                                                                                    "fast-1", 200)
+    assert line["timestamp"].endswith("Z") and line["completion_tokens"] == 4
