@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import os
 import random
 import time
 from typing import TYPE_CHECKING, Any, Callable
@@ -26,6 +25,7 @@ from .breaker import CircuitBreaker
 from .continuation import Transcript, continuation_messages
 from .errors import GatewayError, StopStream
 from .exchange import Exchange, Outcome, Route, Usage
+from .ids import span_id
 from .relay import ClientStream, StreamBroken, answer_body, json_response, relay_stream
 from .upstream import ENDPOINT_PATHS, Provider, UpstreamError, UpstreamRequest
 from .watchdog import Guard
@@ -184,7 +184,7 @@ class Forwarder:
             ureq.json["messages"] = continuation_messages(ureq.json.get("messages") or [], prefix)
         if exchange.trace_id is not None:
             # W3C trace context: the same trace, a new span for this upstream call.
-            ureq.headers["traceparent"] = f"00-{exchange.trace_id}-{os.urandom(8).hex()}-01"
+            ureq.headers["traceparent"] = f"00-{exchange.trace_id}-{span_id()}-01"
         return ureq
 
     async def _stream(self, out: ClientStream, provider: Provider, ureq: UpstreamRequest, exchange: Exchange,

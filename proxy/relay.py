@@ -157,6 +157,9 @@ class ClientStream:
 
 
 def _usage_value_is_null(ev: bytes, at: int) -> bool:
+    # The two spellings upstreams use, compared in place; the loop handles any other spacing.
+    if ev.startswith(b':null', at + 7) or ev.startswith(b': null', at + 7):
+        return True
     j = at + 7
     n = len(ev)
     while j < n and ev[j] in b" :\t":
@@ -233,7 +236,7 @@ async def relay_stream(out: ClientStream, upstream: UpstreamResponse, exchange: 
                                     continue
                                 obj.pop("usage", None)
                                 ev = encode_event(orjson.dumps(obj))
-                    elif b'"error"' in ev:
+                    elif b'"error"' in ev[:48]:  # an error event carries "error" first, not deep in a chunk
                         obj = _event_json(ev)
                         if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
                             err = obj["error"]

@@ -30,8 +30,9 @@ class SSEParser:
         self._buf = b""
 
     def feed(self, data: bytes) -> list[bytes]:
-        buf = self._buf + data if self._buf else data
-        if b"\r" in buf:
+        prev = self._buf
+        buf = prev + data if prev else data
+        if b"\r" in data or prev[-1:] == b"\r":
             # Keep a trailing CR: it may be the first half of a CRLF split across reads.
             tail = b""
             if buf.endswith(b"\r"):

@@ -1,7 +1,6 @@
 """The one middleware: request id, and every HTTP error as an OpenAI-format error body."""
 from __future__ import annotations
 
-import os
 from typing import Any, Awaitable, Callable
 
 import orjson
@@ -9,6 +8,7 @@ import structlog
 import structlog.contextvars
 from aiohttp import web
 
+from . import ids
 from .config.schema import CorsConfig
 from .errors import GatewayError, error_body
 
@@ -25,7 +25,7 @@ def _request_id(request: web.Request) -> str:
     given = request.headers.get(REQUEST_ID_HEADER)
     if given and len(given) <= 128 and given.isprintable():
         return given
-    return os.urandom(16).hex()
+    return ids.request_id()
 
 
 def _http_error(exc: web.HTTPException) -> web.Response:
@@ -56,7 +56,7 @@ def _trace_id(request: web.Request) -> str:
                 return trace
             except ValueError:
                 pass
-    return os.urandom(16).hex()
+    return ids.trace_id()
 
 
 @web.middleware

@@ -37,6 +37,7 @@ def test_random_chunking_with_crlf_and_bare_cr():
 
 def test_extra_blank_lines_make_no_empty_events():
     assert SSEParser().feed(b"\n\ndata: a\n\n\n\n\ndata: b\n\n") == [b"data: a", b"data: b"]
+    assert SSEParser().feed(b"data: a\n\n\ndata: b\r\n\r\n\r\ndata: c\n\n") == [b"data: a", b"data: b", b"data: c"]
 
 
 def test_pending_holds_an_unterminated_event():
