@@ -130,10 +130,14 @@ class Chunk:
         """The data parsed as JSON, once; None when the data is not JSON (``[DONE]``, comments)."""
         if not self._parsed:
             self._parsed = True
-            data = self.data
-            if data and data != "[DONE]":
+            raw = self.raw
+            if raw[:6] == b"data: " and b"\n" not in raw:  # the usual one-line event: parse it in place
+                payload: bytes | str = raw[6:]
+            else:
+                payload = self.data
+            if payload and payload != b"[DONE]" and payload != "[DONE]":
                 try:
-                    self._json = orjson.loads(data)
+                    self._json = orjson.loads(payload)
                 except orjson.JSONDecodeError:
                     self._json = None
         return self._json
