@@ -1,8 +1,9 @@
 """Streaming load client: C concurrent 64-chunk streams, repeated up to a bounded count.
 
 Runs as its own process (the benchmark pins it to core 1) on uvloop. When given ``--pid`` (the proxy under
-test), it reads that process's CPU time (utime+stime) right before and right after the measured phase and
-samples its RSS in a background thread; the warm-up phase before it is not measured.
+test), it reads that process's CPU time (utime+stime) right before and right after the measured phase, and
+the machine's busy time to tell foreign load (``--other-pid``: benchmark processes that are not foreign), and
+samples the proxy's RSS in a background thread; the warm-up phase before it is not measured.
 
 Per stream it records:
 
@@ -33,7 +34,7 @@ import orjson
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.procstat import RssSampler, cpu_seconds  # noqa: E402
+from bench.procstat import CpuWindow, RssSampler  # noqa: E402
 
 CONTENT_CHUNKS = 64
 INCREMENTAL_READ_SHARE = 0.9
@@ -205,7 +206,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                                 "seconds": time.monotonic() - t0}
             await asyncio.sleep(0.3)
         sampler = RssSampler(args.pid) if args.pid else None
-        cpu0 = cpu_seconds(args.pid) if args.pid else None
+        window = CpuWindow(args.pid, tuple(args.other_pid)).start() if args.pid else None
         t0 = time.monotonic()
         if sampler is not None:
             sampler.__enter__()
@@ -214,13 +215,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                                                args.include_usage, args.timeout, t0 + args.max_seconds)
         finally:
             wall = time.monotonic() - t0
-            cpu1 = cpu_seconds(args.pid) if args.pid else None
+            cpu = window.stop() if window is not None else None
             if sampler is not None:
                 sampler.__exit__(None, None, None)
-    result.update(summarize(records, not_run, args.delay_ms))
     result["wall_s"] = wall
-    if args.pid:
-        result["proxy_cpu_s"] = cpu1 - cpu0  # type: ignore[operator]
+    result.update(summarize(records, not_run, args.delay_ms))
+    if cpu is not None:
+        result.update(cpu)  # proxy_cpu_s, foreign_cores, ... over the measured window
         result["proxy_rss_start"] = sampler.start_rss  # type: ignore[union-attr]
         result["proxy_rss_peak"] = sampler.peak  # type: ignore[union-attr]
     return result
@@ -238,6 +239,8 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=300.0, help="no new stream starts after this")
     parser.add_argument("--no-include-usage", dest="include_usage", action="store_false")
     parser.add_argument("--pid", type=int, default=0, help="proxy process to measure (CPU, RSS)")
+    parser.add_argument("--other-pid", type=int, action="append", default=[],
+                        help="benchmark processes whose CPU is not foreign load (mock, idle proxy); repeatable")
     parser.add_argument("--out", required=True, help="where to write the JSON result")
     args = parser.parse_args()
     raise_fd_limit()

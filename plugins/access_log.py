@@ -3,12 +3,13 @@ requests are logged too). Never a key or a prompt: the caller is named by its pr
 text appears only with ``observability.log_prompts: true``."""
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 import structlog
 
 from proxy import hookimpl
-from proxy.log import line_writer
+from proxy.log import flush_lines, line_writer
 
 if TYPE_CHECKING:
     from proxy import Exchange
@@ -17,6 +18,9 @@ if TYPE_CHECKING:
 __all__ = ["AccessLogPlugin"]
 
 log = structlog.get_logger("ssegate.access")
+
+#: Seconds between flushes of buffered access lines (JSON fast path).
+FLUSH_INTERVAL = 0.25
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -27,11 +31,28 @@ class AccessLogPlugin:
     def __init__(self) -> None:
         self.log_prompts = False
         self.write = None
+        self._flusher: asyncio.Task[None] | None = None
 
     @hookimpl
     def startup(self, gateway: "Gateway") -> None:
         self.log_prompts = gateway.config.observability.log_prompts
         self.write = line_writer("ssegate.access")  # the fast JSON path when JSON logs are configured
+        if self.write is not None:
+            # A flush per line is a syscall per request; lines are flushed together, FLUSH_INTERVAL apart.
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop(), name="ssegate-log-flush")
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL)
+            flush_lines()
+
+    @hookimpl
+    async def shutdown(self, gateway: "Gateway") -> None:
+        flusher, self._flusher = self._flusher, None
+        if flusher is not None:
+            flusher.cancel()
+            await asyncio.gather(flusher, return_exceptions=True)
+        flush_lines()
 
     @hookimpl
     def exchange_done(self, exchange: "Exchange") -> None:

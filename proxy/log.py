@@ -16,7 +16,7 @@ import structlog
 
 from .config.schema import LoggingConfig
 
-__all__ = ["configure_logging", "level_filter", "line_writer"]
+__all__ = ["configure_logging", "level_filter", "line_writer", "flush_lines"]
 
 _LEVELS = {"debug": 10, "info": 20, "msg": 20, "warning": 30, "warn": 30, "error": 40, "exception": 40,
            "critical": 50, "fatal": 50}
@@ -123,11 +123,20 @@ def line_writer(name: str) -> Any:
             fields["level"] = level
             fields["logger"] = name
             stamp(None, level, fields)
-            stream.write(dumps(fields, default=str) + b"\n")
-            stream.flush()
+            stream.write(dumps(fields, default=str) + b"\n")  # flushed by flush_lines(), not per line
 
         writer = _line_writers[name] = write
     return writer
+
+
+def flush_lines() -> None:
+    """Flush what the fast line writers buffered (their owner calls this a few times a second)."""
+    stream = _json_target.get("stream")
+    if stream is not None:
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
 
 
 def configure_logging(config: LoggingConfig, file: TextIO | None = None) -> None:

@@ -1,3 +1,4 @@
+import asyncio
 import io
 
 import orjson
@@ -41,6 +42,10 @@ async def test_access_lines_take_the_fast_json_path(tmp_path, upstream, gateway_
             assert gw.current.plugin("access_log").write is not None
             await read_stream(gw.base_url + "/chat/completions", {**CHAT, "stream": True},
                               {"X-Request-ID": "fast-1"})
+            for _ in range(40):  # bounded: lines are flushed every 0.25 s
+                if "fast-1" in path.read_text():
+                    break
+                await asyncio.sleep(0.05)
         finally:
             structlog.reset_defaults()
             log_module._json_target.clear()
