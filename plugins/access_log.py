@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from proxy.tasks import stop_task
 from proxy import hookimpl
 from proxy.log import flush_lines, line_writer
 
@@ -49,9 +50,7 @@ class AccessLogPlugin:
     @hookimpl
     async def shutdown(self, gateway: "Gateway") -> None:
         flusher, self._flusher = self._flusher, None
-        if flusher is not None:
-            flusher.cancel()
-            await asyncio.gather(flusher, return_exceptions=True)
+        await stop_task(flusher)
         flush_lines()
 
     @hookimpl

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import structlog
 
+from proxy.tasks import stop_task
 from proxy import GatewayError, Principal, hookimpl
 
 from ._keys import (
@@ -142,13 +143,8 @@ class AuthPlugin:
 
     @hookimpl
     async def shutdown(self, gateway: "Gateway") -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            try:
-                await self._watcher
-            except asyncio.CancelledError:
-                pass
-            self._watcher = None
+        watcher, self._watcher = self._watcher, None
+        await stop_task(watcher)
 
     @staticmethod
     def _stat(path: str) -> tuple[int, int, int] | None:

@@ -13,6 +13,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from proxy.tasks import stop_task
 from proxy import Outcome, hookimpl
 from proxy.breaker import CLOSED, HALF_OPEN, OPEN
 from proxy.metrics import (
@@ -105,9 +106,7 @@ class MetricsPlugin:
     @hookimpl
     async def shutdown(self, gateway: "Gateway") -> None:
         probe, self._probe = self._probe, None
-        if probe is not None:
-            probe.cancel()
-            await asyncio.gather(probe, return_exceptions=True)
+        await stop_task(probe)
 
     async def _redis_probe(self, interval: float = 5.0) -> None:
         """Ping the shared Redis every few seconds, so ``ssegate_redis_up`` tells what the gateway sees."""

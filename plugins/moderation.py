@@ -31,6 +31,7 @@ import attrs
 import orjson
 import structlog
 
+from proxy.tasks import stop_task
 from proxy import GatewayError, Reply, StopStream, hookimpl
 from proxy.config.load import ConfigError
 from proxy.openai_format import new_id
@@ -234,13 +235,8 @@ class ModerationPlugin:
 
     @hookimpl
     async def shutdown(self, gateway: "Gateway") -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            try:
-                await self._watcher
-            except asyncio.CancelledError:
-                pass
-            self._watcher = None
+        watcher, self._watcher = self._watcher, None
+        await stop_task(watcher)
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import structlog
 
+from proxy.tasks import stop_task
 from proxy import GatewayError, Outcome, hookimpl
 from proxy.tokens import estimate_prompt_tokens, requested_completion_tokens
 
@@ -199,13 +200,8 @@ class RateLimitPlugin:
 
     @hookimpl
     async def shutdown(self, gateway: "Gateway") -> None:
-        if self._probe is not None:
-            self._probe.cancel()
-            try:
-                await self._probe
-            except asyncio.CancelledError:
-                pass
-            self._probe = None
+        probe, self._probe = self._probe, None
+        await stop_task(probe)
         if self._pending:
             try:
                 await asyncio.wait_for(self.drain(), timeout=5)

@@ -1,7 +1,6 @@
 """Shared fixtures: real servers on 127.0.0.1 (scripted upstream, gateway, simulator process), SDK clients."""
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
