@@ -25,7 +25,7 @@ from .plugin_manager import load_plugins, new_plugin_manager
 from .providers import create_provider
 from .forwarding import Forwarder
 from .metrics import Registry
-from .relay import ClientStream, error_response, json_response, send_reply
+from .relay import ClientStream, answer_body, error_response, json_response, send_reply
 from .upstream import Provider
 from .watchdog import Watchdog
 from .validation import models_body, translate_anthropic_ingress, validate
@@ -214,7 +214,8 @@ class Gateway:
             body["object"] = "chat.completion"
             body["choices"][0]["message"] = {"role": "assistant", "content": None}
             del body["choices"][0]["delta"]
-            resp = json_response(orjson.dumps(body), 200, exchange.response_headers)
+            exchange.status = 200
+            resp = json_response(answer_body(exchange, orjson.dumps(body)), 200, exchange.response_headers)
             await resp.prepare(request)
             await resp.write_eof()
             return resp

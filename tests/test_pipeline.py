@@ -295,3 +295,31 @@ async def test_exchange_done_survives_the_client_hanging_up(upstream, gateway_fa
             break
         await asyncio.sleep(0.02)
     assert slow.finished == 1 and len(after.done) == 1
+
+
+class BodyCensor:
+    @hookimpl
+    def on_response(self, body):
+        if "world" in body["choices"][0]["message"]["content"]:
+            raise StopStream("no worlds here")
+
+
+@pytest.mark.parametrize("ingress", ["openai", "anthropic"])
+async def test_on_response_stop_gives_a_content_filter_answer(upstream, gateway_factory, ingress):
+    rec = Tracer("r", [])
+    gw = await gateway_factory(config_for(upstream, pipeline=["r", "censor", "router"]),
+                               plugins={"censor": BodyCensor(), "r": rec})
+    async with aiohttp.ClientSession() as s:
+        if ingress == "openai":
+            async with s.post(gw.base_url + "/chat/completions", json=CHAT) as resp:
+                body = await resp.json()
+            assert resp.status == 200
+            assert body["choices"][0]["finish_reason"] == "content_filter"
+            assert body["choices"][0]["message"]["content"] is None
+        else:
+            async with s.post(gw.url + "/v1/messages", json={"model": "m", "max_tokens": 5,
+                                                             "messages": [{"role": "user", "content": "x"}]}) as resp:
+                body = await resp.json()
+            assert resp.status == 200 and body["type"] == "message" and body["stop_reason"] == "refusal"
+    await asyncio.sleep(0.05)
+    assert [(e.outcome, e.status) for e in rec.done] == [(Outcome.STOPPED, 200)]
