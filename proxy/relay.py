@@ -205,6 +205,8 @@ async def relay_stream(out: ClientStream, upstream: UpstreamResponse, exchange: 
     time = out.loop.time
     saw_done = False
     held: list[bytes] | None = None
+    resp_write = out.resp.write
+    fast_write = out.egress is None and out._prepare is True and out.resp.prepared
     async for events in upstream.batches():
         now = time()
         if guard is not None:
@@ -260,12 +262,22 @@ async def relay_stream(out: ClientStream, upstream: UpstreamResponse, exchange: 
             if held:
                 batch[:0] = held
                 held = None
-            if not out.content_sent and len(batch) == 1 and _is_role_only(batch[0]):
+            if out.content_sent and fast_write:
+                # The common case, written here rather than through _flush/write_events (two coroutine
+                # frames per upstream read): the stream is live, prepared by us, in the OpenAI format.
+                data = batch[0] + b"\n\n" if len(batch) == 1 else b"\n\n".join(batch) + b"\n\n"
+                exchange.chunks_sent += len(batch)
+                exchange.bytes_sent += len(data)
+                await resp_write(data)
+                if guard is not None:
+                    guard.last_write = now
+            elif not out.content_sent and len(batch) == 1 and _is_role_only(batch[0]):
                 # Hold the opening role-only chunk until real content follows: if the upstream fails in
                 # between, nothing reached the client and the next route can still answer.
                 held = batch
             else:
                 await _flush(out, exchange, batch)
+                fast_write = out.egress is None and out._prepare is True
         if saw_done:
             return
     raise StreamBroken(UpstreamError(502, "the upstream closed the stream before it was complete",
