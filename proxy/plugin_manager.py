@@ -85,7 +85,37 @@ def _problem(index: int, entry: PipelineEntry, origins: Origins, message: str) -
     return ConfigProblem(file=file, line=line, key=f"pipeline[{index}].{entry.name}", message=message)
 
 
+def check_hook_api(target: Any) -> None:
+    """Refuse a plugin whose ``requires_hook_api`` (``"MAJOR.MINOR"``) this ssegate's hook API does not meet.
+
+    A plugin states the oldest hook API it works with; it loads when the majors are equal and ours is at least
+    as new. A malformed requirement is refused too: a security plugin must not load by accident.
+    """
+    required = getattr(target, "requires_hook_api", None)
+    if required is None:
+        return
+    ours = _parse_version(hookspecs.HOOK_API_VERSION)
+    try:
+        wanted = _parse_version(str(required))
+    except ValueError:
+        raise ValueError(f"requires_hook_api = {required!r} is not a version like '1.0'") from None
+    if wanted[0] != ours[0] or wanted[1] > ours[1]:
+        raise ValueError(
+            f"needs hook API {required}, but this ssegate provides hook API {hookspecs.HOOK_API_VERSION}: "
+            + ("upgrade ssegate (pip install -U ssegate) or use a release of the plugin made for "
+               f"hook API {hookspecs.HOOK_API_VERSION}" if wanted > ours else
+               f"use a release of the plugin made for hook API {ours[0]}.x"))
+
+
+def _parse_version(text: str) -> tuple[int, int]:
+    major, dot, minor = text.strip().partition(".")
+    if not dot or not major.isdigit() or not minor.isdigit():
+        raise ValueError(text)
+    return int(major), int(minor)
+
+
 def _instantiate(index: int, entry: PipelineEntry, target: Any, origins: Origins) -> tuple[Any, Any]:
+    check_hook_api(target)
     config_cls = getattr(target, "Config", None)
     if config_cls is None:
         if entry.config not in (None, {}):
@@ -111,6 +141,7 @@ def load_plugins(entries: tuple[PipelineEntry, ...], pm: pluggy.PluginManager,
         try:
             if objects and entry.name in objects:
                 obj, config = objects[entry.name], getattr(objects[entry.name], "config", None)
+                check_hook_api(obj)
             else:
                 obj, config = _instantiate(index, entry, _resolve(entry.name), origins)
             if pm.is_registered(obj) or pm.get_plugin(entry.name) is not None:

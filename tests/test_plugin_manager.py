@@ -31,12 +31,21 @@ def test_builtin_module_and_class_plugins_register_in_order():
     ("tests.sample_plugins.audit:Missing", "has no attribute 'Missing'"),
     ("tests.no_such_module:X", "cannot import plugin module 'tests.no_such_module'"),
     ("nothing_by_that_name", "no plugin named 'nothing_by_that_name'"),
+    ("tests.sample_plugins.audit:NeedsNewerHookApi",
+     "needs hook API 1.99, but this ssegate provides hook API 1.0: upgrade ssegate"),
+    ("tests.sample_plugins.audit:NeedsOtherMajorHookApi", "use a release of the plugin made for hook API 1.x"),
+    ("tests.sample_plugins.audit:MalformedHookApi", "requires_hook_api = 'one' is not a version"),
 ])
 def test_bad_plugins_are_refused_with_a_clear_message(entry, message):
     with pytest.raises(PluginLoadError) as info:
         load(entry)
     assert message in str(info.value)
     assert f"pipeline[0].{entry}" in str(info.value)
+
+
+def test_a_plugin_stating_this_hook_api_loads():
+    pm, loaded = load("tests.sample_plugins.audit:NeedsThisHookApi")
+    assert loaded[0].obj.requires_hook_api == "1.0"
 
 
 def test_settings_for_a_plugin_without_config_class_are_refused():

@@ -43,3 +43,27 @@ class Wrapper:
     @hookimpl(wrapper=True)
     def check_request(self, exchange):
         return (yield)
+
+
+class NeedsNewerHookApi:
+    requires_hook_api = "1.99"
+
+    @hookimpl
+    def check_request(self, exchange):
+        pass
+
+
+class NeedsOtherMajorHookApi:
+    requires_hook_api = "0.9"
+
+
+class MalformedHookApi:
+    requires_hook_api = "one"
+
+
+class NeedsThisHookApi:
+    requires_hook_api = "1.0"
+
+    @hookimpl
+    def check_request(self, exchange):
+        CALLS.append("this-api")
