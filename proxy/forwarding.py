@@ -80,95 +80,91 @@ class Forwarder:
 
     async def forward(self, request: web.Request, exchange: Exchange, routes: list[Route],
                       out: ClientStream | None) -> web.StreamResponse:
+        """Try the routes in order (retries, backoff, breakers, fallback) until one answers the client."""
         loop = asyncio.get_running_loop()
         guard = Guard(loop.time(), self.retry.request_deadline, self.keepalive_interval if out else None,
                       out.keepalive if out is not None else None)
         if out is not None:
             out.guard = guard
-        watchdog = self.gateway.watchdog
-        watchdog.guards.add(guard)
+        guards = self.gateway.watchdog.guards
+        guards.add(guard)
         try:
-            return await self._try_routes(request, exchange, routes, out, guard)
-        finally:
-            watchdog.guards.discard(guard)
-
-    async def _try_routes(self, request: web.Request, exchange: Exchange, routes: list[Route],
-                          out: ClientStream | None, guard: Guard) -> web.StreamResponse:
-        loop = asyncio.get_running_loop()
-        continue_midstream = out is not None and exchange.on_midstream_failure == "continue"
-        transcript = Transcript() if continue_midstream else None
-        prefix: str | None = None
-        midstream_error: GatewayError | None = None
-        last_error: GatewayError | None = None
-        for route in routes:
-            provider = self.providers.get(route.provider)
-            if provider is None:
-                raise GatewayError(500, f"route names unknown provider {route.provider!r}", code="bad_route")
-            breaker = self.breakers[provider.name]
-            for try_no in range(provider.config.retry_attempts + 1):
-                attempt: dict[str, Any] = {"provider": provider.name, "model": route.model}
-                exchange.attempts.append(attempt)
-                if not breaker.acquire():
-                    attempt["error"] = "circuit_open"
-                    last_error = last_error or UpstreamError(
-                        503, f"provider {provider.name!r} is unavailable (circuit open)", kind="circuit_open",
-                        retryable=True, code="provider_unavailable")
-                    break
-                ureq = self._request(exchange, route, prefix)
-                if self.pipeline.has_upstream_request:
+            continue_midstream = out is not None and exchange.on_midstream_failure == "continue"
+            transcript = Transcript() if continue_midstream else None
+            prefix: str | None = None
+            midstream_error: GatewayError | None = None
+            last_error: GatewayError | None = None
+            for route in routes:
+                provider = self.providers.get(route.provider)
+                if provider is None:
+                    raise GatewayError(500, f"route names unknown provider {route.provider!r}", code="bad_route")
+                breaker = self.breakers[provider.name]
+                for try_no in range(provider.config.retry_attempts + 1):
+                    attempt: dict[str, Any] = {"provider": provider.name, "model": route.model}
+                    exchange.attempts.append(attempt)
+                    if not breaker.acquire():
+                        attempt["error"] = "circuit_open"
+                        last_error = last_error or UpstreamError(
+                            503, f"provider {provider.name!r} is unavailable (circuit open)", kind="circuit_open",
+                            retryable=True, code="provider_unavailable")
+                        break
+                    ureq = self._request(exchange, route, prefix)
+                    if self.pipeline.has_upstream_request:
+                        try:
+                            await self.pipeline.upstream_request(exchange, ureq)
+                        except BaseException:
+                            breaker.release()
+                            raise
+                    exchange.provider = provider.name
+                    exchange.upstream_model = route.model
+                    exchange.response_headers["x-ssegate-provider"] = provider.name
                     try:
-                        await self.pipeline.upstream_request(exchange, ureq)
+                        if out is not None:
+                            rewrite = None
+                            if transcript is not None:
+                                rewrite = transcript.splice if prefix is not None else transcript.observe
+                            response = await self._stream(out, provider, ureq, exchange, guard, rewrite)
+                        else:
+                            response = await self._body(request, provider, ureq, exchange, guard)
+                    except UpstreamError as exc:
+                        attempt["error"], attempt["status"] = exc.kind, exc.status
+                        last_error = exc
+                        breaker.failure() if _is_provider_fault(exc) else breaker.release()
+                        log.warning("upstream_failed", provider=provider.name, kind=exc.kind, status=exc.status,
+                                    error=exc.message, attempt=try_no + 1)
+                        if not exc.retryable:
+                            raise
+                        if try_no < provider.config.retry_attempts:
+                            delay = self._backoff(try_no, exc, guard, loop.time())
+                            if delay is not None:
+                                attempt["retry_in"] = round(delay, 3)
+                                await self._sleep(delay, guard)
+                                continue
+                        break
+                    except MidStreamFailure as failure:
+                        breaker.failure()
+                        attempt["error"], attempt["status"] = "midstream", failure.error.status
+                        midstream_error = last_error = failure.error
+                        log.warning("stream_failed_midway", provider=provider.name, error=failure.error.message,
+                                    continuing=transcript is not None)
+                        final = isinstance(failure.error, UpstreamError) and not failure.error.retryable
+                        if transcript is None or final:
+                            return await self._end_with_error(out, exchange, failure.error)  # type: ignore[arg-type]
+                        prefix = transcript.start_continuation()
+                        exchange.state["continued_from"] = provider.name
+                        break
                     except BaseException:
                         breaker.release()
                         raise
-                exchange.provider = provider.name
-                exchange.upstream_model = route.model
-                exchange.response_headers["x-ssegate-provider"] = provider.name
-                try:
-                    if out is not None:
-                        rewrite = None
-                        if transcript is not None:
-                            rewrite = transcript.splice if prefix is not None else transcript.observe
-                        response = await self._stream(out, provider, ureq, exchange, guard, rewrite)
-                    else:
-                        response = await self._body(request, provider, ureq, exchange, guard)
-                except UpstreamError as exc:
-                    attempt["error"], attempt["status"] = exc.kind, exc.status
-                    last_error = exc
-                    breaker.failure() if _is_provider_fault(exc) else breaker.release()
-                    log.warning("upstream_failed", provider=provider.name, kind=exc.kind, status=exc.status,
-                                error=exc.message, attempt=try_no + 1)
-                    if not exc.retryable:
-                        raise
-                    if try_no < provider.config.retry_attempts:
-                        delay = self._backoff(try_no, exc, guard, loop.time())
-                        if delay is not None:
-                            attempt["retry_in"] = round(delay, 3)
-                            await self._sleep(delay, guard)
-                            continue
-                    break
-                except MidStreamFailure as failure:
-                    breaker.failure()
-                    attempt["error"], attempt["status"] = "midstream", failure.error.status
-                    midstream_error = last_error = failure.error
-                    log.warning("stream_failed_midway", provider=provider.name, error=failure.error.message,
-                                continuing=transcript is not None)
-                    final = isinstance(failure.error, UpstreamError) and not failure.error.retryable
-                    if transcript is None or final:
-                        return await self._end_with_error(out, exchange, failure.error)  # type: ignore[arg-type]
-                    prefix = transcript.start_continuation()
-                    exchange.state["continued_from"] = provider.name
-                    break
-                except BaseException:
-                    breaker.release()
-                    raise
-                breaker.success()
-                return response
-        if midstream_error is not None and out is not None:
-            return await self._end_with_error(out, exchange, midstream_error)
-        if last_error is None:
-            raise GatewayError(503, "no provider is available for this model", code="provider_unavailable")
-        raise last_error
+                    breaker.success()
+                    return response
+            if midstream_error is not None and out is not None:
+                return await self._end_with_error(out, exchange, midstream_error)
+            if last_error is None:
+                raise GatewayError(503, "no provider is available for this model", code="provider_unavailable")
+            raise last_error
+        finally:
+            guards.discard(guard)
 
     # -- attempts -----------------------------------------------------------------------------------------
     def _request(self, exchange: Exchange, route: Route, prefix: str | None) -> UpstreamRequest:

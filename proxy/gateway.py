@@ -156,25 +156,18 @@ class Gateway:
     # -- one request --------------------------------------------------------------------------------------
     async def handle(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
         """Run the pipeline for one exchange; always runs ``exchange_done`` once."""
-        self.in_flight += 1
-        try:
-            return await self._handle(request, exchange)
-        finally:
-            self.in_flight -= 1
-            if self.in_flight == 0 and self._idle is not None:
-                self._idle.set()
-
-    async def _handle(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
         pipeline = self.pipeline
         out: ClientStream | None = None
+        self.in_flight += 1
         try:
             exchange.body = await request.read()
             if exchange.ingress == "anthropic":
                 translate_anthropic_ingress(exchange)
             validate(exchange)
-            await pipeline.authenticate(exchange)
-            reply = await pipeline.check_request(exchange)
-            if reply is None:
+            if pipeline.has_authenticate:
+                await pipeline.authenticate(exchange)
+            reply = await pipeline.check_request(exchange) if pipeline.has_check_request else None
+            if reply is None and pipeline.has_cached_response:
                 reply = await pipeline.cached_response(exchange)
             if reply is not None:
                 exchange.outcome = Outcome.SHORT_CIRCUIT
@@ -227,7 +220,15 @@ class Gateway:
             if out is not None:
                 self.active_streams -= 1
             exchange.ended = time.monotonic()
-            await self._exchange_done(exchange)
+            try:
+                if pipeline.exchange_done_awaits:
+                    await self._exchange_done(exchange)
+                else:
+                    pipeline.exchange_done_now(exchange)
+            finally:
+                self.in_flight -= 1
+                if self.in_flight == 0 and self._idle is not None:
+                    self._idle.set()
 
     async def _exchange_done(self, exchange: Exchange) -> None:
         """Run ``exchange_done`` to its end even if the handler is cancelled meanwhile (aiohttp cancels it
@@ -235,7 +236,7 @@ class Gateway:
         implementations cannot be interrupted, so the task and shield are paid only when one awaits."""
         pipeline = self.pipeline
         if not pipeline.exchange_done_awaits:
-            await pipeline.exchange_done(exchange)
+            pipeline.exchange_done_now(exchange)
             return
         task = asyncio.get_running_loop().create_task(pipeline.exchange_done(exchange))
         self._finishing.add(task)

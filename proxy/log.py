@@ -6,7 +6,9 @@ for structlog loggers and standard-library ones (``aiohttp``, ``redis``) alike.
 """
 from __future__ import annotations
 
+import io
 import logging
+import os
 import sys
 import time
 from typing import Any, TextIO
@@ -139,6 +141,19 @@ def flush_lines() -> None:
             pass
 
 
+def _buffered(binary: Any) -> Any:
+    """The line writers' stream: ``binary`` itself when it buffers, else a buffered writer of its own on a
+    duplicate of its descriptor. With ``PYTHONUNBUFFERED=1`` (usual in containers) ``sys.stderr.buffer`` is a
+    raw ``FileIO``, and a write per access line would be a syscall per request."""
+    if not isinstance(binary, io.RawIOBase):
+        return binary
+    try:
+        raw = io.FileIO(os.dup(binary.fileno()), "wb", closefd=True)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return binary
+    return io.BufferedWriter(raw, buffer_size=1 << 16)
+
+
 def configure_logging(config: LoggingConfig, file: TextIO | None = None) -> None:
     out = file or sys.stderr
     fmt = config.format
@@ -155,9 +170,10 @@ def configure_logging(config: LoggingConfig, file: TextIO | None = None) -> None
         renderer = structlog.processors.JSONRenderer(serializer=lambda obj, **kw: orjson.dumps(obj, **kw).decode())
     filter_ = level_filter(default, levels)
     _line_writers.clear()
+    flush_lines()
     _json_target.clear()
     if binary:
-        _json_target.update(stream=out.buffer, threshold=filter_.threshold)  # type: ignore[attr-defined]
+        _json_target.update(stream=_buffered(out.buffer), threshold=filter_.threshold)  # type: ignore[attr-defined]
     structlog.configure(
         processors=[
             filter_,

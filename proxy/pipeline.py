@@ -81,6 +81,11 @@ class Pipeline:
         #: exchange_done needs protection from cancellation only when some implementation awaits.
         self.exchange_done_awaits = any(i.is_async for i in self._impls["exchange_done"])
         self.has_upstream_request = bool(self._impls["upstream_request"])
+        #: Admission phases anybody implements (the gateway skips the others without a call).
+        self.has_authenticate = bool(self._impls["authenticate"])
+        self.has_check_request = bool(self._impls["check_request"])
+        self.has_cached_response = bool(self._impls["cached_response"])
+        self._exchange_done_sync = [(i.plugin, i.call) for i in self._impls["exchange_done"]]
 
     def implementations(self, hook_name: str) -> list[str]:
         """Plugin names implementing a hook, in call order."""
@@ -123,34 +128,43 @@ class Pipeline:
                 pass
 
     # -- request phases -----------------------------------------------------------------------------------
-    async def authenticate(self, exchange: Exchange) -> Principal | None:
-        for impl in self._impls["authenticate"]:
-            result = await self._call(impl, exchange)
+    async def _first_result(self, hook: str, *args: Any) -> Any:
+        """Walk ``hook``'s implementations in order; return the first non-None result (None if none)."""
+        for impl in self._impls[hook]:
+            try:
+                result = impl.call(*args)
+                if impl.is_async:
+                    result = await result
+            except (GatewayError, StopStream):
+                raise
+            except Exception as exc:
+                raise self._failed(impl, exc) from exc
             if result is not None:
-                exchange.principal = result
-                return result  # type: ignore[no-any-return]
+                return result
         return None
+
+    @staticmethod
+    def _failed(impl: _Impl, exc: Exception) -> PluginError:
+        log.error("plugin_failed", plugin=impl.plugin, hook=impl.hook, error=repr(exc), exc_info=exc)
+        return PluginError(impl.plugin, impl.hook, exc)
+
+    async def authenticate(self, exchange: Exchange) -> Principal | None:
+        result = await self._first_result("authenticate", exchange)
+        if result is not None:
+            exchange.principal = result
+        return result  # type: ignore[no-any-return]
 
     async def check_request(self, exchange: Exchange) -> Reply | None:
-        for impl in self._impls["check_request"]:
-            result = await self._call(impl, exchange)
-            if result is not None:
-                return result  # type: ignore[no-any-return]
-        return None
+        return await self._first_result("check_request", exchange)  # type: ignore[no-any-return]
 
     async def cached_response(self, exchange: Exchange) -> Reply | None:
-        for impl in self._impls["cached_response"]:
-            result = await self._call(impl, exchange)
-            if result is not None:
-                return result  # type: ignore[no-any-return]
-        return None
+        return await self._first_result("cached_response", exchange)  # type: ignore[no-any-return]
 
     async def select_route(self, exchange: Exchange) -> list[Route] | None:
-        for impl in self._impls["select_route"]:
-            result = await self._call(impl, exchange)
-            if result is not None:
-                exchange.routes = list(result)
-                return exchange.routes
+        result = await self._first_result("select_route", exchange)
+        if result is not None:
+            exchange.routes = list(result)
+            return exchange.routes
         return None
 
     async def upstream_request(self, exchange: Exchange, request: Any) -> None:
@@ -170,6 +184,14 @@ class Pipeline:
                 await self._call(impl, exchange)
             except Exception:  # already logged with the plugin name; the others still run
                 pass
+
+    def exchange_done_now(self, exchange: Exchange) -> None:
+        """``exchange_done`` when no implementation awaits (``not exchange_done_awaits``): no coroutine."""
+        for plugin, call in self._exchange_done_sync:
+            try:
+                call(exchange)
+            except Exception as exc:  # logged with the plugin name; the others still run
+                log.error("plugin_failed", plugin=plugin, hook="exchange_done", error=repr(exc), exc_info=exc)
 
     # -- per chunk ----------------------------------------------------------------------------------------
     @staticmethod

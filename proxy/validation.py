@@ -12,32 +12,39 @@ from .exchange import Exchange
 __all__ = ["validate", "models_body", "translate_anthropic_ingress"]
 
 
-def _require(cond: bool, message: str, param: str) -> None:
-    if not cond:
-        raise bad_request(message, param=param, code="invalid_value" if param else None)
+def _invalid(message: str, param: str) -> Exception:
+    return bad_request(message, param=param, code="invalid_value" if param else None)
 
 
 def _check_common(body: dict[str, Any]) -> None:
+    # Conditions first, messages only on failure: this runs for every request.
     model = body.get("model")
     if model is None:
         raise bad_request("you must provide a model parameter", param="model", code="missing_required_parameter")
-    _require(isinstance(model, str) and model != "", "'model' must be a non-empty string", "model")
+    if not isinstance(model, str) or model == "":
+        raise _invalid("'model' must be a non-empty string", "model")
     stream = body.get("stream", False)
-    _require(stream is None or isinstance(stream, bool), "'stream' must be a boolean", "stream")
-    if "stream_options" in body and body["stream_options"] is not None:
-        _require(isinstance(body["stream_options"], dict), "'stream_options' must be an object", "stream_options")
-        _require(bool(stream), "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
-                 "stream_options")
-    for key in ("max_tokens", "max_completion_tokens", "n"):
+    if stream is not None and not isinstance(stream, bool):
+        raise _invalid("'stream' must be a boolean", "stream")
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise _invalid("'stream_options' must be an object", "stream_options")
+        if not stream:
+            raise _invalid("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                           "stream_options")
+    for key in _POSITIVE_INTS:
         value = body.get(key)
-        if value is not None:
-            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                     f"'{key}' must be a positive integer", key)
-    for key, low, high in (("temperature", 0, 2), ("top_p", 0, 1)):
+        if value is not None and (type(value) is not int or value < 1):
+            raise _invalid(f"'{key}' must be a positive integer", key)
+    for key, low, high in _RANGES:
         value = body.get(key)
-        if value is not None:
-            _require(isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high,
-                     f"'{key}' must be a number between {low} and {high}", key)
+        if value is not None and (type(value) not in (int, float) or not low <= value <= high):
+            raise _invalid(f"'{key}' must be a number between {low} and {high}", key)
+
+
+_POSITIVE_INTS = ("max_tokens", "max_completion_tokens", "n")
+_RANGES = (("temperature", 0, 2), ("top_p", 0, 1))
 
 
 def validate(exchange: Exchange) -> None:
@@ -58,22 +65,25 @@ def validate(exchange: Exchange) -> None:
         if messages is None:
             raise bad_request("Missing required parameter: 'messages'.", param="messages",
                               code="missing_required_parameter")
-        _require(isinstance(messages, list) and len(messages) > 0, "'messages' must be a non-empty array", "messages")
+        if not isinstance(messages, list) or not messages:
+            raise _invalid("'messages' must be a non-empty array", "messages")
         for i, m in enumerate(messages):
-            _require(isinstance(m, dict) and isinstance(m.get("role"), str),
-                     f"'messages[{i}]' must be an object with a string 'role'", f"messages[{i}]")
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise _invalid(f"'messages[{i}]' must be an object with a string 'role'", f"messages[{i}]")
     elif endpoint == "completions":
         prompt = body.get("prompt")
         if prompt is None:
             raise bad_request("Missing required parameter: 'prompt'.", param="prompt", code="missing_required_parameter")
-        _require(isinstance(prompt, (str, list)), "'prompt' must be a string or an array", "prompt")
+        if not isinstance(prompt, (str, list)):
+            raise _invalid("'prompt' must be a string or an array", "prompt")
     elif endpoint == "embeddings":
         value = body.get("input")
         if value is None:
             raise bad_request("Missing required parameter: 'input'.", param="input", code="missing_required_parameter")
-        _require(isinstance(value, (str, list)) and value != [] and value != "",
-                 "'input' must be a non-empty string or array", "input")
-        _require(not body.get("stream"), "embeddings cannot be streamed", "stream")
+        if not isinstance(value, (str, list)) or value == [] or value == "":
+            raise _invalid("'input' must be a non-empty string or array", "input")
+        if body.get("stream"):
+            raise _invalid("embeddings cannot be streamed", "stream")
     exchange.model = body["model"]
     exchange.stream = bool(body.get("stream"))
     opts = body.get("stream_options")
@@ -100,8 +110,10 @@ def translate_anthropic_ingress(exchange: Exchange) -> None:
     for key, kind in (("model", str), ("max_tokens", int), ("messages", list)):
         if body.get(key) is None:
             raise bad_request(f"{key}: Field required", param=key, code="missing_required_parameter")
-        _require(isinstance(body[key], kind) and not isinstance(body[key], bool), f"{key}: invalid type", key)
-    _require(body["max_tokens"] >= 1, "max_tokens: must be at least 1", "max_tokens")
+        if not isinstance(body[key], kind) or isinstance(body[key], bool):
+            raise _invalid(f"{key}: invalid type", key)
+    if body["max_tokens"] < 1:
+        raise _invalid("max_tokens: must be at least 1", "max_tokens")
     translated = from_anthropic_request(body)
     if translated.get("stream"):
         # The Anthropic stream reports usage at the end: ask for the usage chunk, the egress consumes it.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import socket
 from typing import AsyncIterator
@@ -64,6 +65,19 @@ async def start_server(app: web.Application, host: str, port: int, *, reuse_port
     return runner, bound
 
 
+def tune_gc(gen0_threshold: int) -> None:
+    """Once serving: move everything that exists now (modules, config, plugins) out of the collector's sight,
+    and collect the young generation every ``gen0_threshold`` allocations instead of every 700. Requests
+    free almost everything by reference counting; at the default threshold the collections that still run
+    cost ~50 µs per request under load (measured with ``bench.ab``)."""
+    if gen0_threshold <= 0:
+        return
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(gen0_threshold, gen1, gen2)
+
+
 async def drain(app: web.Application, grace: float) -> None:
     """Graceful stop: readiness and new requests answer 503, in-flight requests run on for up to ``grace``
     seconds, then live streams end with a final SSE error event and ``[DONE]``."""
@@ -97,6 +111,7 @@ async def serve(app: web.Application, host: str, port: int, *, reuse_port: bool 
             loop.add_signal_handler(sig, handler)
         except (NotImplementedError, RuntimeError, AttributeError):
             pass
+    tune_gc(app[GATEWAY].current.config.server.gc_gen0_threshold)
     if ready_message:
         print(f"ssegate listening on http://{host}:{bound}", flush=True)
     try:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hmac
 from ipaddress import ip_address
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
@@ -47,39 +47,34 @@ def _refuse_while_draining() -> web.Response:
                         headers={"Connection": "close", "Retry-After": "1"})
 
 
-async def _serve(request: web.Request, endpoint: str, ingress: str = "openai") -> web.StreamResponse:
-    holder = request.app[GATEWAY]
-    if holder.draining:
-        return _refuse_while_draining()
-    gateway = holder.current
-    exchange = Exchange(request_id=request["request_id"], endpoint=endpoint, headers=request.headers,
-                        client_ip=client_ip(request, gateway.trusted_proxies), ingress=ingress,
-                        trace_id=request["trace_id"])
-    return await gateway.handle(request, exchange)
+def _serving(endpoint: str, ingress: str = "openai") -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The handler of one API endpoint: build the Exchange and hand it to the current Gateway (one frame, as
+    every await inside a request resumes through each frame above it)."""
+    async def handler(request: web.Request) -> web.StreamResponse:
+        holder = request.app[GATEWAY]
+        if holder.draining:
+            return _refuse_while_draining()
+        gateway = holder.current
+        exchange = Exchange(request_id=request["request_id"], endpoint=endpoint, headers=request.headers,
+                            client_ip=client_ip(request, gateway.trusted_proxies), ingress=ingress,
+                            trace_id=request["trace_id"])
+        return await gateway.handle(request, exchange)
+
+    handler.__name__ = handler.__qualname__ = endpoint.replace(".", "_") + ("" if ingress == "openai" else
+                                                                           "_" + ingress)
+    return handler
 
 
-@routes.post("/v1/chat/completions")
-@routes.post("/chat/completions")
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await _serve(request, "chat.completions")
-
-
-@routes.post("/v1/messages")
-async def messages(request: web.Request) -> web.StreamResponse:
-    """Anthropic Messages ingress: translated to the OpenAI format at the edge, answered by any provider."""
-    return await _serve(request, "chat.completions", ingress="anthropic")
-
-
-@routes.post("/v1/completions")
-@routes.post("/completions")
-async def completions(request: web.Request) -> web.StreamResponse:
-    return await _serve(request, "completions")
-
-
-@routes.post("/v1/embeddings")
-@routes.post("/embeddings")
-async def embeddings(request: web.Request) -> web.StreamResponse:
-    return await _serve(request, "embeddings")
+chat_completions = _serving("chat.completions")
+#: Anthropic Messages ingress: translated to the OpenAI format at the edge, answered by any provider.
+messages = _serving("chat.completions", ingress="anthropic")
+completions = _serving("completions")
+embeddings = _serving("embeddings")
+for _path, _handler in (("/v1/chat/completions", chat_completions), ("/chat/completions", chat_completions),
+                        ("/v1/messages", messages), ("/v1/completions", completions),
+                        ("/completions", completions), ("/v1/embeddings", embeddings),
+                        ("/embeddings", embeddings)):
+    routes.post(_path)(_handler)
 
 
 @routes.get("/v1/models")
