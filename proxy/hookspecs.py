@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from .exchange import Exchange, Reply, Route
+    from aioprometheus.collectors import Registry
+
+    from .exchange import Exchange, Principal, Reply, Route
     from .gateway import Gateway
     from .sse import Chunk
     from .upstream import UpstreamRequest
@@ -54,21 +56,21 @@ def shutdown(gateway: "Gateway") -> None:
 
 
 @hookspec
-def register_metrics(registry: Any) -> None:
+def register_metrics(registry: "Registry") -> None:
     """Create this plugin's Prometheus collectors, once per process, before ``startup``.
 
     ``registry`` is the process's ``aioprometheus.Registry`` (it survives config reloads, so counters do not
     reset). Create collectors with :func:`proxy.metrics.counter`, :func:`proxy.metrics.gauge` and
     :func:`proxy.metrics.histogram`, which return the existing collector when a reload asks again. Name them
     ``<yourplugin>_...``; keep label values bounded (never request ids or keys). Update them in
-    ``exchange_done``, once per exchange, not per chunk.
+    ``exchange_done``, once per exchange, not per chunk. *Async allowed.*
     """
 
 
 # -- admission ----------------------------------------------------------------------------------------------
 
 @hookspec(firstresult=True)
-def authenticate(exchange: "Exchange") -> Any:
+def authenticate(exchange: "Exchange") -> "Principal | None":
     """Establish who is calling. First result wins.
 
     Return a :class:`proxy.Principal` to accept the caller (it is stored in ``exchange.principal``), None to

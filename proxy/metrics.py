@@ -9,7 +9,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from typing import Any, Sequence, TypeVar
 
-from aioprometheus import Counter, Gauge, Histogram, Registry
+from aioprometheus.collectors import Counter, Gauge, Histogram, Registry
 from aioprometheus.renderer import render
 
 __all__ = ["Registry", "counter", "gauge", "histogram", "render_metrics", "FastCounter", "FastHistogram",

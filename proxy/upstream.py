@@ -33,8 +33,8 @@ class UpstreamError(GatewayError):
     ``kind`` is a short label for logs and metrics: connect, timeout, status, protocol.
     """
 
-    def __init__(self, status: int, message: str, *, kind: str, retryable: bool, body: dict | None = None,
-                 **kw: Any) -> None:
+    def __init__(self, status: int, message: str, *, kind: str, retryable: bool,
+                 body: dict[str, Any] | None = None, **kw: Any) -> None:
         super().__init__(status, message, **kw)
         self.kind = kind
         self.retryable = retryable
