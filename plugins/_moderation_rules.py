@@ -41,13 +41,15 @@ _FLAGS = re.IGNORECASE
 class Rule:
     """One rule: keywords and/or regular expressions that put a text in ``category`` with ``score``."""
 
-    category: str
-    score: float = 1.0
-    name: str | None = None
-    keywords: tuple[str, ...] = ()
-    patterns: tuple[str, ...] = ()
-    applies_to: tuple[str, ...] = DIRECTIONS
-    word_boundary: bool = True
+    category: str = attrs.field(metadata={"doc": "Category a match puts the text in (required)."})
+    score: float = attrs.field(default=1.0, metadata={"doc": "Score a match gives the category (0-1)."})
+    name: str | None = attrs.field(default=None, metadata={"doc": "Shown in logs (default: the category)."})
+    keywords: tuple[str, ...] = attrs.field(default=(), metadata={
+        "doc": "Literal phrases, case-insensitive; a space matches 1-4 whitespace characters."})
+    patterns: tuple[str, ...] = attrs.field(default=(), metadata={
+        "doc": "Python regular expressions, case-insensitive; prefer bounded repeats."})
+    applies_to: tuple[str, ...] = attrs.field(default=DIRECTIONS, metadata={"doc": "`input`, `output` or both."})
+    word_boundary: bool = attrs.field(default=True, metadata={"doc": "Keywords match whole words only."})
 
     @property
     def label(self) -> str:

@@ -73,23 +73,43 @@ def _endpoints(_: Any, attribute: attrs.Attribute, value: tuple[str, ...]) -> No
 class CacheConfig:
     """Settings of the ``cache`` plugin (every key is documented in docs/cache-and-moderation.md)."""
 
-    backend: str = attrs.field(default="memory", validator=_one_of("memory", "redis"))
-    ttl: float | None = attrs.field(default=3600.0, validator=_positive)
-    namespace: str = attrs.field(default="shared", validator=_one_of("shared", "per_key"))
-    key_prefix: str = "ssegate:cache"
-    max_entries: int = attrs.field(default=10_000, validator=_positive)
-    max_bytes: int = attrs.field(default=256 * 2**20, validator=_positive)
-    max_entry_bytes: int = attrs.field(default=2**20, validator=_positive)
-    compression: bool = False
-    compression_min_bytes: int = attrs.field(default=1024, validator=_not_negative)
-    only_deterministic: bool = True
-    endpoints: tuple[str, ...] = attrs.field(default=_ENDPOINTS, validator=_endpoints)
-    ignore_fields: tuple[str, ...] = DEFAULT_IGNORED_FIELDS
-    model_aliases: dict[str, str] = attrs.field(factory=dict)
-    honor_cache_control: bool = True
-    replay_pacing: bool = False
-    replay_speed: float = attrs.field(default=1.0, validator=_positive)
-    timeout: float = attrs.field(default=0.5, validator=_positive)
+    backend: str = attrs.field(default="memory", validator=_one_of("memory", "redis"), metadata={
+        "doc": "`memory`: this process, bounded, least recently used out first. `redis`: shared by every replica "
+               "on the gateway's Redis pool (`redis.url` required; startup fails without it)."})
+    ttl: float | None = attrs.field(default=3600.0, validator=_positive, metadata={
+        "doc": "Lifetime of an entry, seconds. Null: until evicted (memory) or forever (Redis)."})
+    namespace: str = attrs.field(default="shared", validator=_one_of("shared", "per_key"), metadata={
+        "doc": "`shared`, or `per_key`: separate entries per caller (principal name, else the `Authorization` "
+               "header, else anonymous; hashed into the key)."})
+    key_prefix: str = attrs.field(default="ssegate:cache", metadata={
+        "doc": "Prefix of every key (Redis keys are `<prefix>:<namespace>:<sha256>`)."})
+    max_entries: int = attrs.field(default=10_000, validator=_positive, metadata={
+        "doc": "Memory backend: entries kept."})
+    max_bytes: int = attrs.field(default=256 * 2**20, validator=_positive, metadata={
+        "doc": "Memory backend: bytes kept (keys + encoded entries)."})
+    max_entry_bytes: int = attrs.field(default=2**20, validator=_positive, metadata={
+        "doc": "Answers larger than this (encoded, or recorded so far) are not stored."})
+    compression: bool = attrs.field(default=False, metadata={
+        "doc": "zlib-compress entries (each entry is tagged, so switching it never makes entries unreadable)."})
+    compression_min_bytes: int = attrs.field(default=1024, validator=_not_negative, metadata={
+        "doc": "Smaller entries are stored uncompressed."})
+    only_deterministic: bool = attrs.field(default=True, metadata={
+        "doc": "Cache only requests with `temperature: 0` or a `seed` (embeddings always); others get "
+               "`x-cache: BYPASS`."})
+    endpoints: tuple[str, ...] = attrs.field(default=_ENDPOINTS, validator=_endpoints, metadata={
+        "doc": "Endpoints cached: `chat.completions`, `completions`, `embeddings`."})
+    ignore_fields: tuple[str, ...] = attrs.field(default=DEFAULT_IGNORED_FIELDS, metadata={
+        "doc": "Request body fields left out of the cache key."})
+    model_aliases: dict[str, str] = attrs.field(factory=dict, metadata={
+        "doc": "Model names that share entries, e.g. `{gpt4: gpt-4o}` (the router's aliases apply as well)."})
+    honor_cache_control: bool = attrs.field(default=True, metadata={
+        "doc": "Obey the client's `Cache-Control` request header (`no-cache`, `no-store`, `max-age`)."})
+    replay_pacing: bool = attrs.field(default=False, metadata={
+        "doc": "Replay a streamed hit with the original gaps between chunks."})
+    replay_speed: float = attrs.field(default=1.0, validator=_positive, metadata={
+        "doc": "Divide the replay gaps by this (2.0: twice as fast)."})
+    timeout: float = attrs.field(default=0.5, validator=_positive, metadata={
+        "doc": "Redis backend: longest wait per operation, seconds."})
 
 
 class CacheState:

@@ -92,14 +92,22 @@ def _endpoints(_: Any, attribute: attrs.Attribute, value: tuple[str, ...]) -> No
 class ExternalCheckConfig:
     """An OpenAI-compatible moderation service asked about requests the local rules let through."""
 
-    url: str = attrs.field()
-    api_key_env: str | None = None
-    api_key: str | None = None
-    model: str | None = None
-    timeout: float = attrs.field(default=2.0, validator=_positive)
-    on_error: str = attrs.field(default="block", validator=_one_of("block", "allow"))
-    use_flagged: bool = False
-    max_chars: int = attrs.field(default=20_000, validator=_positive)
+    url: str = attrs.field(metadata={
+        "doc": "The full endpoint URL, e.g. `https://api.openai.com/v1/moderations`."})
+    api_key_env: str | None = attrs.field(default=None, metadata={
+        "doc": "Environment variable holding the service's API key."})
+    api_key: str | None = attrs.field(default=None, metadata={
+        "doc": "The service's API key; prefer `api_key_env` or `${VAR}`."})
+    model: str | None = attrs.field(default=None, metadata={"doc": "Moderation model, sent when set."})
+    timeout: float = attrs.field(default=2.0, validator=_positive, metadata={
+        "doc": "Seconds to wait for the service."})
+    on_error: str = attrs.field(default="block", validator=_one_of("block", "allow"), metadata={
+        "doc": "Service unreachable or failing: `block` (503 `moderation_unavailable`, fail closed) or `allow` "
+               "(pass and count)."})
+    use_flagged: bool = attrs.field(default=False, metadata={
+        "doc": "Also refuse when the service says `flagged` although no score reaches the threshold."})
+    max_chars: int = attrs.field(default=20_000, validator=_positive, metadata={
+        "doc": "The most recent input characters sent to the service."})
 
     @url.validator
     def _url(self, attribute: Any, value: str) -> None:
@@ -111,21 +119,36 @@ class ExternalCheckConfig:
 class ModerationConfig:
     """Settings of the ``moderation`` plugin (every key is documented in docs/cache-and-moderation.md)."""
 
-    threshold: float = attrs.field(default=0.7, validator=_fraction)
-    category_thresholds: dict[str, float] = attrs.field(factory=dict, validator=_fractions)
-    rules: tuple[Rule, ...] = ()
-    rule_files: tuple[str, ...] = ()
-    jailbreak_detection: bool = True
-    check_input: bool = True
-    check_output: bool = True
-    input_roles: tuple[str, ...] = ("user",)
-    endpoints: tuple[str, ...] = attrs.field(default=("chat.completions", "completions"), validator=_endpoints)
-    refusal_mode: str = attrs.field(default="error", validator=_one_of("error", "refusal"))
-    refusal_message: str = "I can't help with that request."
-    holdback_chars: int | None = attrs.field(default=None, validator=_not_negative)
-    max_match_chars: int = attrs.field(default=256, validator=_positive)
-    reload_interval: float | None = attrs.field(default=None, validator=_positive)
-    external: ExternalCheckConfig | None = None
+    threshold: float = attrs.field(default=0.7, validator=_fraction, metadata={
+        "doc": "A category is flagged when its best score reaches this (0-1)."})
+    category_thresholds: dict[str, float] = attrs.field(factory=dict, validator=_fractions, metadata={
+        "doc": "Per-category thresholds, e.g. `{profanity: 0.3, pii: 0.9}`."})
+    rules: tuple[Rule, ...] = attrs.field(default=(), metadata={"doc": "Inline rules."})
+    rule_files: tuple[str, ...] = attrs.field(default=(), metadata={
+        "doc": "YAML rule files, relative to the working directory; loaded at startup."})
+    jailbreak_detection: bool = attrs.field(default=True, metadata={
+        "doc": "Add the built-in jailbreak patterns (category `jailbreak`, input only)."})
+    check_input: bool = attrs.field(default=True, metadata={"doc": "Scan requests."})
+    check_output: bool = attrs.field(default=True, metadata={"doc": "Scan answers."})
+    input_roles: tuple[str, ...] = attrs.field(default=("user",), metadata={
+        "doc": "Message roles scanned; add `tool` to catch injections in tool results."})
+    endpoints: tuple[str, ...] = attrs.field(default=("chat.completions", "completions"), validator=_endpoints,
+                                             metadata={"doc": "Endpoints moderated; `embeddings` may be added "
+                                                              "(input only, error mode)."})
+    refusal_mode: str = attrs.field(default="error", validator=_one_of("error", "refusal"), metadata={
+        "doc": "How a flagged request is answered: `error` (400 `content_policy_violation`) or `refusal` (an "
+               "assistant answer with `finish_reason: content_filter`)."})
+    refusal_message: str = attrs.field(default="I can't help with that request.", metadata={
+        "doc": "The assistant text in `refusal` mode."})
+    holdback_chars: int | None = attrs.field(default=None, validator=_not_negative, metadata={
+        "doc": "Characters of a stream held back before release. Null: the longest possible match minus one; "
+               "0: scan without holding back."})
+    max_match_chars: int = attrs.field(default=256, validator=_positive, metadata={
+        "doc": "Length assumed for regular expressions with unbounded repeats (`*`, `+`)."})
+    reload_interval: float | None = attrs.field(default=None, validator=_positive, metadata={
+        "doc": "Seconds between polls of `rule_files` for changes; null: rules change with a config reload."})
+    external: ExternalCheckConfig | None = attrs.field(default=None, metadata={
+        "doc": "An OpenAI-compatible `/v1/moderations` service asked when the local rules flag nothing."})
 
 
 @attrs.define
