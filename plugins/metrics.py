@@ -31,6 +31,26 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _CIRCUIT_VALUE = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
 
 
+def _process_start_time() -> float:
+    """Unix time the process started: from /proc on Linux (field 22 of /proc/self/stat, in clock ticks after
+    boot, plus ``btime`` of /proc/stat), else the time this module was first imported. Never the time a plugin
+    instance was created: a config reload builds new instances, and ``process_start_time_seconds`` must not
+    move then."""
+    try:
+        with open("/proc/self/stat") as f:
+            stat = f.read()
+        ticks = int(stat[stat.rindex(")") + 2:].split()[19])  # fields after "(comm)" start at field 3
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration, AttributeError):
+        return time.time()
+
+
+#: Set once per process, at import (plugins modules are imported once, whatever the number of reloads).
+PROCESS_START = _process_start_time()
+
+
 def _percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -46,7 +66,6 @@ class MetricsPlugin:
         self.models: set[str] = set()
         self.recent: deque[tuple[float, float, float | None, int, int, str | None, bool, bool | None]] = deque(
             maxlen=10000)
-        self.started = time.time()
 
     # -- setup ------------------------------------------------------------------------------------------------
     @hookimpl
@@ -99,7 +118,7 @@ class MetricsPlugin:
         self.gateway = gateway
         self.recent = deque(self.recent, maxlen=gateway.config.observability.summary_window)
         gateway.scrape_callbacks.append(self.sync)
-        self.process_start.set({}, self.started)
+        self.process_start.set({}, PROCESS_START)
         if gateway.config.redis.url:
             self._probe = asyncio.get_running_loop().create_task(self._redis_probe(), name="ssegate-redis-probe")
 

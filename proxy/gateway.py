@@ -73,11 +73,17 @@ class Gateway:
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     async def start(self) -> None:
-        for provider in self.providers.values():
-            await provider.start()
-        self.watchdog.start()
-        await self.pipeline.register_metrics(self.registry)
-        await self.pipeline.startup(self)
+        """Open the provider pools, start the watchdog and the plugins. On failure, what was opened is closed
+        again (and only plugins that started are shut down) before the error propagates."""
+        try:
+            for provider in self.providers.values():
+                await provider.start()
+            self.watchdog.start()
+            await self.pipeline.register_metrics(self.registry)
+            await self.pipeline.startup(self)
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
         if self._finishing:  # exchange_done walks that outlived their (cancelled) handlers

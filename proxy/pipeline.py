@@ -81,6 +81,7 @@ class Pipeline:
         #: exchange_done needs protection from cancellation only when some implementation awaits.
         self.exchange_done_awaits = any(i.is_async for i in self._impls["exchange_done"])
         self.has_upstream_request = bool(self._impls["upstream_request"])
+        self._started: set[str] = set()  # plugins the startup walk reached (see startup/shutdown)
         #: Admission phases anybody implements (the gateway skips the others without a call).
         self.has_authenticate = bool(self._impls["authenticate"])
         self.has_check_request = bool(self._impls["check_request"])
@@ -105,12 +106,23 @@ class Pipeline:
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     async def startup(self, gateway: Any) -> None:
-        for impl in self._impls["startup"]:
-            try:
-                await self._call(impl, gateway)
-            except PluginError as exc:
-                raise GatewayError(500, f"plugin {exc.plugin!r} failed to start: {exc.original}",
-                                   code="plugin_startup_failed") from exc.original
+        """Start the plugins in order; the first failure aborts, naming the plugin. Only plugins the walk
+        reached (started, or without a ``startup``) get ``shutdown`` later."""
+        failed_at = len(self.order)
+        try:
+            for impl in self._impls["startup"]:
+                try:
+                    await self._call(impl, gateway)
+                except PluginError as exc:
+                    failed_at = self.order.index(impl.plugin)
+                    raise GatewayError(500, f"plugin {exc.plugin!r} failed to start: {exc.original}",
+                                       code="plugin_startup_failed") from exc.original
+                except GatewayError as exc:
+                    failed_at = self.order.index(impl.plugin)
+                    raise GatewayError(500, f"plugin {impl.plugin!r} failed to start: {exc.message}",
+                                       code="plugin_startup_failed") from exc
+        finally:
+            self._started = set(self.order[:failed_at])
 
     async def register_metrics(self, registry: Any) -> None:
         for impl in self._impls["register_metrics"]:
@@ -119,9 +131,14 @@ class Pipeline:
             except PluginError as exc:
                 raise GatewayError(500, f"plugin {exc.plugin!r} failed to register metrics: {exc.original}",
                                    code="plugin_startup_failed") from exc.original
+            except GatewayError as exc:
+                raise GatewayError(500, f"plugin {impl.plugin!r} failed to register metrics: {exc.message}",
+                                   code="plugin_startup_failed") from exc
 
     async def shutdown(self, gateway: Any) -> None:
         for impl in self._impls["shutdown"]:
+            if impl.plugin not in self._started:
+                continue  # its startup failed or never ran: there is nothing of it to close
             try:
                 await self._call(impl, gateway)
             except Exception:  # logged by _call; shutdown goes on for the others

@@ -44,8 +44,7 @@ class Reloader:
                 await new.start()
             except Exception as exc:  # a plugin or provider that cannot start: keep the old config
                 log.error("config_reload_refused", path=self.config_path, error=str(exc))
-                await new.close()
-                return False, [str(exc)]
+                return False, [str(exc)]  # new.start() closed what it had opened
             self.holder.current = new
             self.reloads += 1
             if self.configure_logs:
