@@ -31,8 +31,8 @@ LOADS = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ref", action="append", default=[], help="also measure the gateway of this git ref")
-    parser.add_argument("--variant", action="append", default=[], metavar="NAME=VALUE",
-                        help="also measure the work tree's gateway with this environment variable set")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
+                        help="also measure the work tree's gateway with these environment variables set")
     parser.add_argument("--load", choices=sorted(LOADS), default="nonstream-c64")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=int, default=3, help="wrk window per measurement")
@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
                 export_ref(ref, src)
                 contenders.append((f"gateway@{ref}", src, {}))
             for variant in args.variant:
-                key, _, value = variant.partition("=")
-                contenders.append((f"gateway+{key}", None, {key: value}))
+                pairs = dict(v.partition("=")[::2] for v in variant.split(","))
+                contenders.append((f"gateway+{'+'.join(pairs)}", None, pairs))
             port = free_port()
             procs["passthrough"] = Proc("passthrough", [sys.executable, "-m", "bench.passthrough", "--port",
                                                         str(port), "--upstream", f"http://127.0.0.1:{mock_port}"],
@@ -94,11 +94,12 @@ def main(argv: list[str] | None = None) -> int:
                 proc.stop()
             mock.stop()
     unit = "us/request" if kind == "wrk" else "ms/stream"
+    digits = 1 if kind == "wrk" else 3
     base = statistics.median(samples["passthrough"])
     print(f"| {args.load} ({args.rounds} rounds) | median {unit} | ratio | spread |\n|---|---:|---:|---:|")
     for name, values in samples.items():
         med = statistics.median(values)
-        print(f"| {name} | {med:.1f} | {med / base:.2f}x | {min(values):.1f}-{max(values):.1f} |")
+        print(f"| {name} | {med:.{digits}f} | {med / base:.2f}x | {min(values):.{digits}f}-{max(values):.{digits}f} |")
     return 0
 
 
