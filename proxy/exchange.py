@@ -122,7 +122,12 @@ class Exchange:
 
     @property
     def json(self) -> Any:
-        """The request body parsed as JSON (parsed once)."""
+        """The request body parsed as JSON (parsed once).
+
+        Read it freely; to change the request sent upstream, either assign a new object (``exchange.json =
+        {...}``: the body is re-serialized from it, so every later phase and every route sees it) or edit
+        ``request.json`` in an ``upstream_request`` hook. In-place edits of this dict are not sent upstream.
+        """
         if self._json is None and self.body:
             self._json = orjson.loads(self.body)
         return self._json
@@ -130,6 +135,7 @@ class Exchange:
     @json.setter
     def json(self, value: Any) -> None:
         self._json = value
+        self.body = orjson.dumps(value)
 
     def state_of(self, cls: type[T]) -> T:
         """Per-exchange state of one plugin, created on first use: ``exchange.state_of(MyState).count += 1``."""

@@ -87,7 +87,9 @@ def check_request(exchange: "Exchange") -> "Reply | None":
     Return None to pass, raise :class:`proxy.GatewayError` to refuse with that status (400 invalid input,
     403 forbidden model, 429 rate limited, ...), or return a :class:`proxy.Reply` to answer without any
     upstream (for example a moderation refusal written as an assistant message); later plugins then do not
-    run. *Async allowed.*
+    run. To rewrite the request (add a system message, cap ``max_tokens``), assign a new object to
+    ``exchange.json``: it is what every route is sent (``exchange.model`` and ``exchange.stream`` keep the values
+    read from the client's body). *Async allowed.*
     """
 
 

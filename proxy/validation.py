@@ -57,7 +57,7 @@ def validate(exchange: Exchange) -> None:
         raise bad_request(f"We could not parse the JSON body of your request: {exc}") from None
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
-    exchange.json = body
+    exchange._json = body  # the parse of exchange.body itself: no re-serialization
     _check_common(body)
     endpoint = exchange.endpoint
     if endpoint == "chat.completions":

@@ -323,3 +323,27 @@ async def test_on_response_stop_gives_a_content_filter_answer(upstream, gateway_
             assert resp.status == 200 and body["type"] == "message" and body["stop_reason"] == "refusal"
     await asyncio.sleep(0.05)
     assert [(e.outcome, e.status) for e in rec.done] == [(Outcome.STOPPED, 200)]
+
+
+class SystemPrompt:
+    """Rewrites the request in check_request by assigning a new body."""
+
+    @hookimpl
+    def check_request(self, exchange):
+        exchange.json = {**exchange.json, "messages": [{"role": "system", "content": "Be brief."},
+                                                       *exchange.json["messages"]]}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_request_rewritten_in_check_request_is_what_the_upstream_gets(upstream, gateway_factory, stream):
+    gw = await gateway_factory(config_for(upstream, pipeline=["system", "router"]), {"system": SystemPrompt()})
+    client = openai_client(gw.base_url)
+    if stream:
+        async for _ in await client.chat.completions.create(model="m", messages=CHAT["messages"], stream=True):
+            pass
+    else:
+        await client.chat.completions.create(model="m", messages=CHAT["messages"])
+    await client.close()
+    sent = upstream.requests[0]
+    assert sent["messages"] == [{"role": "system", "content": "Be brief."}, *CHAT["messages"]]
+    assert sent["model"] == "m" and bool(sent.get("stream")) is stream
