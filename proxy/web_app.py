@@ -14,7 +14,7 @@ from .app_keys import GATEWAY, RELOADER, GatewayHolder
 from .gateway import Gateway
 from .reload import Reloader
 from .web_handlers import routes
-from .web_middlewares import add_cors_headers, add_request_id_header, cors_middleware, gateway_middleware
+from .web_middlewares import add_cors_headers, cors_middleware, edge, unmatched_route
 
 __all__ = ["create_app", "start_server", "serve", "drain"]
 
@@ -27,15 +27,22 @@ def create_app(gateway: Gateway, config_path: str | None = None, configure_logs:
     ``config_path`` is where reloads read the config from (None: the embedded default).
     """
     cors = gateway.config.cors
-    middlewares = [cors_middleware(cors), gateway_middleware] if cors.allow_origins else [gateway_middleware]
+    # No middleware unless CORS is configured: aiohttp wraps every request in one more frame per middleware.
+    # The handlers do the request id and the OpenAI-format errors themselves (web_middlewares.edge).
+    middlewares = [cors_middleware(cors)] if cors.allow_origins else []
     app = web.Application(client_max_size=gateway.config.server.max_request_size, middlewares=middlewares)
     holder = GatewayHolder(gateway)
     app[GATEWAY] = holder
     app[RELOADER] = Reloader(holder, config_path, configure_logs)
-    app.on_response_prepare.append(add_request_id_header)
     if cors.allow_origins:
         app.on_response_prepare.append(add_cors_headers(cors))
     app.add_routes(routes)
+    known: dict[str, set[str]] = {}
+    for route in app.router.routes():
+        path = route.resource.canonical if route.resource is not None else None
+        if path is not None:
+            known.setdefault(path, set()).add(route.method)
+    app.router.add_route("*", "/{tail:.*}", edge(unmatched_route(known)))  # last: unknown paths and methods
 
     async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
         await app[GATEWAY].current.start()

@@ -12,6 +12,7 @@ from .app_keys import GATEWAY, RELOADER
 from .errors import GatewayError
 from .exchange import Exchange
 from .metrics import render_metrics
+from .web_middlewares import REQUEST_ID_HEADER, begin, edge, error_for
 
 __all__ = ["routes"]
 
@@ -41,24 +42,30 @@ def client_ip(request: web.Request, trusted: tuple[Any, ...]) -> str | None:
     return peer
 
 
-def _refuse_while_draining() -> web.Response:
+def _refuse_while_draining(request_id: str) -> web.Response:
     err = GatewayError(503, "The gateway is shutting down; retry the request.", code="server_shutting_down")
     return web.Response(body=err.to_json(), status=503, content_type="application/json",
-                        headers={"Connection": "close", "Retry-After": "1"})
+                        headers={"Connection": "close", "Retry-After": "1", REQUEST_ID_HEADER: request_id})
 
 
 def _serving(endpoint: str, ingress: str = "openai") -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """The handler of one API endpoint: build the Exchange and hand it to the current Gateway (one frame, as
     every await inside a request resumes through each frame above it)."""
     async def handler(request: web.Request) -> web.StreamResponse:
+        request_id, trace_id = begin(request)
         holder = request.app[GATEWAY]
         if holder.draining:
-            return _refuse_while_draining()
+            return _refuse_while_draining(request_id)
         gateway = holder.current
-        exchange = Exchange(request_id=request["request_id"], endpoint=endpoint, headers=request.headers,
+        exchange = Exchange(request_id=request_id, endpoint=endpoint, headers=request.headers,
                             client_ip=client_ip(request, gateway.trusted_proxies), ingress=ingress,
-                            trace_id=request["trace_id"])
-        return await gateway.handle(request, exchange)
+                            trace_id=trace_id, response_headers={REQUEST_ID_HEADER: request_id})
+        try:
+            return await gateway.handle(request, exchange)
+        except Exception as exc:  # gateway.handle answers every GatewayError itself: this is a bug
+            response = error_for(request, exc)
+            response.headers[REQUEST_ID_HEADER] = request_id
+            return response
 
     handler.__name__ = handler.__qualname__ = endpoint.replace(".", "_") + ("" if ingress == "openai" else
                                                                            "_" + ingress)
@@ -79,20 +86,24 @@ for _path, _handler in (("/v1/chat/completions", chat_completions), ("/chat/comp
 
 @routes.get("/v1/models")
 @routes.get("/models")
+@edge
 async def models(request: web.Request) -> web.StreamResponse:
     gateway = request.app[GATEWAY].current
     exchange = Exchange(request_id=request["request_id"], endpoint="models", headers=request.headers,
-                        client_ip=client_ip(request, gateway.trusted_proxies), trace_id=request["trace_id"])
+                        client_ip=client_ip(request, gateway.trusted_proxies), trace_id=request["trace_id"],
+                        response_headers={REQUEST_ID_HEADER: request["request_id"]})
     return await gateway.handle_models(request, exchange)
 
 
 @routes.get("/health/live")
+@edge
 async def live(request: web.Request) -> web.Response:
     ok, body = health.liveness(request.app[GATEWAY].current)
     return web.json_response(body, status=200 if ok else 503)
 
 
 @routes.get("/health/ready")
+@edge
 async def ready(request: web.Request) -> web.Response:
     holder = request.app[GATEWAY]
     ok, body = await health.readiness(holder.current, holder.draining)
@@ -100,6 +111,7 @@ async def ready(request: web.Request) -> web.Response:
 
 
 @routes.get("/health")
+@edge
 async def health_report(request: web.Request) -> web.Response:
     holder = request.app[GATEWAY]
     status, body = await health.report(holder.current, holder.draining)
@@ -107,11 +119,13 @@ async def health_report(request: web.Request) -> web.Response:
 
 
 @routes.get("/metrics")
+@edge
 async def metrics(request: web.Request) -> web.Response:
     return metrics_response(request)
 
 
 @routes.get("/metrics/summary")
+@edge
 async def metrics_summary(request: web.Request) -> web.Response:
     plugin = request.app[GATEWAY].current.plugin("metrics")
     if plugin is None:
@@ -131,6 +145,7 @@ def metrics_response(request: web.Request) -> web.Response:
 
 
 @routes.post("/admin/reload")
+@edge
 async def admin_reload(request: web.Request) -> web.Response:
     """Reload the config file (like SIGHUP). Needs ``Authorization: Bearer <server.admin_key>``."""
     key = request.app[GATEWAY].current.config.server.admin_key

@@ -1,6 +1,7 @@
-"""The one middleware: request id, and every HTTP error as an OpenAI-format error body."""
+"""The request's edge: request and trace ids, every HTTP error as an OpenAI-format error body, CORS."""
 from __future__ import annotations
 
+import functools
 from typing import Any, Awaitable, Callable
 
 import orjson
@@ -12,7 +13,7 @@ from . import ids
 from .config.schema import CorsConfig
 from .errors import GatewayError, error_body
 
-__all__ = ["gateway_middleware", "add_request_id_header", "cors_middleware", "add_cors_headers",
+__all__ = ["begin", "edge", "error_for", "unmatched_route", "cors_middleware", "add_cors_headers",
            "REQUEST_ID_HEADER"]
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -59,27 +60,61 @@ def _trace_id(request: web.Request) -> str:
     return ids.trace_id()
 
 
-@web.middleware
-async def gateway_middleware(request: web.Request,
-                             handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    request_id = request["request_id"] = _request_id(request)
-    trace_id = request["trace_id"] = _trace_id(request)
-    # Every log line of this request (this handler task's context) carries both ids.
+def begin(request: web.Request) -> tuple[str, str]:
+    """The request id and W3C trace id of a request (given or new), bound to every log line of its task."""
+    request_id = _request_id(request)
+    trace_id = _trace_id(request)
     structlog.contextvars.bind_contextvars(request_id=request_id, trace_id=trace_id)
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
+    return request_id, trace_id
+
+
+def error_for(request: web.Request, exc: BaseException) -> web.Response:
+    """The OpenAI-format error response for an exception that escaped a handler."""
+    if isinstance(exc, web.HTTPException) and exc.status >= 400:
         return _http_error(exc)
-    except GatewayError as exc:
+    if isinstance(exc, GatewayError):
         return web.Response(body=exc.to_json(), status=exc.status, content_type="application/json",
                             headers=exc.headers)
-    except Exception as exc:  # a bug: never a bare traceback page
-        log.error("unhandled_error", path=request.path, error=repr(exc), exc_info=exc)
-        return web.Response(body=orjson.dumps(error_body("Internal server error", "server_error", None,
-                                                         "internal_error")),
-                            status=500, content_type="application/json")
+    log.error("unhandled_error", path=request.path, error=repr(exc), exc_info=exc)  # a bug: never a traceback page
+    return web.Response(body=orjson.dumps(error_body("Internal server error", "server_error", None, "internal_error")),
+                        status=500, content_type="application/json")
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def edge(handler: Handler) -> Handler:
+    """Wrap a handler (not on the API hot path) with what an aiohttp middleware would do: the request id (in
+    ``request["request_id"]`` and the ``X-Request-ID`` header), the trace id, and OpenAI-format errors. The API
+    handlers do the same inline; with no middleware aiohttp adds no frame to every request."""
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        request_id, request["trace_id"] = begin(request)
+        request["request_id"] = request_id
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = error_for(request, exc)
+        except Exception as exc:
+            response = error_for(request, exc)
+        if not response.prepared:
+            response.headers[REQUEST_ID_HEADER] = request_id
+        return response
+
+    return wrapped
+
+
+def unmatched_route(known: dict[str, set[str]]) -> Handler:
+    """The catch-all handler: 405 (with ``Allow``) for a known path and another method, else 404."""
+    async def unmatched(request: web.Request) -> web.StreamResponse:
+        methods = known.get(request.path)
+        if methods and request.method not in methods:
+            raise web.HTTPMethodNotAllowed(request.method, sorted(methods))
+        raise web.HTTPNotFound()
+
+    return unmatched
 
 
 def cors_middleware(config: CorsConfig) -> Any:
@@ -132,10 +167,3 @@ def add_cors_headers(config: CorsConfig) -> Any:
                 response.headers["Access-Control-Allow-Credentials"] = "true"
 
     return add
-
-
-async def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: every response carries the request id."""
-    rid = request.get("request_id")
-    if rid is not None:
-        response.headers[REQUEST_ID_HEADER] = rid
