@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                 contenders.append((f"gateway@{ref}", src, {}))
             for variant in args.variant:
                 pairs = dict(v.partition("=")[::2] for v in variant.split(","))
-                contenders.append((f"gateway+{'+'.join(pairs)}", None, pairs))
+                contenders.append(("gateway+" + ",".join(f"{k}={v}" for k, v in pairs.items()), None, pairs))
             port = free_port()
             procs["passthrough"] = Proc("passthrough", [sys.executable, "-m", "bench.passthrough", "--port",
                                                         str(port), "--upstream", f"http://127.0.0.1:{mock_port}"],
