@@ -166,11 +166,13 @@ def load_plugins(entries: tuple[PipelineEntry, ...], pm: pluggy.PluginManager,
                                      f"(known hooks: {', '.join(_hook_names())})"))
     for caller in _callers(pm):
         for impl in caller.get_hookimpls():
-            if impl.hookwrapper or impl.wrapper:
+            if impl.hookwrapper or impl.wrapper or impl.tryfirst or impl.trylast:
                 idx = next(i for i, e in enumerate(entries) if e.name == impl.plugin_name)
+                what = "hook wrappers are not supported" if impl.hookwrapper or impl.wrapper else \
+                    "tryfirst/trylast have no effect here"
                 problems.append(_problem(idx, entries[idx], origins,
-                                         f"{caller.name}: hook wrappers are not supported; the pipeline order of "
-                                         "the config decides the call order"))
+                                         f"{caller.name}: {what}; the order of the config's pipeline: list is the "
+                                         "call order (list the plugin earlier or later instead)"))
     if problems:
         raise PluginLoadError(problems)
     return loaded

@@ -28,6 +28,8 @@ def test_builtin_module_and_class_plugins_register_in_order():
     ("tests.sample_plugins.audit:UnknownHook", "implements 'on_chunks', which is not a ssegate hook"),
     ("tests.sample_plugins.audit:UnknownArgument", "invalid hook implementation"),
     ("tests.sample_plugins.audit:Wrapper", "hook wrappers are not supported"),
+    ("tests.sample_plugins.audit:TryFirst", "check_request: tryfirst/trylast have no effect here; the order of the "
+                                            "config's pipeline: list is the call order"),
     ("tests.sample_plugins.audit:Missing", "has no attribute 'Missing'"),
     ("tests.no_such_module:X", "cannot import plugin module 'tests.no_such_module'"),
     ("nothing_by_that_name", "no plugin named 'nothing_by_that_name'"),

@@ -67,3 +67,9 @@ class NeedsThisHookApi:
     @hookimpl
     def check_request(self, exchange):
         CALLS.append("this-api")
+
+
+class TryFirst:
+    @hookimpl(tryfirst=True)
+    def check_request(self, exchange):
+        pass
