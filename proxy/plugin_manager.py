@@ -19,7 +19,8 @@ from . import hookspecs
 from .config.load import ConfigError, ConfigProblem, Origins, structure
 from .config.schema import PipelineEntry
 
-__all__ = ["LoadedPlugin", "PluginLoadError", "load_plugins", "new_plugin_manager", "BUILTIN_PLUGINS"]
+__all__ = ["LoadedPlugin", "PluginLoadError", "load_plugins", "instantiate", "entry_problem", "check_hook_api",
+           "new_plugin_manager", "BUILTIN_PLUGINS"]
 
 #: Built-in plugin names -> import path. Third-party plugins are peers: they use the same hooks.
 BUILTIN_PLUGINS = {
@@ -79,7 +80,8 @@ def _resolve(name: str) -> Any:
         raise LookupError(f"module {module_name!r} has no attribute {attr!r}") from exc
 
 
-def _problem(index: int, entry: PipelineEntry, origins: Origins, message: str) -> ConfigProblem:
+def entry_problem(index: int, entry: PipelineEntry, origins: Origins, message: str) -> ConfigProblem:
+    """A problem with pipeline entry ``index``, located at its file and line."""
     path = ("pipeline", index)
     file, line = origins.locate(path)
     return ConfigProblem(file=file, line=line, key=f"pipeline[{index}].{entry.name}", message=message)
@@ -114,12 +116,14 @@ def _parse_version(text: str) -> tuple[int, int]:
     return int(major), int(minor)
 
 
-def _instantiate(index: int, entry: PipelineEntry, target: Any, origins: Origins) -> tuple[Any, Any]:
+def instantiate(index: int, entry: PipelineEntry, target: Any, origins: Origins) -> tuple[Any, Any]:
+    """Check the hook API requirement of ``target``, structure the entry's settings into its ``Config`` and
+    instantiate it (a class) or take it as it is (a module or object); returns ``(plugin, config)``."""
     check_hook_api(target)
     config_cls = getattr(target, "Config", None)
     if config_cls is None:
         if entry.config not in (None, {}):
-            raise PluginLoadError([_problem(index, entry, origins,
+            raise PluginLoadError([entry_problem(index, entry, origins,
                                             "this plugin takes no settings (it declares no Config class)")])
         return (target() if inspect.isclass(target) else target), None
     config = structure(entry.config or {}, config_cls, origins, base_path=("pipeline", index, entry.name))
@@ -143,7 +147,7 @@ def load_plugins(entries: tuple[PipelineEntry, ...], pm: pluggy.PluginManager,
                 obj, config = objects[entry.name], getattr(objects[entry.name], "config", None)
                 check_hook_api(obj)
             else:
-                obj, config = _instantiate(index, entry, _resolve(entry.name), origins)
+                obj, config = instantiate(index, entry, _resolve(entry.name), origins)
             if pm.is_registered(obj) or pm.get_plugin(entry.name) is not None:
                 raise LookupError("listed twice in the pipeline")
             pm.register(obj, name=entry.name)
@@ -151,17 +155,17 @@ def load_plugins(entries: tuple[PipelineEntry, ...], pm: pluggy.PluginManager,
             problems.extend(exc.problems)
             continue
         except pluggy.PluginValidationError as exc:
-            problems.append(_problem(index, entry, origins, f"invalid hook implementation: {exc}. "
+            problems.append(entry_problem(index, entry, origins, f"invalid hook implementation: {exc}. "
                                      "Check the hook's name and arguments against proxy/hookspecs.py"))
             continue
         except (LookupError, TypeError, ValueError) as exc:
-            problems.append(_problem(index, entry, origins, str(exc)))
+            problems.append(entry_problem(index, entry, origins, str(exc)))
             continue
         loaded.append(LoadedPlugin(entry.name, obj, config))
     for hook_name, impls in _unknown_hooks(pm).items():
         for impl in impls:
             idx = next(i for i, e in enumerate(entries) if e.name == impl.plugin_name)
-            problems.append(_problem(idx, entries[idx], origins,
+            problems.append(entry_problem(idx, entries[idx], origins,
                                      f"implements {hook_name!r}, which is not a ssegate hook "
                                      f"(known hooks: {', '.join(_hook_names())})"))
     for caller in _callers(pm):
@@ -170,7 +174,7 @@ def load_plugins(entries: tuple[PipelineEntry, ...], pm: pluggy.PluginManager,
                 idx = next(i for i, e in enumerate(entries) if e.name == impl.plugin_name)
                 what = "hook wrappers are not supported" if impl.hookwrapper or impl.wrapper else \
                     "tryfirst/trylast have no effect here"
-                problems.append(_problem(idx, entries[idx], origins,
+                problems.append(entry_problem(idx, entries[idx], origins,
                                          f"{caller.name}: {what}; the order of the config's pipeline: list is the "
                                          "call order (list the plugin earlier or later instead)"))
     if problems:

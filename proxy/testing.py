@@ -45,7 +45,7 @@ from .errors import StopStream
 from .exchange import Exchange, Principal, Reply, Route
 from .gateway import Gateway
 from .pipeline import Pipeline
-from .plugin_manager import PluginLoadError, _instantiate, _problem, load_plugins, new_plugin_manager
+from .plugin_manager import PluginLoadError, instantiate, entry_problem, load_plugins, new_plugin_manager
 from .sse import DONE, Chunk, SSEParser
 from .upstream import UpstreamRequest
 from .web_app import create_app, start_server
@@ -366,9 +366,9 @@ def _resolve_pipeline(plugins: Any) -> tuple[tuple[PipelineEntry, ...], dict[str
             entry = PipelineEntry(_object_name(spec, taken), settings)
             if inspect.isclass(spec) or isinstance(spec, ModuleType):
                 try:  # as load_plugins does for the names it resolves: every problem is a PluginLoadError
-                    objects[entry.name] = _instantiate(index, entry, spec, origins)[0]
+                    objects[entry.name] = instantiate(index, entry, spec, origins)[0]
                 except (LookupError, TypeError, ValueError) as exc:
-                    raise PluginLoadError([_problem(index, entry, origins, str(exc))]) from exc
+                    raise PluginLoadError([entry_problem(index, entry, origins, str(exc))]) from exc
             elif settings is not None:
                 raise TypeError(f"pipeline[{index}]: {spec!r} is an instance, already configured: "
                                 "give settings with its class, (Plugin, {...})")
