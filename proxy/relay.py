@@ -17,7 +17,7 @@ from .errors import GatewayError, StopStream
 from .exchange import Exchange, Outcome, Reply, Usage
 from .anthropic_format import OpenAIStreamToAnthropic, anthropic_error_body, to_anthropic_message
 from .openai_format import body_to_chunks, finish_chunk, merge_chunks
-from .sse import DONE, Chunk, encode_event
+from .sse import DONE, Chunk, SSEParser, encode_event
 from .upstream import UpstreamError, UpstreamResponse
 from .watchdog import Guard
 
@@ -167,6 +167,8 @@ def _usage_value_is_null(ev: bytes, at: int) -> bool:
     return ev[j:j + 4] == b"null"
 
 
+_USAGE_NULL_END = b'"usage":null}'
+
 _ROLE_ONLY = (b'"delta":{"role":"assistant","content":""}', b'"delta": {"role": "assistant", "content": ""}')
 
 
@@ -207,7 +209,29 @@ async def relay_stream(out: ClientStream, upstream: UpstreamResponse, exchange: 
     held: list[bytes] | None = None
     resp_write = out.resp.write
     fast_write = out.egress is None and out._prepare is True and out.resp.prepared
-    async for events in upstream.batches():
+    raw = upstream.raw_sse()
+    parser = SSEParser() if raw is not None else None
+    feed = parser.feed if parser is not None else None
+    next_item = (raw if raw is not None else upstream.batches()).__aiter__().__anext__
+    ended = False
+    while True:
+        try:
+            item: Any = await next_item()
+        except StopAsyncIteration:
+            if parser is None or ended:
+                break
+            # A final event without its blank line: deliver it rather than lose it.
+            ended, tail = True, parser.pending.strip(b"\r\n")
+            if not tail:
+                break
+            events = [tail]
+        else:
+            if feed is None:
+                events = item
+            else:
+                events = feed(item)
+                if not events:
+                    continue
         now = time()
         if guard is not None:
             guard.last_event = now
@@ -228,7 +252,9 @@ async def relay_stream(out: ClientStream, upstream: UpstreamResponse, exchange: 
                 if ev == DONE:
                     saw_done = True
                 else:
-                    at = ev.find(b'"usage"')
+                    # OpenAI ends every chunk with "usage":null once usage is asked for (the gateway always
+                    # asks): recognise that ending without scanning the event.
+                    at = -1 if ev.endswith(_USAGE_NULL_END) else ev.find(b'"usage"')
                     if at >= 0 and not _usage_value_is_null(ev, at):
                         obj = _event_json(ev)
                         if isinstance(obj, dict):

@@ -31,6 +31,15 @@ class SSEParser:
 
     def feed(self, data: bytes) -> list[bytes]:
         prev = self._buf
+        if not prev and b"\r" not in data:
+            # The common read: no partial event before it, LF line ends. One split; the blank-line check
+            # looks at the (usually one) event instead of scanning the data again.
+            parts = data.split(_NL2)
+            self._buf = parts.pop()
+            for part in parts:
+                if not part or part[0] == 10:  # an extra blank line (10 is "\n"): the general path drops it
+                    return [p.lstrip(b"\n") for p in parts if p.strip(b"\n")]
+            return parts
         buf = prev + data if prev else data
         if b"\r" in data or prev[-1:] == b"\r":
             # Keep a trailing CR: it may be the first half of a CRLF split across reads.

@@ -94,6 +94,11 @@ class UpstreamResponse:
         """Yield lists of raw OpenAI-format SSE events (without terminators), one list per upstream read."""
         raise NotImplementedError
 
+    def raw_sse(self) -> AsyncIterator[bytes] | None:
+        """The upstream reads themselves, when they already are an OpenAI-format event stream: the relay then
+        parses them inline (one async frame less per read than ``batches()``). None: use ``batches()``."""
+        return None
+
     def close(self) -> None:
         """Release the connection; after a partial read the connection is closed, not reused."""
 

@@ -39,6 +39,9 @@ class HTTPResponse(UpstreamResponse):
             # A final event without its blank line: deliver it rather than lose it.
             yield [parser.pending.strip(b"\r\n")]
 
+    def raw_sse(self) -> AsyncIterator[bytes]:
+        return self._resp.content.iter_any()
+
     def close(self) -> None:
         self._resp.close()
 
