@@ -264,7 +264,7 @@ async def relay_stream(out: ClientStream, upstream: UpstreamResponse, exchange: 
                                     continue
                                 obj.pop("usage", None)
                                 ev = encode_event(orjson.dumps(obj))
-                    elif b'"error"' in ev[:48]:  # an error event carries "error" first, not deep in a chunk
+                    elif ev.find(b'"error"', 0, 48) >= 0:  # an error event carries "error" first, not deep in a chunk
                         obj = _event_json(ev)
                         if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
                             err = obj["error"]
