@@ -57,7 +57,8 @@ def shutdown(gateway: "Gateway") -> None:
 
 @hookspec
 def register_metrics(registry: "Registry") -> None:
-    """Create this plugin's Prometheus collectors, once per process, before ``startup``.
+    """Create this plugin's Prometheus collectors, before ``startup``: when serving starts and again for the new
+    plugin instances of each config reload.
 
     ``registry`` is the process's ``aioprometheus.Registry`` (it survives config reloads, so counters do not
     reset). Create collectors with :func:`proxy.metrics.counter`, :func:`proxy.metrics.gauge` and
