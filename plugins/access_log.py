@@ -24,10 +24,6 @@ log = structlog.get_logger("ssegate.access")
 FLUSH_INTERVAL = 0.25
 
 
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000, 2)
-
-
 class AccessLogPlugin:
     def __init__(self) -> None:
         self.log_prompts = False
@@ -56,33 +52,37 @@ class AccessLogPlugin:
     @hookimpl
     def exchange_done(self, exchange: "Exchange") -> None:
         usage = exchange.usage
-        retries = max(0, len(exchange.attempts) - 1)
+        started, first, ended = exchange.started, exchange.first_byte_at, exchange.ended
+        principal = exchange.principal
+        ingress = exchange.ingress
+        status = exchange.status
         fields = {
             "request_id": exchange.request_id,
             "trace_id": exchange.trace_id,
-            "route": exchange.endpoint if exchange.ingress == "openai" else f"{exchange.endpoint}:{exchange.ingress}",
-            "key": exchange.principal.name if exchange.principal is not None else None,
+            "route": exchange.endpoint if ingress == "openai" else f"{exchange.endpoint}:{ingress}",
+            "key": principal.name if principal is not None else None,
             "client_ip": exchange.client_ip,
             "model": exchange.model,
             "provider": exchange.provider,
-            "status": exchange.status,
+            "status": status,
             "outcome": exchange.outcome,
             "stream": exchange.stream,
-            "ttft_ms": _ms(exchange.ttft),
-            "duration_ms": _ms(exchange.duration),
+            "ttft_ms": None if first is None else int((first - started) * 100000 + 0.5) / 100,
+            "duration_ms": None if ended is None else int((ended - started) * 100000 + 0.5) / 100,
             "prompt_tokens": usage.prompt_tokens if usage is not None else None,
             "completion_tokens": usage.completion_tokens if usage is not None else None,
             "cache": exchange.response_headers.get("x-cache"),
-            "retries": retries,
+            "retries": max(0, len(exchange.attempts) - 1),
         }
         if exchange.error is not None:
             fields["error_code"] = exchange.error.code
         if exchange.tags:
             fields["tags"] = sorted(exchange.tags)
-        body = exchange._json  # the parsed request, if it parsed
-        if self.log_prompts and isinstance(body, dict):
-            fields["messages"] = body.get("messages") or body.get("prompt")
-        level = "info" if (exchange.status or 0) < 500 else "warning"
+        if self.log_prompts:
+            body = exchange._json  # the parsed request, if it parsed
+            if isinstance(body, dict):
+                fields["messages"] = body.get("messages") or body.get("prompt")
+        level = "info" if status < 500 else "warning"
         if self.write is not None:
             self.write(level, "access", fields)
         else:

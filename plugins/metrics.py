@@ -178,7 +178,7 @@ class MetricsPlugin:
         provider = exchange.provider or "none"
         model = self._model(exchange)
         status = exchange.status or 0
-        self.requests.inc((route, model, provider, str(status)))
+        self.requests.inc((route, model, provider, status))  # labels become strings at scrape time
         duration = exchange.duration or 0.0
         self.duration.observe((route, "true" if exchange.stream else "false"), duration)
         ttft = exchange.ttft

@@ -77,11 +77,13 @@ class Forwarder:
         s = gateway.config.streaming
         self.keepalive_interval = s.keepalive_interval if s.keepalive else None
         self.rng = random.Random()
+        #: The event loop serving requests (set by ``Gateway.start``; looked up once, not per request).
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
 
     async def forward(self, request: web.Request, exchange: Exchange, routes: list[Route],
                       out: ClientStream | None) -> web.StreamResponse:
         """Try the routes in order (retries, backoff, breakers, fallback) until one answers the client."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         guard = Guard(loop.time(), self.retry.request_deadline, self.keepalive_interval if out else None,
                       out.keepalive if out is not None else None)
         if out is not None:
@@ -238,7 +240,7 @@ class Forwarder:
     async def _body(self, request: web.Request, provider: Provider, ureq: UpstreamRequest, exchange: Exchange,
                     guard: Guard) -> web.StreamResponse:
         cfg = provider.config
-        guard.attempt(asyncio.get_running_loop().time(), None, None, cfg.timeout)
+        guard.attempt(self.loop.time(), None, None, cfg.timeout)
         started = time.monotonic()
         provider.in_flight += 1
         upstream = None

@@ -75,6 +75,7 @@ class Gateway:
     async def start(self) -> None:
         """Open the provider pools, start the watchdog and the plugins. On failure, what was opened is closed
         again (and only plugins that started are shut down) before the error propagates."""
+        self.forwarder.loop = asyncio.get_running_loop()
         try:
             for provider in self.providers.values():
                 await provider.start()

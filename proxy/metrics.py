@@ -59,16 +59,16 @@ class FastCounter:
     def __init__(self, collector: Counter, labelnames: tuple[str, ...] = ()) -> None:
         self.collector = collector
         self.labelnames = labelnames
-        self.values: dict[tuple[str, ...], float] = {}
+        self.values: dict[tuple[Any, ...], float] = {}  # label values, made strings by sync()
 
-    def inc(self, key: tuple[str, ...] = (), amount: float = 1) -> None:
+    def inc(self, key: tuple[Any, ...] = (), amount: float = 1) -> None:
         values = self.values
         values[key] = values.get(key, 0) + amount
 
     def sync(self) -> None:
         names = self.labelnames
         for key, value in self.values.items():
-            self.collector.set_value(dict(zip(names, key)), value)
+            self.collector.set_value({name: str(label) for name, label in zip(names, key)}, value)
 
 
 class FastHistogram:

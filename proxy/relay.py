@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 from .errors import GatewayError, StopStream
 from .exchange import Exchange, Outcome, Reply, Usage
@@ -59,10 +60,9 @@ def error_payload(exchange: Exchange | None, error: GatewayError) -> bytes:
 
 
 def json_response(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    resp = web.Response(body=body, status=status, content_type="application/json")
-    if headers:
-        resp.headers.update(headers)
-    return resp
+    merged = CIMultiDict(headers) if headers else CIMultiDict()
+    merged["Content-Type"] = "application/json"
+    return web.Response(body=body, status=status, headers=merged)
 
 
 def error_response(error: GatewayError, headers: dict[str, str] | None = None,

@@ -6,12 +6,12 @@ from typing import Any, Awaitable, Callable
 
 import orjson
 import structlog
-import structlog.contextvars
 from aiohttp import web
 
 from . import ids
 from .config.schema import CorsConfig
 from .errors import GatewayError, error_body
+from .log import request_context
 
 __all__ = ["begin", "edge", "error_for", "unmatched_route", "cors_middleware", "add_cors_headers",
            "REQUEST_ID_HEADER"]
@@ -64,7 +64,7 @@ def begin(request: web.Request) -> tuple[str, str]:
     """The request id and W3C trace id of a request (given or new), bound to every log line of its task."""
     request_id = _request_id(request)
     trace_id = _trace_id(request)
-    structlog.contextvars.bind_contextvars(request_id=request_id, trace_id=trace_id)
+    request_context.set((request_id, trace_id))
     return request_id, trace_id
 
 
