@@ -176,12 +176,17 @@ class MetricsPlugin:
     def exchange_done(self, exchange: "Exchange") -> None:
         route = exchange.endpoint if exchange.ingress == "openai" else f"{exchange.endpoint}:{exchange.ingress}"
         provider = exchange.provider or "none"
-        model = self._model(exchange)
+        model = exchange.upstream_model or exchange.model
+        if model not in self.models:  # includes None
+            model = self._model(exchange)
+        elif not exchange.routes:
+            model = "unknown"
         status = exchange.status or 0
         self.requests.inc((route, model, provider, status))  # labels become strings at scrape time
-        duration = exchange.duration or 0.0
+        started, ended, first = exchange.started, exchange.ended, exchange.first_byte_at
+        duration = 0.0 if ended is None else ended - started
         self.duration.observe((route, "true" if exchange.stream else "false"), duration)
-        ttft = exchange.ttft
+        ttft = None if first is None else first - started
         if ttft is not None:
             self.ttft.observe((provider,), ttft)
             if exchange.stream and exchange.chunks_sent > 1 and exchange.ended is not None:

@@ -181,7 +181,8 @@ class Gateway:
                 exchange.status = reply.status
                 resp = await send_reply(request, exchange, reply, pipeline)
                 return resp
-            routes = await pipeline.select_route(exchange)
+            routes = (await pipeline.select_route(exchange) if pipeline.select_route_awaits
+                      else pipeline.select_route_now(exchange))
             if not routes:
                 raise GatewayError(404, f"The model `{exchange.model}` does not exist or is not served here.",
                                    param="model", code="model_not_found")

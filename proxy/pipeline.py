@@ -87,6 +87,8 @@ class Pipeline:
         self.has_check_request = bool(self._impls["check_request"])
         self.has_cached_response = bool(self._impls["cached_response"])
         self._exchange_done_sync = [(i.plugin, i.call) for i in self._impls["exchange_done"]]
+        #: select_route needs a coroutine only when some implementation awaits (the default router does not).
+        self.select_route_awaits = any(i.is_async for i in self._impls["select_route"])
 
     def implementations(self, hook_name: str) -> list[str]:
         """Plugin names implementing a hook, in call order."""
@@ -182,6 +184,20 @@ class Pipeline:
         if result is not None:
             exchange.routes = list(result)
             return exchange.routes
+        return None
+
+    def select_route_now(self, exchange: Exchange) -> list[Route] | None:
+        """``select_route`` when no implementation awaits (``not select_route_awaits``): no coroutine."""
+        for impl in self._impls["select_route"]:
+            try:
+                result = impl.call(exchange)
+            except (GatewayError, StopStream):
+                raise
+            except Exception as exc:
+                raise self._failed(impl, exc) from exc
+            if result is not None:
+                exchange.routes = routes = list(result)
+                return routes
         return None
 
     async def upstream_request(self, exchange: Exchange, request: Any) -> None:

@@ -7,6 +7,7 @@ from typing import Any, Awaitable, Callable
 import orjson
 import structlog
 from aiohttp import web
+from multidict import istr
 
 from . import ids
 from .config.schema import CorsConfig
@@ -22,8 +23,13 @@ log = structlog.get_logger("ssegate.http")
 _HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
+# Header names as istr: a case-insensitive lookup that need not fold the name on every request.
+_REQUEST_ID_KEY = istr(REQUEST_ID_HEADER)
+_TRACEPARENT_KEY = istr("traceparent")
+
+
 def _request_id(request: web.Request) -> str:
-    given = request.headers.get(REQUEST_ID_HEADER)
+    given = request.headers.get(_REQUEST_ID_KEY)
     if given and len(given) <= 128 and given.isprintable():
         return given
     return ids.request_id()
@@ -48,7 +54,7 @@ def _http_error(exc: web.HTTPException) -> web.Response:
 
 def _trace_id(request: web.Request) -> str:
     """The W3C trace id of ``traceparent`` (``00-<32 hex>-<16 hex>-<2 hex>``), or a new one."""
-    header = request.headers.get("traceparent")
+    header = request.headers.get(_TRACEPARENT_KEY)
     if header and len(header) == 55 and header[2] == "-" and header[35] == "-":
         trace = header[3:35]
         if trace != "0" * 32:

@@ -1,11 +1,28 @@
 import asyncio
+import contextlib
 import io
+from pathlib import Path
+from typing import Iterator
 
 import orjson
 import structlog
 
+from proxy import log as log_module
 from proxy.config.schema import LoggingConfig
 from proxy.log import configure_logging
+
+
+@contextlib.contextmanager
+def json_logging_to(path: Path, **options: object) -> Iterator[None]:
+    """JSON logs into ``path`` for the block; structlog and the fast line writers are reset after it."""
+    with open(path, "w") as out:
+        try:
+            configure_logging(LoggingConfig(format="json", **options), out)  # type: ignore[arg-type]
+            yield
+        finally:
+            structlog.reset_defaults()
+            log_module._json_target.clear()
+            log_module._line_writers.clear()
 
 
 def test_json_lines_with_levels_per_logger():
@@ -30,26 +47,18 @@ def test_json_lines_with_levels_per_logger():
 
 
 async def test_access_lines_take_the_fast_json_path(tmp_path, upstream, gateway_factory):
-    from proxy import log as log_module
     from proxy.testing import config_for
     from tests.helpers import CHAT, read_stream
 
     path = tmp_path / "ssegate.log"
-    with open(path, "w") as out:
-        try:
-            configure_logging(LoggingConfig(format="json", levels={"ssegate.forward": "error"}), out)
-            gw = await gateway_factory(config_for(upstream))
-            assert gw.current.plugin("access_log").write is not None
-            await read_stream(gw.base_url + "/chat/completions", {**CHAT, "stream": True},
-                              {"X-Request-ID": "fast-1"})
-            for _ in range(40):  # bounded: lines are flushed every 0.25 s
-                if "fast-1" in path.read_text():
-                    break
-                await asyncio.sleep(0.05)
-        finally:
-            structlog.reset_defaults()
-            log_module._json_target.clear()
-            log_module._line_writers.clear()
+    with json_logging_to(path, levels={"ssegate.forward": "error"}):
+        gw = await gateway_factory(config_for(upstream))
+        assert gw.current.plugin("access_log").write is not None
+        await read_stream(gw.base_url + "/chat/completions", {**CHAT, "stream": True}, {"X-Request-ID": "fast-1"})
+        for _ in range(40):  # bounded: lines are flushed every 0.25 s
+            if "fast-1" in path.read_text():
+                break
+            await asyncio.sleep(0.05)
     lines = [orjson.loads(line) for line in path.read_text().splitlines()]
     access = [e for e in lines if e.get("event") == "access"]
     assert len(access) == 1
@@ -57,3 +66,27 @@ async def test_access_lines_take_the_fast_json_path(tmp_path, upstream, gateway_
     assert (line["logger"], line["level"], line["request_id"], line["status"]) == ("ssegate.access", "info",
                                                                                     "fast-1", 200)
     assert line["timestamp"].endswith("Z") and line["completion_tokens"] == 4
+
+
+async def test_lines_logged_while_serving_carry_the_request_and_trace_ids(tmp_path, ssegate_gateway):
+    """The handler sets the request context once; every structlog line of that request carries both ids."""
+    from proxy import hookimpl
+
+    class LogsInAHook:
+        @hookimpl
+        def check_request(self, exchange):
+            structlog.get_logger("ssegate.test.hook").info("in_check_request")
+
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    path = tmp_path / "ssegate.log"
+    with json_logging_to(path):
+        gw = await ssegate_gateway(pipeline=[LogsInAHook(), "router"])
+        answer = await gw.chat("hi", headers={"X-Request-ID": "ctx-1",
+                                              "traceparent": f"00-{trace}-00f067aa0ba902b7-01"})
+        assert answer == "Hello, world!"
+        structlog.get_logger("ssegate.test.hook").info("outside_any_request")
+    lines = [orjson.loads(line) for line in path.read_text().splitlines()]
+    inside = [e for e in lines if e.get("event") == "in_check_request"]
+    assert len(inside) == 1 and (inside[0]["request_id"], inside[0]["trace_id"]) == ("ctx-1", trace)
+    outside = [e for e in lines if e.get("event") == "outside_any_request"]
+    assert len(outside) == 1 and "request_id" not in outside[0]

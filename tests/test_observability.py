@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import subprocess
 
@@ -175,7 +176,7 @@ async def test_access_line_per_exchange(upstream, gateway_factory):
     assert access[1]["status"] == 400 and access[1]["error_code"] == "missing_required_parameter"
     assert "sk-secret" not in repr(logs) and "Say hello" not in repr(logs)
     sent = upstream.headers[0]["traceparent"]
-    assert sent.startswith(f"00-{trace}-") and sent != f"00-{trace}-00f067aa0ba902b7-01"
+    assert re.fullmatch(f"00-{trace}-[0-9a-f]{{16}}-01", sent) and sent != f"00-{trace}-00f067aa0ba902b7-01"
 
 
 async def test_cors_preflight_and_headers(upstream, gateway_factory):

@@ -18,15 +18,14 @@ _RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
 class HTTPResponse(UpstreamResponse):
-    __slots__ = ("_resp",)
+    __slots__ = ("_resp", "read")
 
     def __init__(self, resp: aiohttp.ClientResponse) -> None:
         self._resp = resp
         self.status = resp.status
         self.headers = resp.headers
-
-    async def read(self) -> bytes:
-        return await self._resp.read()
+        #: The whole body: aiohttp's own ``read`` (no coroutine frame of ours around it).
+        self.read = resp.read  # type: ignore[method-assign]
 
     async def batches(self) -> AsyncIterator[list[bytes]]:
         parser = SSEParser()

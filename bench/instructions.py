@@ -1,0 +1,182 @@
+"""Instructions per request: the gateway against the passthrough, counted by callgrind (deterministic).
+
+    apt-get install valgrind
+    python -m bench.instructions                          # non-stream, concurrency 16, 1000 requests
+    python -m bench.instructions --load stream --requests 100
+    python -m bench.instructions --ref HEAD~1 --variant SSEGATE_OBSERVABILITY__ACCESS_LOG=false
+
+CPU time per request on a shared VM moves by ±10% between two identical processes (address layout, neighbours),
+so a change worth 3% cannot be seen in ``bench.ab``'s CPU medians. Instructions executed by the proxy process
+between two marks can: the same build counts the same number to within 0.1%. Each contender runs under
+``valgrind --tool=callgrind`` (about 50x slower, so counts, not times, are what it is for); after a warm-up its
+counters are zeroed, a fixed number of requests (or 64-chunk streams) run through it, and the counters are
+dumped. The table gives instructions per request and the ratio to the passthrough. Instructions are not CPU
+time (cache misses and system calls are not in them): record CPU ratios with ``python -m bench``.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import aiohttp
+
+from bench.run import (NON_STREAM_BODY, ROOT, BenchError, Proc, StreamScenario, export_ref, free_port,
+                       gateway_config, raise_fd_limit, run_stream_client)
+
+__all__ = ["main"]
+
+_TOTALS = re.compile(rb"^(?:summary|totals):\s*(\d+)", re.M)
+
+
+async def _requests(url: str, count: int, concurrency: int) -> None:
+    """Exactly ``count`` non-stream POSTs over ``concurrency`` keep-alive connections; any non-200 fails."""
+    left = count
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        async def worker() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                async with session.post(url, data=NON_STREAM_BODY,
+                                        headers={"Content-Type": "application/json"}) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        raise BenchError(f"{url} answered {resp.status}")
+
+        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), 1800)
+
+
+class Callgrind:
+    """One proxy process under callgrind, with its counters zeroed and dumped around a load."""
+
+    def __init__(self, name: str, argv: list[str], port: int, tmpdir: Path, env: dict[str, str] | None,
+                 cwd: Path) -> None:
+        self.out = tmpdir / f"callgrind.{name}"
+        wrapped = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={self.out}", "--dump-instr=no", *argv]
+        self.proc = Proc(name, wrapped, 0, port, tmpdir, env, cwd)
+
+    def start(self) -> "Callgrind":
+        self.proc.start(ready_timeout=180.0)
+        return self
+
+    def _control(self, flag: str) -> None:
+        subprocess.run(["callgrind_control", flag, str(self.proc.pid)], check=True, capture_output=True,
+                       timeout=120)
+
+    def count(self, load: Callable[[], None]) -> int:
+        """Instructions the process executed while ``load`` ran."""
+        before = set(self.out.parent.glob(self.out.name + ".*"))
+        self._control("-z")
+        load()
+        self._control("-d")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            dumps = set(self.out.parent.glob(self.out.name + ".*")) - before
+            for path in dumps:
+                m = _TOTALS.search(path.read_bytes())
+                if m:
+                    return int(m.group(1))
+            time.sleep(0.2)
+        raise BenchError(f"no callgrind dump from {self.proc.name}")
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ref", action="append", default=[], help="also count the gateway of this git ref")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
+                        help="also count the work tree's gateway with these environment variables set")
+    parser.add_argument("--load", choices=("nonstream", "stream"), default="nonstream")
+    parser.add_argument("--requests", type=int, default=1000, help="requests (or streams) counted")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--no-passthrough", action="store_true", help="count gateways only")
+    args = parser.parse_args(argv)
+    if not 10 <= args.requests <= 20000 or not 1 <= args.concurrency <= 256:
+        parser.error("--requests 10..20000, --concurrency 1..256")
+    for tool in ("valgrind", "callgrind_control"):
+        if shutil.which(tool) is None:
+            print(f"error: `{tool}` is not installed. Install it with:  apt-get install valgrind", file=sys.stderr)
+            return 2
+    raise_fd_limit()
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("SSEGATE_")}
+    rows: list[tuple[str, float]] = []
+    with tempfile.TemporaryDirectory(prefix="ssegate-instr-") as tmp:
+        tmpdir = Path(tmp)
+        mock_port = free_port()
+        mock = Proc("mock_upstream", [sys.executable, "-m", "bench.mock_upstream", "--port", str(mock_port)], 1,
+                    mock_port, tmpdir).start()
+        contenders: list[tuple[str, list[str], dict[str, str], Path, int]] = []
+        try:
+            if not args.no_passthrough:
+                port = free_port()
+                contenders.append(("passthrough", [sys.executable, "-m", "bench.passthrough", "--port", str(port),
+                                                   "--upstream", f"http://127.0.0.1:{mock_port}"],
+                                   base_env, ROOT, port))
+
+            def gateway(name: str, src: Path | None, extra: dict[str, str]) -> None:
+                port = free_port()
+                config = tmpdir / f"{len(contenders)}.yaml"
+                gateway_config(config, port, mock_port)
+                env = {**base_env, **extra}
+                if src is not None:
+                    env["PYTHONPATH"] = str(src)
+                cmd = [sys.executable, "-m", "proxy", "serve", "--config", str(config)]
+                contenders.append((name, cmd, env, src or ROOT, port))
+
+            gateway("gateway", None, {})
+            for ref in args.ref:
+                src = tmpdir / f"src-{len(contenders)}"
+                export_ref(ref, src)
+                gateway(f"gateway@{ref}", src, {})
+            for variant in args.variant:
+                pairs = dict(v.partition("=")[::2] for v in variant.split(","))
+                gateway("gateway+" + ",".join(f"{k}={v}" for k, v in pairs.items()), None, pairs)
+
+            for name, cmd, env, cwd, port in contenders:
+                safe = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in name)
+                target = Callgrind(safe, cmd, port, tmpdir, env, cwd).start()
+                url = f"http://127.0.0.1:{port}/v1/chat/completions"
+                try:
+                    if args.load == "nonstream":
+                        asyncio.run(_requests(url, 100, args.concurrency))  # warm-up
+                        ir = target.count(lambda: asyncio.run(_requests(url, args.requests, args.concurrency)))
+                    else:
+                        sc = StreamScenario("instr", "stream", args.concurrency, args.requests, 0.0, 0)
+                        run_stream_client(url, sc, None, 1, tmpdir, True, count=20, warmup=0)
+                        ir = target.count(lambda: _checked_streams(url, sc, tmpdir, args.requests))
+                finally:
+                    target.stop()
+                rows.append((name, ir / args.requests))
+                print(f"{name:40s} {ir / args.requests:12,.0f} instructions", file=sys.stderr, flush=True)
+        finally:
+            mock.stop()
+    unit = "request" if args.load == "nonstream" else "64-chunk stream"
+    base = rows[0][1] if not args.no_passthrough else None
+    print(f"| {args.load}, c={args.concurrency}, {args.requests} counted | instructions per {unit} | ratio |")
+    print("|---|---:|---:|")
+    for name, value in rows:
+        ratio = f"{value / base:.3f}x" if base else "-"
+        print(f"| {name} | {value:,.0f} | {ratio} |")
+    return 0
+
+
+def _checked_streams(url: str, sc: StreamScenario, tmpdir: Path, count: int) -> None:
+    res = run_stream_client(url, sc, None, 1, tmpdir, True, count=count, warmup=0)
+    if res.get("completed") != count:
+        raise BenchError(f"{count} streams asked, {res.get('completed')} completed: {res}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
