@@ -85,7 +85,7 @@ class Forwarder:
         """Try the routes in order (retries, backoff, breakers, fallback) until one answers the client."""
         loop = self.loop
         guard = Guard(loop.time(), self.retry.request_deadline, self.keepalive_interval if out else None,
-                      out.keepalive if out is not None else None)
+                      out.keepalive if out is not None else None, loop)
         if out is not None:
             out.guard = guard
         guards = self.gateway.watchdog.guards

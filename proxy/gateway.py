@@ -187,7 +187,7 @@ class Gateway:
                 raise GatewayError(404, f"The model `{exchange.model}` does not exist or is not served here.",
                                    param="model", code="model_not_found")
             if exchange.stream:
-                out = ClientStream(request, exchange)
+                out = ClientStream(request, exchange, self.forwarder.loop)
                 self.active_streams += 1
             return await self.forwarder.forward(request, exchange, routes, out)
         except web.HTTPRequestEntityTooLarge:

@@ -77,12 +77,13 @@ class ClientStream:
     __slots__ = ("request", "exchange", "resp", "_prepare", "loop", "guard", "content_sent", "last_template",
                  "egress")
 
-    def __init__(self, request: web.Request, exchange: Exchange) -> None:
+    def __init__(self, request: web.Request, exchange: Exchange,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.request = request
         self.exchange = exchange
         self.resp = web.StreamResponse(status=200, headers=_SSE_HEADERS)
         self._prepare: Any = None
-        self.loop = asyncio.get_running_loop()
+        self.loop = loop or asyncio.get_running_loop()
         self.guard: Guard | None = None
         self.content_sent = False
         self.last_template: bytes | None = None  # last content event, to build a final chunk from when needed

@@ -24,8 +24,10 @@ class Guard:
                  "total_deadline", "expired", "keepalive_interval", "last_write", "send_keepalive")
 
     def __init__(self, now: float, total_timeout: float | None, keepalive_interval: float | None = None,
-                 send_keepalive: Callable[[], Any] | None = None) -> None:
-        self.task = asyncio.current_task()
+                 send_keepalive: Callable[[], Any] | None = None, loop: asyncio.AbstractEventLoop | None = None
+                 ) -> None:
+        # With the loop given, no get_running_loop() (a getpid system call on Python 3.11).
+        self.task = asyncio.current_task(loop)
         self.last_event = now
         self.last_write = now
         self.got_first = False
