@@ -29,6 +29,7 @@ __all__ = ["MetricsPlugin"]
 MAX_MODELS = 200
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _CIRCUIT_VALUE = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
+_ERROR_OUTCOMES = frozenset({Outcome.ERROR, Outcome.TIMEOUT})
 
 
 def _process_start_time() -> float:
@@ -226,11 +227,12 @@ class MetricsPlugin:
                 overhead += max(0.0, exchange.first_byte_at - exchange.upstream_first_at)
             self.overhead.observe((), overhead)
         error_class = None
-        if status >= 400 or exchange.outcome in (Outcome.ERROR, Outcome.TIMEOUT):
+        outcome = exchange.outcome
+        if status >= 400 or outcome in _ERROR_OUTCOMES:
             error_class = "client" if 400 <= status < 500 else "upstream" if exchange.attempts else "gateway"
-            if exchange.outcome == Outcome.TIMEOUT:
+            if outcome == Outcome.TIMEOUT:
                 error_class = "timeout"
-            elif exchange.outcome == Outcome.CLIENT_DISCONNECT:
+            elif outcome == Outcome.CLIENT_DISCONNECT:
                 error_class = "client_disconnect"
         completion = usage.completion_tokens if usage is not None else 0
         self.recent.append((time.time(), duration, ttft, completion, status, error_class, exchange.stream,
