@@ -48,6 +48,12 @@ def _refuse_while_draining(request_id: str) -> web.Response:
                         headers={"Connection": "close", "Retry-After": "1", REQUEST_ID_HEADER: request_id})
 
 
+def _client_gone() -> web.Response:
+    response = web.Response(status=499, reason="Client Closed Request")
+    response.force_close()
+    return response
+
+
 def _serving(endpoint: str, ingress: str = "openai") -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """The handler of one API endpoint: build the Exchange and hand it to the current Gateway (one frame, as
     every await inside a request resumes through each frame above it)."""
@@ -62,6 +68,10 @@ def _serving(endpoint: str, ingress: str = "openai") -> Callable[[web.Request], 
                             trace_id=trace_id, response_headers={REQUEST_ID_HEADER: request_id})
         try:
             return await gateway.handle(request, exchange)
+        except ConnectionError:
+            # The client went away while its answer was written (gateway.handle recorded the disconnect): not a
+            # bug, nothing to log. aiohttp drops what it cannot send; the connection is not kept.
+            return _client_gone()
         except Exception as exc:  # gateway.handle answers every GatewayError itself: this is a bug
             response = error_for(request, exc)
             response.headers[REQUEST_ID_HEADER] = request_id

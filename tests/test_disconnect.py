@@ -86,3 +86,35 @@ async def test_pooled_connection_is_released_after_disconnect(upstream, gateway_
         upstream.script = Script(texts=["again"])
         async with s.post(gw.base_url + "/chat/completions", json=CHAT) as r2:
             assert (await r2.json())["choices"][0]["message"]["content"] == "again"
+
+
+async def test_client_gone_while_the_answer_is_written_is_not_an_error(upstream, gateway_factory):
+    """A write to a client connection that is closing (aiohttp raises ClientConnectionResetError) ends the
+    exchange as a client disconnect: no error log with a traceback, no 500, exchange_done once."""
+    from structlog.testing import capture_logs
+
+    class ClosesTheClientConnection:
+        """Closes the server side of the client's connection just before the gateway writes the answer."""
+
+        def __init__(self) -> None:
+            self.server = None
+
+        @hookimpl
+        def on_response(self, exchange, body):
+            for handler in self.server.connections:
+                handler.transport.close()
+
+    rec, closer = Recorder(), ClosesTheClientConnection()
+    gw = await gateway_factory(config_for(upstream, pipeline=["rec", "closer", "router"]),
+                               plugins={"rec": rec, "closer": closer})
+    closer.server = gw.runner.server
+    with capture_logs() as logs:
+        async with aiohttp.ClientSession() as s:
+            try:
+                async with s.post(gw.base_url + "/chat/completions", json=CHAT) as resp:
+                    await resp.read()
+            except aiohttp.ClientError:
+                pass  # the connection closed without an answer, as it should
+        await asyncio.wait_for(rec.event.wait(), 2)
+    assert len(rec.done) == 1 and rec.done[0].outcome == Outcome.CLIENT_DISCONNECT and rec.done[0].status == 499
+    assert not [e for e in logs if e["log_level"] in ("error", "critical")], logs
