@@ -138,7 +138,7 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory):
             try:
                 if _query(base, 'up{job="ssegate"} == 1')["data"]["result"]:
                     break
-            except (OSError, KeyError):
+            except (OSError, KeyError, ValueError):  # ValueError: a plain-text 503 while Prometheus starts
                 pass
             time.sleep(0.3)
         else:
