@@ -68,6 +68,11 @@ class Boom:
             raise ValueError("bug in plugin")
 
     @hookimpl
+    def select_route(self, exchange):
+        if self.hook == "select_route":
+            raise RuntimeError("bug in a router")
+
+    @hookimpl
     def on_chunk(self, exchange, chunk):
         if self.hook == "on_chunk" and (chunk.json or {}).get("choices", [{}])[0].get("delta", {}).get("content") == "b":
             raise KeyError("bug per chunk")
@@ -82,6 +87,21 @@ async def test_plugin_exception_fails_closed_with_500(upstream, gateway_factory,
             assert resp.status == 500
             err = (await resp.json())["error"]
     assert err["code"] == "plugin_error" and "'boom'" in err["message"]
+    assert upstream.requests == []
+    assert [e.outcome for e in tracer.done] == [Outcome.ERROR]
+
+
+async def test_a_failing_synchronous_router_fails_closed_with_500(upstream, gateway_factory):
+    """select_route is walked without a coroutine when no implementation awaits: it still fails closed."""
+    tracer = Tracer("t", [])
+    gw = await gateway_factory(config_for(upstream, pipeline=["t", "boom", "router"]),
+                               plugins={"boom": Boom("select_route"), "t": tracer})
+    assert not gw.current.pipeline.select_route_awaits
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.base_url + "/chat/completions", json=CHAT) as resp:
+            assert resp.status == 500
+            err = (await resp.json())["error"]
+    assert err["code"] == "plugin_error" and "'boom'" in err["message"] and "select_route" in err["message"]
     assert upstream.requests == []
     assert [e.outcome for e in tracer.done] == [Outcome.ERROR]
 
