@@ -1,9 +1,11 @@
 """Prometheus metrics and the JSON summary, recorded once per exchange in ``exchange_done``.
 
-Per exchange this costs a handful of dict increments (see :class:`proxy.metrics.FastCounter`); the values reach
-the aioprometheus collectors when ``/metrics`` is scraped. Label values are bounded: route, provider (from the
-config), status, error kinds, and model names only for models that were actually routed (at most
-``MAX_MODELS`` distinct, then ``other``).
+``exchange_done`` only appends one tuple per exchange; the tuples are folded into plain dict series in batches
+(every :data:`FOLD_EVERY` exchanges, and before each scrape or summary), one loop with no call per value, and
+the values reach the aioprometheus collectors when ``/metrics`` is scraped (see
+:class:`proxy.metrics.FastCounter`). Label values are bounded: route, provider (from the config), status, error
+kinds, and model names only for models that were actually routed (at most ``MAX_MODELS`` distinct, then
+``other``). The series belong to the process and survive config reloads.
 """
 from __future__ import annotations
 
@@ -60,17 +62,18 @@ def _percentile(values: list[float], q: float) -> float | None:
     return values[idx]
 
 
-class MetricsPlugin:
-    def __init__(self) -> None:
-        self._probe: asyncio.Task[None] | None = None
-        self.gateway: "Gateway | None" = None
-        self.models: set[str] = set()
-        self.recent: deque[tuple[float, float, float | None, int, int, str | None, bool, bool | None]] = deque(
-            maxlen=10000)
+#: Records waiting to be folded into the series: folded when this many wait, and before every scrape or summary.
+FOLD_EVERY = 256
 
-    # -- setup ------------------------------------------------------------------------------------------------
-    @hookimpl
-    def register_metrics(self, registry: Any) -> None:
+
+class Series:
+    """The process's metric series, the recent window of the summary, and the records not folded in yet.
+
+    One per process: a config reload builds a new plugin instance, which adopts the Series of the one before (a
+    counter must never go back), and exchanges still finishing on the old Gateway record into the same one.
+    """
+
+    def __init__(self, registry: Any) -> None:
         self.registry = registry
         self.requests = FastCounter(counter(registry, "ssegate_requests_total", "Requests answered."),
                                     ("route", "model", "provider", "status"))
@@ -101,6 +104,138 @@ class MetricsPlugin:
                                                 "Time spent in the gateway itself (before the upstream call, and "
                                                 "between the upstream's first event and the client's).",
                                                 TOKEN_BUCKETS), ())
+        self.fast = (self.requests, self.duration, self.ttft, self.itl, self.tokens, self.upstream_errors,
+                     self.retries, self.fallbacks, self.cache_hits, self.cache_misses, self.ratelimited,
+                     self.flagged, self.overhead)
+        #: Model label values seen so far (bounded by MAX_MODELS).
+        self.models: set[str] = set()
+        #: Per exchange: (unix time, duration, ttft, completion tokens, status, error class, stream, cache hit).
+        self.recent: deque[tuple[float, float, float | None, int, int, str | None, bool, bool | None]] = deque(
+            maxlen=10000)
+        #: Exchanges recorded by ``exchange_done`` and not folded yet (see :data:`FOLD_EVERY`).
+        self.pending: list[tuple[Any, ...]] = []
+
+    def sync(self) -> None:
+        """Fold what is pending, then hand the series to the collectors (before each scrape)."""
+        self.fold()
+        for fast in self.fast:
+            fast.sync()
+
+    def model_label(self, model: str | None, routed: bool) -> str:
+        if not routed or model is None:
+            return "unknown"
+        if model not in self.models:
+            if len(self.models) >= MAX_MODELS:
+                return "other"
+            self.models.add(model)
+        return model
+
+    def fold(self) -> None:
+        """Turn the pending records into series values and summary entries: one loop over the records, the
+        histogram values gathered per series and observed in batches (see ``FastHistogram.observe_many``)."""
+        pending = self.pending
+        if not pending:
+            return
+        records = pending.copy()
+        pending.clear()
+        wall = time.time() - time.monotonic()  # monotonic -> unix time, for the summary window
+        models = self.models
+        requests, tokens = self.requests.values, self.tokens.values
+        durations: dict[tuple[str, str], list[float]] = {}
+        ttfts: dict[tuple[str], list[float]] = {}
+        itls: dict[tuple[str], list[float]] = {}
+        overheads: list[float] = []
+        fallbacks = cache_hits = cache_misses = ratelimited = flagged = 0
+        recent = self.recent.append
+        for (endpoint, ingress, model, routed, provider, status, stream, started, first, ended, chunks, prompt,
+             completion, tier, tried, attempts, cache, tags, overhead, outcome) in records:
+            route = endpoint if ingress == "openai" else f"{endpoint}:{ingress}"
+            if model not in models:  # includes None
+                model = self.model_label(model, routed)
+            elif not routed:
+                model = "unknown"
+            key = (route, model, provider, status)  # labels become strings at scrape time
+            requests[key] = requests.get(key, 0) + 1
+            took = 0.0 if ended is None else ended - started
+            key = (route, "true" if stream else "false")
+            values = durations.get(key)
+            if values is None:
+                values = durations[key] = []
+            values.append(took)
+            ttft = None
+            if first is not None:
+                ttft = first - started
+                key = (provider,)
+                values = ttfts.get(key)
+                if values is None:
+                    values = ttfts[key] = []
+                values.append(ttft)
+                if stream and chunks > 1 and ended is not None:
+                    itls.setdefault(key, []).append((ended - first) / (chunks - 1))
+            if prompt is not None:
+                key = ("prompt", model, provider, tier)
+                tokens[key] = tokens.get(key, 0) + prompt
+                key = ("completion", model, provider, tier)
+                tokens[key] = tokens.get(key, 0) + completion
+            if attempts is not None:  # retries, errors or fallbacks (None: one clean attempt)
+                fallbacks += self._count_attempts(attempts, provider, outcome)
+            if cache is not None:
+                if cache == "HIT":
+                    cache_hits += 1
+                elif cache == "MISS":
+                    cache_misses += 1
+            if tags is not None:
+                if "ratelimited" in tags:
+                    ratelimited += 1
+                if "moderation_flagged" in tags:
+                    flagged += 1
+            if overhead is not None:
+                overheads.append(overhead)
+            error_class = None
+            if status >= 400 or outcome in _ERROR_OUTCOMES:
+                error_class = "client" if 400 <= status < 500 else "upstream" if tried else "gateway"
+                if outcome == Outcome.TIMEOUT:
+                    error_class = "timeout"
+                elif outcome == Outcome.CLIENT_DISCONNECT:
+                    error_class = "client_disconnect"
+            recent(((ended if ended is not None else started) + wall, took, ttft, completion or 0, status,
+                    error_class, stream, None if cache is None else cache == "HIT"))
+        for histogram, batches in ((self.duration, durations), (self.ttft, ttfts), (self.itl, itls),
+                                   (self.overhead, {(): overheads} if overheads else {})):
+            for key, values in batches.items():
+                histogram.observe_many(key, values)
+        for fast, count in ((self.fallbacks, fallbacks), (self.cache_hits, cache_hits),
+                            (self.cache_misses, cache_misses), (self.ratelimited, ratelimited),
+                            (self.flagged, flagged)):
+            if count:
+                fast.inc((), count)
+
+    def _count_attempts(self, attempts: list[dict[str, Any]], provider: str, outcome: str | None) -> int:
+        """Count upstream errors and retries of one exchange; 1 if it was answered by a fallback route."""
+        errors, retries = self.upstream_errors.values, self.retries.values
+        previous = None
+        for attempt in attempts:
+            kind = attempt.get("error")
+            name = attempt["provider"]
+            if kind is not None:
+                key = (name, kind)
+                errors[key] = errors.get(key, 0) + 1
+            if name == previous:
+                retries[(name,)] = retries.get((name,), 0) + 1
+            previous = name
+        return 1 if outcome == Outcome.OK and attempts[0]["provider"] != provider else 0
+
+
+class MetricsPlugin:
+    def __init__(self) -> None:
+        self._probe: asyncio.Task[None] | None = None
+        self.gateway: "Gateway | None" = None
+
+    # -- setup ------------------------------------------------------------------------------------------------
+    @hookimpl
+    def register_metrics(self, registry: Any) -> None:
+        self.registry = registry
+        self.series = Series(registry)
         self.active_streams = gauge(registry, "ssegate_active_streams", "Streams being relayed now.")
         self.in_flight = gauge(registry, "ssegate_requests_in_flight", "Requests in flight now.")
         self.circuit = gauge(registry, "ssegate_circuit_state",
@@ -110,14 +245,19 @@ class MetricsPlugin:
         self.process_rss = gauge(registry, "process_resident_memory_bytes", "Resident memory, bytes.")
         self.process_fds = gauge(registry, "process_open_fds", "Open file descriptors.")
         self.process_start = gauge(registry, "process_start_time_seconds", "Start time, Unix seconds.")
-        self._fast = (self.requests, self.duration, self.ttft, self.itl, self.tokens, self.upstream_errors,
-                      self.retries, self.fallbacks, self.cache_hits, self.cache_misses, self.ratelimited,
-                      self.flagged, self.overhead)
 
     @hookimpl
     def startup(self, gateway: "Gateway") -> None:
         self.gateway = gateway
-        self.recent = deque(self.recent, maxlen=gateway.config.observability.summary_window)
+        before = gateway.process_state.get("metrics")
+        if isinstance(before, Series) and before.registry is self.registry:
+            self.series = before  # a reload: counters carry on from where they were
+        gateway.process_state["metrics"] = self.series
+        window = gateway.config.observability.summary_window
+        if self.series.recent.maxlen != window:
+            self.series.fold()
+            self.series.recent = deque(self.series.recent, maxlen=window)
+        self.pending = self.series.pending
         gateway.scrape_callbacks.append(self.sync)
         self.process_start.set({}, PROCESS_START)
         if gateway.config.redis.url:
@@ -142,8 +282,7 @@ class MetricsPlugin:
 
     def sync(self) -> None:
         """Hand the accumulated values to the collectors (called before each scrape)."""
-        for fast in self._fast:
-            fast.sync()
+        self.series.sync()
         self._process()
         gateway = self.gateway
         if gateway is not None:
@@ -163,85 +302,39 @@ class MetricsPlugin:
             pass
 
     # -- per exchange ---------------------------------------------------------------------------------------
-    def _model(self, exchange: "Exchange") -> str:
-        model = exchange.upstream_model or exchange.model
-        if not exchange.routes or model is None:
-            return "unknown"
-        if model not in self.models:
-            if len(self.models) >= MAX_MODELS:
-                return "other"
-            self.models.add(model)
-        return model
-
     @hookimpl
     def exchange_done(self, exchange: "Exchange") -> None:
-        route = exchange.endpoint if exchange.ingress == "openai" else f"{exchange.endpoint}:{exchange.ingress}"
-        provider = exchange.provider or "none"
-        model = exchange.upstream_model or exchange.model
-        if model not in self.models:  # includes None
-            model = self._model(exchange)
-        elif not exchange.routes:
-            model = "unknown"
-        status = exchange.status or 0
-        self.requests.inc((route, model, provider, status))  # labels become strings at scrape time
-        started, ended, first = exchange.started, exchange.ended, exchange.first_byte_at
-        duration = 0.0 if ended is None else ended - started
-        self.duration.observe((route, "true" if exchange.stream else "false"), duration)
-        ttft = None if first is None else first - started
-        if ttft is not None:
-            self.ttft.observe((provider,), ttft)
-            if exchange.stream and exchange.chunks_sent > 1 and exchange.ended is not None:
-                self.itl.observe((provider,), (exchange.ended - exchange.first_byte_at) / (exchange.chunks_sent - 1))
+        """Record the exchange as one tuple of plain values; the series are updated when the records are folded,
+        in batches (:data:`FOLD_EVERY`, and before every scrape or summary)."""
         usage = exchange.usage
-        if usage is not None:
-            principal = exchange.principal
-            tier = (principal.tier or "none") if principal is not None else "anonymous"
-            self.tokens.inc(("prompt", model, provider, tier), usage.prompt_tokens)
-            self.tokens.inc(("completion", model, provider, tier), usage.completion_tokens)
+        principal = exchange.principal
         attempts = exchange.attempts
-        if attempts:
-            previous = None
-            for attempt in attempts:
-                kind = attempt.get("error")
-                if kind is not None:
-                    self.upstream_errors.inc((attempt["provider"], kind))
-                if attempt["provider"] == previous:
-                    self.retries.inc((attempt["provider"],))
-                previous = attempt["provider"]
-            if exchange.outcome == Outcome.OK and attempts[0]["provider"] != provider:
-                self.fallbacks.inc()
-        cache = exchange.response_headers.get("x-cache")
-        if cache == "HIT":
-            self.cache_hits.inc()
-        elif cache == "MISS":
-            self.cache_misses.inc()
-        tags = exchange.tags
-        if tags:
-            if "ratelimited" in tags:
-                self.ratelimited.inc()
-            if "moderation_flagged" in tags:
-                self.flagged.inc()
-        if exchange.upstream_sent_at is not None:
-            overhead = exchange.upstream_sent_at - exchange.started
-            if exchange.upstream_first_at is not None and exchange.first_byte_at is not None:
-                overhead += max(0.0, exchange.first_byte_at - exchange.upstream_first_at)
-            self.overhead.observe((), overhead)
-        error_class = None
-        outcome = exchange.outcome
-        if status >= 400 or outcome in _ERROR_OUTCOMES:
-            error_class = "client" if 400 <= status < 500 else "upstream" if exchange.attempts else "gateway"
-            if outcome == Outcome.TIMEOUT:
-                error_class = "timeout"
-            elif outcome == Outcome.CLIENT_DISCONNECT:
-                error_class = "client_disconnect"
-        completion = usage.completion_tokens if usage is not None else 0
-        self.recent.append((time.time(), duration, ttft, completion, status, error_class, exchange.stream,
-                            None if cache is None else cache == "HIT"))
+        started = exchange.started
+        sent = exchange.upstream_sent_at
+        overhead = None
+        if sent is not None:
+            overhead = sent - started
+            upstream_first, first = exchange.upstream_first_at, exchange.first_byte_at
+            if upstream_first is not None and first is not None and first > upstream_first:
+                overhead += first - upstream_first
+        pending = self.pending
+        pending.append((
+            exchange.endpoint, exchange.ingress, exchange.upstream_model or exchange.model, bool(exchange.routes),
+            exchange.provider or "none", exchange.status or 0, exchange.stream, started, exchange.first_byte_at,
+            exchange.ended, exchange.chunks_sent,
+            None if usage is None else usage.prompt_tokens, None if usage is None else usage.completion_tokens,
+            "anonymous" if principal is None else principal.tier or "none",
+            bool(attempts), attempts if attempts and (len(attempts) > 1 or "error" in attempts[0]) else None,
+            exchange.response_headers.get("x-cache"), exchange.tags or None, overhead, exchange.outcome,
+        ))
+        if len(pending) >= FOLD_EVERY:
+            self.series.fold()
 
     # -- summary ----------------------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         """The FakeAI-style JSON summary over the recent window."""
-        recent = list(self.recent)
+        self.series.fold()
+        recent = list(self.series.recent)
         durations = [r[1] for r in recent]
         ttfts = [r[2] for r in recent if r[2] is not None]
         errors: dict[str, int] = {}

@@ -6,7 +6,7 @@ reset on reload.
 """
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from typing import Any, Sequence, TypeVar
 
 from aioprometheus.collectors import Counter, Gauge, Histogram, Registry
@@ -89,6 +89,21 @@ class FastHistogram:
         series[bisect_left(self.bounds, value)] += 1
         series[-2] += value
         series[-1] += 1
+
+    def observe_many(self, key: tuple[str, ...], values: list[float]) -> None:
+        """Observe a batch of values (sorted in place): one C-level sort and a bisection per bucket bound,
+        instead of a bisection and three list updates per value."""
+        series = self.series.get(key)
+        if series is None:
+            series = self.series[key] = [0.0] * (len(self.bounds) + 2)
+        values.sort()
+        below = 0
+        for i, bound in enumerate(self.bounds):
+            upto = bisect_right(values, bound)  # values <= bound: Prometheus' "le"
+            series[i] += upto - below
+            below = upto
+        series[-2] += sum(values)
+        series[-1] += len(values)
 
     def sync(self) -> None:
         from aioprometheus.histogram import Histogram as Aggregate

@@ -365,7 +365,7 @@ async def test_every_runtime_metric_is_documented(observability_page: str) -> No
     kinds = {Counter: "counter", Gauge: "gauge", Histogram: "histogram"}
     labels = {}
     for plugin in plugins:
-        for value in vars(plugin).values():
+        for value in [*vars(plugin).values(), *vars(getattr(plugin, "series", plugin)).values()]:
             if isinstance(value, (FastCounter, FastHistogram)):
                 labels[value.collector.name] = value.labelnames
     for name, collector in sorted(collectors.items()):

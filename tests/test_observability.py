@@ -6,13 +6,17 @@ import re
 import shutil
 import subprocess
 
+from unittest.mock import ANY
+
 import aiohttp
 import attrs
+import orjson
 import pytest
 from structlog.testing import capture_logs
 
 from proxy.config.schema import CircuitBreakerConfig, CorsConfig, RedisConfig
-from proxy.testing import Script, config_for
+from proxy.config import load_config
+from proxy.testing import GatewayServer, Script, config_for
 from tests.helpers import CHAT, read_stream
 
 STREAM = {**CHAT, "stream": True}
@@ -64,6 +68,72 @@ async def test_metrics_after_known_traffic(upstream, upstream2, gateway_factory)
     assert sample(text, "process_resident_memory_bytes") > 10_000_000
     assert sample(text, "process_cpu_seconds_total") > 0
     assert "request_id" not in text and "test-key" not in text
+
+
+async def test_metrics_folded_in_batches_count_every_exchange(upstream, gateway_factory, monkeypatch):
+    """exchange_done only records; records are folded every FOLD_EVERY exchanges and before a scrape or a
+    summary. With a batch of 2, five exchanges fold twice on their own and once more at the scrape."""
+    import plugins.metrics
+
+    monkeypatch.setattr(plugins.metrics, "FOLD_EVERY", 2)
+    gw = await gateway_factory(config_for(upstream))
+    async with aiohttp.ClientSession() as s:
+        for _ in range(4):
+            async with s.post(gw.base_url + "/chat/completions", json=CHAT) as r:
+                assert r.status == 200
+        await read_stream(gw.base_url + "/chat/completions", STREAM)
+    series = gw.gateway.plugin("metrics").series
+    assert len(series.pending) == 1  # the fifth waits for the next fold
+    _, text = await get(gw.url + "/metrics")
+    assert series.pending == []
+    assert sample(text, "ssegate_requests_total", route="chat.completions", status="200") == 5
+    assert sample(text, "ssegate_request_duration_seconds_count", stream="false") == 4
+    assert sample(text, "ssegate_request_duration_seconds_bucket", stream="false", le="+Inf") == 4
+    assert sample(text, "ssegate_time_to_first_token_seconds_count", provider="up0") == 5
+    assert sample(text, "ssegate_tokens_total", type="completion", provider="up0") == 5 * 4
+    assert sample(text, "ssegate_overhead_seconds_count") == 5
+    _, summary = await get(gw.url + "/metrics/summary")
+    assert orjson.loads(summary)["requests"] == {"total": 5, "per_second": ANY, "streams": 1}
+
+
+def test_observe_many_fills_the_buckets_observe_would():
+    from proxy.metrics import LATENCY_BUCKETS, FastHistogram, Registry, histogram
+
+    one, many = (FastHistogram(histogram(Registry(), "h", "h", LATENCY_BUCKETS), ("k",)) for _ in range(2))
+    values = [0.0, 0.005, 0.0051, 0.01, 0.3, 0.3, 2.5, 7.0, 299.0, 301.0, 1e9]
+    for v in values:
+        one.observe(("a",), v)
+    many.observe_many(("a",), list(reversed(values[:4])))
+    many.observe_many(("a",), values[4:])
+    assert many.series == one.series
+    assert one.series[("a",)][:2] == [2, 2]  # "le": 0.005 falls in the 0.005 bucket, 0.0051 in the next
+
+
+async def test_counters_survive_a_config_reload(tmp_path, upstream):
+    """A reload builds new plugin instances; Prometheus counters must carry on, never go back."""
+    path = tmp_path / "ssegate.yaml"
+    path.write_text(f"server: {{admin_key: adm}}\nproviders:\n  - name: p\n    type: openai\n"
+                    f"    base_url: {upstream.base_url}\n")
+    gw = await GatewayServer.start(load_config(str(path)), config_path=str(path))
+    try:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(3):
+                async with s.post(gw.base_url + "/chat/completions", json=CHAT) as r:
+                    assert r.status == 200
+            _, text = await get(gw.url + "/metrics")
+            assert sample(text, "ssegate_requests_total", provider="p", status="200") == 3
+            async with s.post(gw.url + "/admin/reload", headers={"Authorization": "Bearer adm"}) as r:
+                assert r.status == 200
+            assert gw.current is not gw.gateway
+            async with s.post(gw.base_url + "/chat/completions", json=CHAT) as r:
+                assert r.status == 200
+            _, text = await get(gw.url + "/metrics")
+            assert sample(text, "ssegate_requests_total", provider="p", status="200") == 4
+            assert sample(text, "ssegate_request_duration_seconds_count", stream="false") == 4
+            _, summary = await get(gw.url + "/metrics/summary")
+            assert orjson.loads(summary)["requests"]["total"] == 4
+    finally:
+        await gw.close()
 
 
 async def test_active_streams_rise_and_fall(upstream, gateway_factory):
