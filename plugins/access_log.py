@@ -4,13 +4,15 @@ text appears only with ``observability.log_prompts: true``."""
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+import datetime
+from typing import TYPE_CHECKING, Any, Callable
 
+import orjson
 import structlog
 
 from proxy.tasks import stop_task
 from proxy import hookimpl
-from proxy.log import flush_lines, line_writer
+from proxy.log import LINE_OPTIONS, flush_lines, line_sink
 
 if TYPE_CHECKING:
     from proxy import Exchange
@@ -23,18 +25,24 @@ log = structlog.get_logger("ssegate.access")
 #: Seconds between flushes of buffered access lines (JSON fast path).
 FLUSH_INTERVAL = 0.25
 
+_now, _UTC = datetime.datetime.now, datetime.timezone.utc
+_INFO, _WARNING = 20, 30
+
 
 class AccessLogPlugin:
     def __init__(self) -> None:
         self.log_prompts = False
-        self.write = None
+        #: The fast JSON path (set when JSON logs are configured): raw writer and the logger's level threshold.
+        self.write_bytes: Callable[[bytes], Any] | None = None
+        self.threshold = _INFO
         self._flusher: asyncio.Task[None] | None = None
 
     @hookimpl
     def startup(self, gateway: "Gateway") -> None:
         self.log_prompts = gateway.config.observability.log_prompts
-        self.write = line_writer("ssegate.access")  # the fast JSON path when JSON logs are configured
-        if self.write is not None:
+        sink = line_sink("ssegate.access")  # the fast JSON path when JSON logs are configured
+        if sink is not None:
+            self.write_bytes, self.threshold = sink
             # A flush per line is a syscall per request; lines are flushed together, FLUSH_INTERVAL apart.
             self._flusher = asyncio.get_running_loop().create_task(self._flush_loop(), name="ssegate-log-flush")
 
@@ -51,11 +59,14 @@ class AccessLogPlugin:
 
     @hookimpl
     def exchange_done(self, exchange: "Exchange") -> None:
+        status = exchange.status
+        write_bytes = self.write_bytes
+        if write_bytes is not None and (_INFO if status < 500 else _WARNING) < self.threshold:
+            return
         usage = exchange.usage
         started, first, ended = exchange.started, exchange.first_byte_at, exchange.ended
         principal = exchange.principal
         ingress = exchange.ingress
-        status = exchange.status
         fields = {
             "request_id": exchange.request_id,
             "trace_id": exchange.trace_id,
@@ -82,8 +93,11 @@ class AccessLogPlugin:
             body = exchange._json  # the parsed request, if it parsed
             if isinstance(body, dict):
                 fields["messages"] = body.get("messages") or body.get("prompt")
-        level = "info" if status < 500 else "warning"
-        if self.write is not None:
-            self.write(level, "access", fields)
-        else:
-            getattr(log, level)("access", **fields)
+        if write_bytes is None:
+            (log.info if status < 500 else log.warning)("access", **fields)
+            return
+        fields["event"] = "access"
+        fields["level"] = "info" if status < 500 else "warning"
+        fields["logger"] = "ssegate.access"
+        fields["timestamp"] = _now(_UTC)  # orjson writes it as ISO 8601 with "Z"
+        write_bytes(orjson.dumps(fields, default=str, option=LINE_OPTIONS))

@@ -166,4 +166,8 @@ class RouterPlugin:
     def select_route(self, exchange: "Exchange") -> list[Route]:
         plan = self._plan(exchange.model or "")
         exchange.on_midstream_failure = plan.midstream
+        candidates = plan.candidates
+        if len(candidates) == 1:  # nothing to order
+            provider, model = candidates[0]
+            return [Route(provider.name, model)]
         return [Route(provider.name, model) for provider, model in self.order(plan)]

@@ -69,11 +69,15 @@ class Usage:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "Usage | None":
-        if not isinstance(d, dict):
-            return None
-        p = int(d.get("prompt_tokens") or d.get("input_tokens") or 0)
-        c = int(d.get("completion_tokens") or d.get("output_tokens") or 0)
-        return cls(p, c, int(d.get("total_tokens") or p + c))
+        if type(d) is not dict:
+            return None if not isinstance(d, dict) else cls.from_dict(dict(d))
+        p = d.get("prompt_tokens") or d.get("input_tokens") or 0
+        c = d.get("completion_tokens") or d.get("output_tokens") or 0
+        t = d.get("total_tokens")
+        if type(p) is not int or type(c) is not int or type(t) is not int:  # a float or a string: make them ints
+            p, c = int(p), int(c)
+            t = int(t or p + c)
+        return cls(p, c, t or p + c)
 
 
 @attrs.define(slots=True, eq=False)

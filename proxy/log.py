@@ -13,15 +13,15 @@ import os
 import sys
 import time
 from contextvars import ContextVar
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 import orjson
 import structlog
 
 from .config.schema import LoggingConfig
 
-__all__ = ["configure_logging", "level_filter", "line_writer", "flush_lines", "request_context",
-           "add_request_context"]
+__all__ = ["configure_logging", "level_filter", "line_writer", "line_sink", "LINE_OPTIONS", "flush_lines",
+           "request_context", "add_request_context"]
 
 #: ``(request_id, trace_id)`` of the request the current task serves (set once per request by the handler:
 #: one context variable, where structlog's ``bind_contextvars`` sets one per key).
@@ -147,6 +147,21 @@ def line_writer(name: str) -> Any:
 
         writer = _line_writers[name] = write
     return writer
+
+
+def line_sink(name: str) -> tuple[Callable[[bytes], Any], int] | None:
+    """The raw end of the fast JSON path: ``(write_bytes, threshold)`` for logger ``name``, or None (as
+    :func:`line_writer`). For a hot line that builds its whole object itself (``event``, ``level``, ``logger``
+    and ``timestamp`` included) and checks its level against ``threshold`` (10 debug ... 50 critical); write
+    ``orjson.dumps(fields, option=LINE_OPTIONS)``. Buffered: flushed by :func:`flush_lines`."""
+    target = _json_target.get("stream")
+    if target is None:
+        return None
+    return target.write, _json_target["threshold"](name)
+
+
+#: orjson options of a line: a newline at the end, ``datetime`` values in UTC written with ``Z``.
+LINE_OPTIONS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_UTC_Z
 
 
 def flush_lines() -> None:

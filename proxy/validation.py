@@ -17,12 +17,15 @@ def _invalid(message: str, param: str) -> Exception:
 
 
 def _check_common(body: dict[str, Any]) -> None:
-    # Conditions first, messages only on failure: this runs for every request.
+    # Conditions first, messages only on failure: this runs for every request. Only the optional keys the body
+    # has are looked at (one set operation finds them).
     model = body.get("model")
     if model is None:
         raise bad_request("you must provide a model parameter", param="model", code="missing_required_parameter")
     if not isinstance(model, str) or model == "":
         raise _invalid("'model' must be a non-empty string", "model")
+    if _CHECKED.isdisjoint(body):
+        return
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise _invalid("'stream' must be a boolean", "stream")
@@ -33,18 +36,21 @@ def _check_common(body: dict[str, Any]) -> None:
         if not stream:
             raise _invalid("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                            "stream_options")
-    for key in _POSITIVE_INTS:
-        value = body.get(key)
+    for key in _POSITIVE_INTS.intersection(body):
+        value = body[key]
         if value is not None and (type(value) is not int or value < 1):
             raise _invalid(f"'{key}' must be a positive integer", key)
-    for key, low, high in _RANGES:
-        value = body.get(key)
+    for key in _RANGES.keys() & body.keys():
+        value = body[key]
+        low, high = _RANGES[key]
         if value is not None and (type(value) not in (int, float) or not low <= value <= high):
             raise _invalid(f"'{key}' must be a number between {low} and {high}", key)
 
 
-_POSITIVE_INTS = ("max_tokens", "max_completion_tokens", "n")
-_RANGES = (("temperature", 0, 2), ("top_p", 0, 1))
+_POSITIVE_INTS = frozenset(("max_tokens", "max_completion_tokens", "n"))
+_RANGES = {"temperature": (0, 2), "top_p": (0, 1)}
+#: The optional keys _check_common looks at.
+_CHECKED = frozenset(("stream", "stream_options", *_POSITIVE_INTS, *_RANGES))
 
 
 def validate(exchange: Exchange) -> None:
@@ -85,9 +91,10 @@ def validate(exchange: Exchange) -> None:
         if body.get("stream"):
             raise _invalid("embeddings cannot be streamed", "stream")
     exchange.model = body["model"]
-    exchange.stream = bool(body.get("stream"))
-    opts = body.get("stream_options")
-    exchange.include_usage = bool(exchange.stream and isinstance(opts, dict) and opts.get("include_usage"))
+    if body.get("stream"):
+        exchange.stream = True
+        opts = body.get("stream_options")
+        exchange.include_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
 
 
 def models_body(names: list[str]) -> bytes:

@@ -28,11 +28,11 @@ _REQUEST_ID_KEY = istr(REQUEST_ID_HEADER)
 _TRACEPARENT_KEY = istr("traceparent")
 
 
-def _request_id(request: web.Request) -> str:
+def _given_request_id(request: web.Request) -> str | None:
     given = request.headers.get(_REQUEST_ID_KEY)
     if given and len(given) <= 128 and given.isprintable():
         return given
-    return ids.request_id()
+    return None
 
 
 def _http_error(exc: web.HTTPException) -> web.Response:
@@ -52,8 +52,8 @@ def _http_error(exc: web.HTTPException) -> web.Response:
     return resp
 
 
-def _trace_id(request: web.Request) -> str:
-    """The W3C trace id of ``traceparent`` (``00-<32 hex>-<16 hex>-<2 hex>``), or a new one."""
+def _given_trace_id(request: web.Request) -> str | None:
+    """The W3C trace id of ``traceparent`` (``00-<32 hex>-<16 hex>-<2 hex>``), if the request has a valid one."""
     header = request.headers.get(_TRACEPARENT_KEY)
     if header and len(header) == 55 and header[2] == "-" and header[35] == "-":
         trace = header[3:35]
@@ -63,13 +63,21 @@ def _trace_id(request: web.Request) -> str:
                 return trace
             except ValueError:
                 pass
-    return ids.trace_id()
+    return None
 
 
 def begin(request: web.Request) -> tuple[str, str]:
-    """The request id and W3C trace id of a request (given or new), bound to every log line of its task."""
-    request_id = _request_id(request)
-    trace_id = _trace_id(request)
+    """The request id and W3C trace id of a request (given or new), bound to every log line of its task.
+
+    A request that brings neither gets one new id for both: a new trace is as unique as a request id."""
+    request_id = _given_request_id(request)
+    trace_id = _given_trace_id(request)
+    if trace_id is None:
+        trace_id = ids.trace_id()
+        if request_id is None:
+            request_id = trace_id
+    elif request_id is None:
+        request_id = ids.request_id()
     request_context.set((request_id, trace_id))
     return request_id, trace_id
 

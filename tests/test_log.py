@@ -4,6 +4,7 @@ import io
 from pathlib import Path
 from typing import Iterator
 
+import aiohttp
 import orjson
 import structlog
 
@@ -53,7 +54,7 @@ async def test_access_lines_take_the_fast_json_path(tmp_path, upstream, gateway_
     path = tmp_path / "ssegate.log"
     with json_logging_to(path, levels={"ssegate.forward": "error"}):
         gw = await gateway_factory(config_for(upstream))
-        assert gw.current.plugin("access_log").write is not None
+        assert gw.current.plugin("access_log").write_bytes is not None
         await read_stream(gw.base_url + "/chat/completions", {**CHAT, "stream": True}, {"X-Request-ID": "fast-1"})
         for _ in range(40):  # bounded: lines are flushed every 0.25 s
             if "fast-1" in path.read_text():
@@ -66,6 +67,29 @@ async def test_access_lines_take_the_fast_json_path(tmp_path, upstream, gateway_
     assert (line["logger"], line["level"], line["request_id"], line["status"]) == ("ssegate.access", "info",
                                                                                     "fast-1", 200)
     assert line["timestamp"].endswith("Z") and line["completion_tokens"] == 4
+
+
+async def test_fast_access_lines_follow_the_access_loggers_level(tmp_path, upstream, upstream2, gateway_factory):
+    """With ``ssegate.access: warning``, the fast path writes the failed exchange's line and not the good one's."""
+    from proxy.testing import Script, config_for
+    from tests.helpers import CHAT
+
+    upstream2.script = Script(status=503, error="down")
+    path = tmp_path / "ssegate.log"
+    with json_logging_to(path, levels={"ssegate.access": "warning", "ssegate.forward": "error"}):
+        gw = await gateway_factory(config_for(upstream, upstream2))
+        async with aiohttp.ClientSession() as s:
+            async with s.post(gw.base_url + "/chat/completions", json=CHAT, headers={"X-Request-ID": "good"}) as r:
+                assert r.status == 200
+            async with s.post(gw.base_url + "/chat/completions", json={**CHAT, "model": "up1/m"},
+                              headers={"X-Request-ID": "bad"}) as r:
+                assert r.status == 503
+        for _ in range(40):  # bounded: lines are flushed every 0.25 s
+            if "bad" in path.read_text():
+                break
+            await asyncio.sleep(0.05)
+    access = [e for e in map(orjson.loads, path.read_text().splitlines()) if e.get("event") == "access"]
+    assert [(e["request_id"], e["level"], e["status"]) for e in access] == [("bad", "warning", 503)]
 
 
 async def test_lines_logged_while_serving_carry_the_request_and_trace_ids(tmp_path, ssegate_gateway):
