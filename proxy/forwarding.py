@@ -243,12 +243,10 @@ class Forwarder:
         guard.attempt(self.loop.time(), None, None, cfg.timeout)
         started = time.monotonic()
         provider.in_flight += 1
-        upstream = None
         if exchange.upstream_sent_at is None:
             exchange.upstream_sent_at = started
         try:
-            upstream = await provider.send(ureq)
-            body = await upstream.read()
+            body = await provider.complete(ureq)
             if exchange.upstream_first_at is None:
                 exchange.upstream_first_at = time.monotonic()
         except asyncio.CancelledError:
@@ -264,8 +262,6 @@ class Forwarder:
         finally:
             provider.in_flight -= 1
             guard.pause()
-            if upstream is not None:
-                upstream.close()
         if b'"usage"' in body or self.pipeline.has_on_response:
             try:
                 parsed = orjson.loads(body)
@@ -280,7 +276,9 @@ class Forwarder:
         exchange.status = 200
         exchange.first_byte_at = time.monotonic()
         provider.observe_ttft(exchange.first_byte_at - started)
-        resp = json_response(answer_body(exchange, body), 200, exchange.response_headers)
+        if exchange.ingress != "openai":
+            body = answer_body(exchange, body)
+        resp = json_response(body, 200, exchange.response_headers)
         await resp.prepare(request)
         await resp.write_eof()
         return resp

@@ -133,3 +133,12 @@ class Provider:
     async def send(self, request: UpstreamRequest) -> UpstreamResponse:
         """Send the request; raise :class:`UpstreamError` if no usable answer started."""
         raise NotImplementedError
+
+    async def complete(self, request: UpstreamRequest) -> bytes:
+        """A non-stream answer, whole, as OpenAI-format JSON bytes (``send``, ``read``, ``close``). Adapters may
+        answer it more directly; errors as in ``send``, and read failures propagate."""
+        response = await self.send(request)
+        try:
+            return await response.read()
+        finally:
+            response.close()

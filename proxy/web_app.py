@@ -13,7 +13,7 @@ from aiohttp import web
 from .app_keys import GATEWAY, RELOADER, GatewayHolder
 from .gateway import Gateway
 from .reload import Reloader
-from .web_handlers import routes
+from .web_handlers import api_routes, routes
 from .web_middlewares import add_cors_headers, cors_middleware, edge, unmatched_route
 
 __all__ = ["create_app", "start_server", "serve", "drain"]
@@ -36,6 +36,7 @@ def create_app(gateway: Gateway, config_path: str | None = None, configure_logs:
     app[RELOADER] = Reloader(holder, config_path, configure_logs)
     if cors.allow_origins:
         app.on_response_prepare.append(add_cors_headers(cors))
+    app.add_routes(api_routes(holder))
     app.add_routes(routes)
     known: dict[str, set[str]] = {}
     for route in app.router.routes():

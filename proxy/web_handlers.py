@@ -8,13 +8,13 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from . import health
-from .app_keys import GATEWAY, RELOADER
+from .app_keys import GATEWAY, RELOADER, GatewayHolder
 from .errors import GatewayError
 from .exchange import Exchange
 from .metrics import render_metrics
 from .web_middlewares import REQUEST_ID_HEADER, begin, edge, error_for
 
-__all__ = ["routes"]
+__all__ = ["routes", "api_routes", "API_ENDPOINTS"]
 
 routes = web.RouteTableDef()
 
@@ -54,12 +54,13 @@ def _client_gone() -> web.Response:
     return response
 
 
-def _serving(endpoint: str, ingress: str = "openai") -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+def _serving(holder: GatewayHolder, endpoint: str, ingress: str = "openai"
+             ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """The handler of one API endpoint: build the Exchange and hand it to the current Gateway (one frame, as
-    every await inside a request resumes through each frame above it)."""
+    every await inside a request resumes through each frame above it). Bound to its app's holder, so no
+    app-state lookup per request."""
     async def handler(request: web.Request) -> web.StreamResponse:
         request_id, trace_id = begin(request)
-        holder = request.app[GATEWAY]
         if holder.draining:
             return _refuse_while_draining(request_id)
         gateway = holder.current
@@ -82,16 +83,26 @@ def _serving(endpoint: str, ingress: str = "openai") -> Callable[[web.Request], 
     return handler
 
 
-chat_completions = _serving("chat.completions")
-#: Anthropic Messages ingress: translated to the OpenAI format at the edge, answered by any provider.
-messages = _serving("chat.completions", ingress="anthropic")
-completions = _serving("completions")
-embeddings = _serving("embeddings")
-for _path, _handler in (("/v1/chat/completions", chat_completions), ("/chat/completions", chat_completions),
-                        ("/v1/messages", messages), ("/v1/completions", completions),
-                        ("/completions", completions), ("/v1/embeddings", embeddings),
-                        ("/embeddings", embeddings)):
-    routes.post(_path)(_handler)
+#: The API endpoints: (path, endpoint, ingress). ``/v1/messages`` is the Anthropic Messages ingress, translated
+#: to the OpenAI format at the edge and answered by any provider.
+API_ENDPOINTS = (
+    ("/v1/chat/completions", "chat.completions", "openai"), ("/chat/completions", "chat.completions", "openai"),
+    ("/v1/messages", "chat.completions", "anthropic"), ("/v1/completions", "completions", "openai"),
+    ("/completions", "completions", "openai"), ("/v1/embeddings", "embeddings", "openai"),
+    ("/embeddings", "embeddings", "openai"),
+)
+
+
+def api_routes(holder: GatewayHolder) -> list[web.RouteDef]:
+    """The POST routes of the API, their handlers bound to ``holder``."""
+    handlers: dict[tuple[str, str], Callable[[web.Request], Awaitable[web.StreamResponse]]] = {}
+    defs = []
+    for path, endpoint, ingress in API_ENDPOINTS:
+        handler = handlers.get((endpoint, ingress))
+        if handler is None:
+            handler = handlers[(endpoint, ingress)] = _serving(holder, endpoint, ingress)
+        defs.append(web.post(path, handler))
+    return defs
 
 
 @routes.get("/v1/models")
