@@ -72,10 +72,12 @@ class Plan:
     max_retries: int = 2  # re-measurements of one noisy window, at most
     max_quiet_wait_s: float = 15.0  # one wait for quiet, at most
     ttft_delay_ms: float = 20.0
+    #: Non-stream windows per proxy and concurrency, interleaved between the proxies; the cell is their median.
+    wrk_rounds: int = 1
 
 
 FULL = Plan(
-    name="full", wrk_warmup_s=2, wrk_seconds=10, concurrencies=(1, 16, 64),
+    name="full", wrk_warmup_s=2, wrk_seconds=4, wrk_rounds=5, concurrencies=(1, 16, 64),
     streams=(
         StreamScenario("stream_c1", "stream C=1, no delay", 1, 1000, 0, 50),
         StreamScenario("stream_c200", "stream C=200, 20 ms/chunk", 200, 2000, 20, 200),
@@ -335,11 +337,11 @@ class Bench:
         best["attempts"] = [{"foreign_cores": a["foreign_cores"], value_key: a.get(value_key)} for a in attempts]
         return best
 
-    def non_stream(self, name: str, c: int) -> None:
+    def non_stream_window(self, name: str, c: int) -> dict[str, Any]:
+        """One measured wrk window against one proxy (re-measured while foreign load spoils it)."""
         plan, args = self.plan, self.args
         proc = self.proxies[name]
         url = self.url(name)
-        run_wrk(url, c, plan.wrk_warmup_s, self.wrk_script, args.load_cpu)  # warm-up, not measured
 
         def attempt() -> dict[str, Any]:
             window = CpuWindow(proc.pid, self.others(name)).start()
@@ -353,11 +355,31 @@ class Bench:
             return w
 
         w = self.with_retries(f"{name} non-stream c={c}", attempt, "us_per_request")
-        self.results[name]["non_stream"][f"c{c}"] = w
         log(f"  {name:11s} non-stream c={c:<3d} {w['requests']:7d} req  {w['requests_per_s']:8.0f} req/s  "
             f"CPU {fmt(w['us_per_request'])} us/req  errors {w['errors']}  foreign {w['foreign_cores']:.2f}")
         if w["errors"]:
             log(f"  !!! {name}: wrk reported {w['errors']} errors/non-2xx responses at c={c}: {w}")
+        return w
+
+    def non_stream(self, c: int, order: Callable[[], tuple[str, ...]]) -> None:
+        """``plan.wrk_rounds`` windows per proxy, interleaved (the order alternates), so a drift of the machine
+        hits both alike; each cell is the median window, with every window kept in the results."""
+        for name in PROXIES:
+            run_wrk(self.url(name), c, self.plan.wrk_warmup_s, self.wrk_script, self.args.load_cpu)  # warm-up
+        windows: dict[str, list[dict[str, Any]]] = {name: [] for name in PROXIES}
+        for _ in range(self.plan.wrk_rounds):
+            for name in order():
+                windows[name].append(self.non_stream_window(name, c))
+        for name, ws in windows.items():
+            ranked = sorted(ws, key=lambda w: w["us_per_request"] or 0.0)
+            median = dict(ranked[len(ranked) // 2])
+            median.update(rounds=[{k: w.get(k) for k in ("us_per_request", "requests", "requests_per_s",
+                                                         "foreign_cores", "errors")} for w in ws],
+                          errors=sum(w["errors"] for w in ws), noisy=any(w["noisy"] for w in ws))
+            if len(ws) > 1:
+                log(f"  {name:11s} non-stream c={c:<3d} median of {len(ws)}: CPU {fmt(median['us_per_request'])} "
+                    f"us/req (windows {fmt(ranked[0]['us_per_request'])}-{fmt(ranked[-1]['us_per_request'])})")
+            self.results[name]["non_stream"][f"c{c}"] = median
 
     def stream(self, name: str, sc: StreamScenario) -> None:
         proc = self.proxies[name]
@@ -657,8 +679,7 @@ def run(args: argparse.Namespace) -> int:
 
         for c in plan.concurrencies:
             log(f"non-stream, concurrency {c}:")
-            for name in ordered():
-                bench.non_stream(name, c)
+            bench.non_stream(c, ordered)
         for sc in plan.streams:
             log(f"{sc.label}:")
             for name in ordered():
