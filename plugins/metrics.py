@@ -200,10 +200,10 @@ class Series:
                     error_class = "client_disconnect"
             recent(((ended if ended is not None else started) + wall, took, ttft, completion or 0, status,
                     error_class, stream, None if cache is None else cache == "HIT"))
-        for histogram, batches in ((self.duration, durations), (self.ttft, ttfts), (self.itl, itls),
-                                   (self.overhead, {(): overheads} if overheads else {})):
+        for series, batches in ((self.duration, durations), (self.ttft, ttfts), (self.itl, itls),
+                                (self.overhead, {(): overheads} if overheads else {})):
             for key, values in batches.items():
-                histogram.observe_many(key, values)
+                series.observe_many(key, values)
         for fast, count in ((self.fallbacks, fallbacks), (self.cache_hits, cache_hits),
                             (self.cache_misses, cache_misses), (self.ratelimited, ratelimited),
                             (self.flagged, flagged)):

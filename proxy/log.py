@@ -6,7 +6,6 @@ for structlog loggers and standard-library ones (``aiohttp``, ``redis``) alike.
 """
 from __future__ import annotations
 
-import datetime
 import io
 import logging
 import os
@@ -20,7 +19,7 @@ import structlog
 
 from .config.schema import LoggingConfig
 
-__all__ = ["configure_logging", "level_filter", "line_writer", "line_sink", "LINE_OPTIONS", "flush_lines",
+__all__ = ["configure_logging", "level_filter", "line_sink", "LINE_OPTIONS", "flush_lines",
            "request_context", "add_request_context"]
 
 #: ``(request_id, trace_id)`` of the request the current task serves (set once per request by the handler:
@@ -112,48 +111,16 @@ def _timestamper() -> Any:
     return stamp
 
 
-#: name -> writer of JSON lines that skips structlog's processor chain (set by configure_logging for json).
-_line_writers: dict[str, Any] = {}
 _json_target: dict[str, Any] = {}
 
 
-def line_writer(name: str) -> Any:
-    """A fast writer for one hot, structured line per exchange (the access log), or None.
-
-    Returns ``write(level, event, fields)`` when JSON logging to a binary stream is configured: it checks the
-    logger's level once, adds ``timestamp``, ``level`` and ``logger``, and writes one orjson line (about a fifth
-    of structlog's cost). Returns None otherwise (console logs, or structlog left to tests'
-    ``capture_logs``): callers then log through structlog as usual.
-    """
-    target = _json_target.get("stream")
-    if target is None:
-        return None
-    writer = _line_writers.get(name)
-    if writer is None:
-        threshold = _json_target["threshold"](name)
-        write_bytes = target.write
-        dumps = orjson.dumps
-        options = orjson.OPT_APPEND_NEWLINE | orjson.OPT_UTC_Z
-        now, utc = datetime.datetime.now, datetime.timezone.utc
-
-        def write(level: str, event: str, fields: dict[str, Any]) -> None:
-            if _LEVELS.get(level, 20) < threshold:
-                return
-            fields["event"] = event
-            fields["level"] = level
-            fields["logger"] = name
-            fields["timestamp"] = now(utc)  # orjson writes it as ISO 8601 with "Z", faster than formatting it
-            write_bytes(dumps(fields, default=str, option=options))  # flushed by flush_lines(), not per line
-
-        writer = _line_writers[name] = write
-    return writer
-
-
 def line_sink(name: str) -> tuple[Callable[[bytes], Any], int] | None:
-    """The raw end of the fast JSON path: ``(write_bytes, threshold)`` for logger ``name``, or None (as
-    :func:`line_writer`). For a hot line that builds its whole object itself (``event``, ``level``, ``logger``
-    and ``timestamp`` included) and checks its level against ``threshold`` (10 debug ... 50 critical); write
-    ``orjson.dumps(fields, option=LINE_OPTIONS)``. Buffered: flushed by :func:`flush_lines`."""
+    """The fast JSON path for one hot line per exchange (the access log): ``(write_bytes, threshold)`` for
+    logger ``name`` when JSON logging to a binary stream is configured, else None (console logs, or structlog
+    left to tests' ``capture_logs``: log through structlog then). The caller builds the whole object (``event``,
+    ``level``, ``logger`` and ``timestamp`` included), checks its level against ``threshold`` (10 debug ... 50
+    critical) and writes ``orjson.dumps(fields, option=LINE_OPTIONS)``, about a fifth of structlog's cost.
+    Buffered: flushed by :func:`flush_lines`."""
     target = _json_target.get("stream")
     if target is None:
         return None
@@ -202,7 +169,6 @@ def configure_logging(config: LoggingConfig, file: TextIO | None = None) -> None
     else:
         renderer = structlog.processors.JSONRenderer(serializer=lambda obj, **kw: orjson.dumps(obj, **kw).decode())
     filter_ = level_filter(default, levels)
-    _line_writers.clear()
     flush_lines()
     _json_target.clear()
     if binary:

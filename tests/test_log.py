@@ -23,7 +23,6 @@ def json_logging_to(path: Path, **options: object) -> Iterator[None]:
         finally:
             structlog.reset_defaults()
             log_module._json_target.clear()
-            log_module._line_writers.clear()
 
 
 def test_json_lines_with_levels_per_logger():
