@@ -1,9 +1,9 @@
 """The bare baseline ("1x"): the least an aiohttp proxy can do.
 
-aiohttp + uvloop, ONE shared ``ClientSession`` (large ``TCPConnector`` limit, ``auto_decompress=False``). The
-handler POSTs the client's body to the upstream; an event stream is relayed as a ``web.StreamResponse`` writing
-each ``iter_any()`` piece as it arrives, with no parsing at all; any other answer is read whole and returned as
-a ``web.Response``.
+aiohttp + uvloop, ONE shared ``ClientSession`` (large ``TCPConnector`` limit, ``auto_decompress=False``, no
+cookie jar, as the gateway's). The handler POSTs the client's body to the upstream; an event stream is relayed
+as a ``web.StreamResponse`` writing each ``iter_any()`` piece as it arrives, with no parsing at all; any other
+answer is read whole and returned as a ``web.Response``.
 
     python -m bench.passthrough --upstream http://127.0.0.1:9100 --port 0   # prints "READY <port>"
 """
@@ -29,7 +29,8 @@ def make_app(upstream: str) -> web.Application:
         connector = aiohttp.TCPConnector(limit=10000, limit_per_host=0)
         session_box.append(aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                                  timeout=aiohttp.ClientTimeout(total=None, sock_connect=30),
-                                                 skip_auto_headers=("User-Agent",)))
+                                                 skip_auto_headers=("User-Agent",),
+                                                 cookie_jar=aiohttp.DummyCookieJar()))
         yield
         await session_box[0].close()
 

@@ -252,7 +252,7 @@ class ModerationPlugin:
         if self.config.external is not None and self._session is None:
             import aiohttp
 
-            self._session = aiohttp.ClientSession()
+            self._session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
         if self.config.reload_interval and self.rules.files and self._watcher is None:
             self._watcher = asyncio.get_running_loop().create_task(self._watch(self.config.reload_interval))
 
@@ -404,7 +404,7 @@ class ModerationPlugin:
             import aiohttp
 
             if self._session is None:
-                self._session = aiohttp.ClientSession()
+                self._session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
             async with self._session.post(cfg.url, data=orjson.dumps(payload), headers=headers,
                                           timeout=aiohttp.ClientTimeout(total=cfg.timeout)) as resp:
                 raw = await resp.read()

@@ -25,6 +25,7 @@ from .breaker import CircuitBreaker
 from .continuation import Transcript, continuation_messages
 from .errors import GatewayError, StopStream
 from .exchange import Exchange, Outcome, Route, Usage
+from .openai_format import NOT_TRAILING, trailing_usage
 from .ids import span_id
 from .relay import ClientStream, StreamBroken, answer_body, json_response, relay_stream
 from .upstream import ENDPOINT_PATHS, Provider, UpstreamError, UpstreamRequest
@@ -262,7 +263,11 @@ class Forwarder:
         finally:
             provider.in_flight -= 1
             guard.pause()
-        if b'"usage"' in body or self.pipeline.has_on_response:
+        has_on_response = self.pipeline.has_on_response
+        usage = trailing_usage(body) if not has_on_response and b'"usage"' in body else None
+        if usage is not None and usage is not NOT_TRAILING:
+            exchange.usage = Usage.from_dict(usage)
+        elif has_on_response or usage is NOT_TRAILING:
             try:
                 parsed = orjson.loads(body)
             except orjson.JSONDecodeError as exc:
@@ -270,7 +275,7 @@ class Forwarder:
                                     retryable=True, code="upstream_error") from exc
             if isinstance(parsed, dict):
                 exchange.usage = Usage.from_dict(parsed.get("usage"))
-            if self.pipeline.has_on_response:
+            if has_on_response:
                 body = orjson.dumps(await self.pipeline.on_response(exchange, parsed))
         exchange.outcome = Outcome.OK
         exchange.status = 200

@@ -5,7 +5,38 @@ import os
 import time
 from typing import Any
 
-__all__ = ["merge_chunks", "body_to_chunks", "finish_chunk", "new_id"]
+import orjson
+
+__all__ = ["merge_chunks", "body_to_chunks", "finish_chunk", "new_id", "trailing_usage", "NOT_TRAILING"]
+
+#: :func:`trailing_usage` could not tell: parse the whole body.
+NOT_TRAILING: Any = object()
+_WHITESPACE = b" \t\r\n"
+
+
+def trailing_usage(body: bytes) -> Any:
+    """The ``usage`` object of a non-stream answer whose last member it is (where OpenAI, vLLM, Ollama and the
+    simulator put it), read without parsing the rest of the body; :data:`NOT_TRAILING` when that cannot be
+    told for sure (then parse the body whole).
+
+    Why the byte search is sound: inside a JSON string every ``"`` is escaped, so a ``"usage"`` not preceded
+    by a backslash is a string token of the document; followed by ``:`` it is a key; and when everything
+    between that colon and the body's final ``}`` is one JSON value, the key belongs to the outermost object
+    (a key of a nested object would leave that object's own ``}`` in between, which does not parse).
+    """
+    at = body.rfind(b'"usage"')
+    if at <= 0 or body[at - 1] == 0x5C:  # a backslash: inside a string
+        return NOT_TRAILING
+    colon = at + 7
+    while body[colon:colon + 1] in _WHITESPACE and colon < len(body):
+        colon += 1
+    end = body.rfind(b"}")
+    if body[colon:colon + 1] != b":" or end < colon or body[end + 1:].strip(_WHITESPACE):
+        return NOT_TRAILING
+    try:
+        return orjson.loads(body[colon + 1:end])
+    except orjson.JSONDecodeError:
+        return NOT_TRAILING
 
 
 def new_id(prefix: str = "chatcmpl") -> str:

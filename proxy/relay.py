@@ -60,9 +60,13 @@ def error_payload(exchange: Exchange | None, error: GatewayError) -> bytes:
 
 
 def json_response(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    merged = CIMultiDict(headers) if headers else CIMultiDict()
-    merged["Content-Type"] = "application/json"
-    return web.Response(body=body, status=status, headers=merged)
+    """An ``application/json`` answer (a ``Content-Type`` among ``headers`` is replaced)."""
+    try:  # the headers copied once, by aiohttp
+        return web.Response(body=body, status=status, headers=headers, content_type="application/json")
+    except ValueError:  # headers carry a Content-Type of their own
+        merged = CIMultiDict(headers)
+        merged["Content-Type"] = "application/json"
+        return web.Response(body=body, status=status, headers=merged)
 
 
 def error_response(error: GatewayError, headers: dict[str, str] | None = None,

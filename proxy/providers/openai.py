@@ -92,8 +92,10 @@ class OpenAIProvider(Provider):
         connector = aiohttp.TCPConnector(
             limit=c.max_connections, limit_per_host=0, keepalive_timeout=c.keepalive_expiry, ttl_dns_cache=300,
         )
+        # No cookie jar: a cookie one client's answer set must never ride on another client's request.
         self._session = aiohttp.ClientSession(
             connector=connector, auto_decompress=False, timeout=self._timeout, skip_auto_headers=("User-Agent",),
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     async def close(self) -> None:
