@@ -52,8 +52,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .workers import run_workers
 
         return run_workers(config.server.workers, sys.argv)
-    _run(serve(create_app(gateway, path, configure_logs=True), config.server.host, config.server.port,
-               reuse_port=bool(os.environ.get("SSEGATE_REUSE_PORT"))))
+    app = create_app(gateway, path, configure_logs=True, server_overrides=overrides)
+    _run(serve(app, config.server.host, config.server.port, reuse_port=bool(os.environ.get("SSEGATE_REUSE_PORT"))))
     return 0
 
 

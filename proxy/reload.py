@@ -3,12 +3,14 @@ old one once its in-flight requests (streams included) have finished on the conf
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
+import attrs
 import structlog
 
 from .app_keys import GatewayHolder
-from .config import ConfigError, load_config_with_origins
+from .config import ConfigError, layer_files, load_config_with_origins
 from .gateway import Gateway
 from .log import configure_logging
 
@@ -18,23 +20,72 @@ log = structlog.get_logger("ssegate.reload")
 
 
 class Reloader:
-    def __init__(self, holder: GatewayHolder, config_path: str | None, configure_logs: bool = True) -> None:
+    def __init__(self, holder: GatewayHolder, config_path: str | None, configure_logs: bool = True,
+                 server_overrides: dict[str, Any] | None = None) -> None:
         self.holder = holder
         self.config_path = config_path
         self.configure_logs = configure_logs
+        #: ``server`` settings given on the command line (``--host``, ``--port``, ``--workers``): they win over
+        #: the file's on every reload, as they did at startup.
+        self.server_overrides = dict(server_overrides or {})
         self._lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
         self.reloads = 0
+        self.refused = 0
+        #: What the layer files looked like when they were last read (see :meth:`watch`).
+        self.seen = self.fingerprint()
+
+    def fingerprint(self) -> tuple[tuple[int, int, int] | None, ...]:
+        """(mtime, size, inode) of each layer file, None for a missing one. ``os.stat`` follows symlinks, so the
+        symlink swap of a Kubernetes ConfigMap volume update changes it."""
+        if self.config_path is None:
+            return ()
+        marks: list[tuple[int, int, int] | None] = []
+        for path in layer_files(self.config_path):
+            try:
+                st = os.stat(path)
+            except OSError:
+                marks.append(None)
+            else:
+                marks.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        return tuple(marks)
+
+    async def watch(self, interval: float) -> None:
+        """Reload whenever the layer files change, checking every ``interval`` seconds (runs until cancelled).
+
+        A change already loaded by ``SIGHUP`` or the admin API is not loaded twice; a refused config is not
+        retried until the files change again; a missing base file is logged once and the config kept."""
+        missing_logged = False
+        while True:
+            await asyncio.sleep(interval)
+            seen = self.fingerprint()
+            if seen == self.seen:
+                continue
+            if seen and seen[0] is None:
+                if not missing_logged:
+                    log.error("config_file_missing", path=self.config_path)
+                    missing_logged = True
+                continue
+            missing_logged = False
+            log.info("config_changed", path=self.config_path)
+            try:
+                await self.reload()
+            except Exception as exc:  # a bug, not a bad config (reload refuses those): keep watching
+                log.error("config_reload_failed", path=self.config_path, error=repr(exc), exc_info=exc)
 
     async def reload(self) -> tuple[bool, list[str]]:
         """Reload from the config file. Returns (applied, problems); a refused config changes nothing."""
         async with self._lock:
+            self.seen = self.fingerprint()  # before reading: a change made while reading is seen next time
             old = self.holder.current
             try:
                 config, origins = load_config_with_origins(self.config_path)
+                if self.server_overrides:
+                    config = attrs.evolve(config, server=attrs.evolve(config.server, **self.server_overrides))
                 new = Gateway(config, origins, registry=old.registry, process_state=old.process_state)
             except ConfigError as exc:
                 problems = [str(p) for p in exc.problems]
+                self.refused += 1
                 log.error("config_reload_refused", path=self.config_path, problems=problems)
                 return False, problems
             if config.server != old.config.server:
@@ -43,6 +94,7 @@ class Reloader:
             try:
                 await new.start()
             except Exception as exc:  # a plugin or provider that cannot start: keep the old config
+                self.refused += 1
                 log.error("config_reload_refused", path=self.config_path, error=str(exc))
                 return False, [str(exc)]  # new.start() closed what it had opened
             self.holder.current = new
@@ -66,4 +118,4 @@ class Reloader:
             await asyncio.wait(self._retiring, timeout=timeout)
 
     def status(self) -> dict[str, Any]:
-        return {"reloads": self.reloads, "retiring": len(self._retiring)}
+        return {"reloads": self.reloads, "refused": self.refused, "retiring": len(self._retiring)}

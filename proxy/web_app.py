@@ -5,7 +5,7 @@ import asyncio
 import gc
 import signal
 import socket
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 import structlog
 from aiohttp import web
@@ -13,6 +13,7 @@ from aiohttp import web
 from .app_keys import GATEWAY, RELOADER, GatewayHolder
 from .gateway import Gateway
 from .reload import Reloader
+from .tasks import stop_task
 from .web_handlers import api_routes, routes
 from .web_middlewares import add_cors_headers, cors_middleware, edge, unmatched_route
 
@@ -21,10 +22,12 @@ __all__ = ["create_app", "start_server", "serve", "drain"]
 log = structlog.get_logger("ssegate.server")
 
 
-def create_app(gateway: Gateway, config_path: str | None = None, configure_logs: bool = False) -> web.Application:
+def create_app(gateway: Gateway, config_path: str | None = None, configure_logs: bool = False,
+               server_overrides: dict[str, Any] | None = None) -> web.Application:
     """The application for a (not yet started) Gateway; the app's startup starts it, cleanup closes it.
 
-    ``config_path`` is where reloads read the config from (None: the embedded default).
+    ``config_path`` is where reloads read the config from (None: the embedded default); ``server_overrides``
+    (command-line ``server`` settings) are applied to every reloaded config as they were to the first.
     """
     cors = gateway.config.cors
     # No middleware unless CORS is configured: aiohttp wraps every request in one more frame per middleware.
@@ -33,7 +36,7 @@ def create_app(gateway: Gateway, config_path: str | None = None, configure_logs:
     app = web.Application(client_max_size=gateway.config.server.max_request_size, middlewares=middlewares)
     holder = GatewayHolder(gateway)
     app[GATEWAY] = holder
-    app[RELOADER] = Reloader(holder, config_path, configure_logs)
+    app[RELOADER] = Reloader(holder, config_path, configure_logs, server_overrides)
     if cors.allow_origins:
         app.on_response_prepare.append(add_cors_headers(cors))
     app.add_routes(api_routes(holder))
@@ -119,13 +122,20 @@ async def serve(app: web.Application, host: str, port: int, *, reuse_port: bool 
             loop.add_signal_handler(sig, handler)
         except (NotImplementedError, RuntimeError, AttributeError):
             pass
+    reloader = app[RELOADER]
+    watch_interval = app[GATEWAY].current.config.server.config_watch_interval
+    watcher = None
+    if watch_interval > 0 and reloader.config_path is not None:
+        watcher = loop.create_task(reloader.watch(watch_interval), name="ssegate-config-watch")
     tune_gc(app[GATEWAY].current.config.server.gc_gen0_threshold)
     if ready_message:
         print(f"ssegate listening on http://{host}:{bound}", flush=True)
     try:
         await stop.wait()
+        await stop_task(watcher)
         await drain(app, app[GATEWAY].current.config.server.shutdown_grace_seconds)
     finally:
+        await stop_task(watcher)
         if metrics_runner is not None:
             await metrics_runner.cleanup()
         await runner.cleanup()

@@ -158,6 +158,17 @@ def test_config_change_rolls_the_pods_unless_reload_is_chosen() -> None:
     assert "checksum/config" not in annotations({"ssegate": {"configChange": "reload"}})
 
 
+def test_reload_mode_has_the_gateway_watch_its_config() -> None:
+    def server(values: dict | None) -> dict:
+        configmap = the(render(values), "ConfigMap")
+        return yaml.safe_load(configmap["data"]["ssegate.yaml"])["server"]
+
+    assert "config_watch_interval" not in server(None)  # rollout: a change restarts the pods anyway
+    assert server({"ssegate": {"configChange": "reload"}})["config_watch_interval"] == 5
+    assert server({"ssegate": {"configChange": "reload"},
+                   "config": {"server": {"config_watch_interval": 2}}})["config_watch_interval"] == 2
+
+
 @pytest.mark.parametrize("which", ["defaults", "all-features"])
 def test_rendered_config_passes_check_config(which: str, tmp_path: Path, default_objects, all_on_objects) -> None:
     objects = default_objects if which == "defaults" else all_on_objects

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 import textwrap
 
 import aiohttp
+import orjson
 import pytest
 
 from proxy.config import load_config
@@ -152,3 +154,88 @@ async def test_sigterm_past_the_grace_ends_streams_with_an_error_event(tmp_path,
         assert await asyncio.to_thread(proc.wait, 15) == 0
     finally:
         stop(proc)
+
+
+async def served_by(session: aiohttp.ClientSession, base_url: str) -> str:
+    """The provider that answered one chat request."""
+    async with session.post(base_url + "/chat/completions", json=CHAT) as r:
+        assert r.status == 200
+        return r.headers["x-ssegate-provider"]
+
+
+async def until_served_by(session: aiohttp.ClientSession, base_url: str, provider: str, failure: str) -> None:
+    for _ in range(50):  # bounded: 5 s
+        if await served_by(session, base_url) == provider:
+            return
+        await asyncio.sleep(0.1)
+    pytest.fail(failure)
+
+
+def _configmap_publish(mount, version: int, text: str) -> None:
+    """Update a directory the way the kubelet updates a ConfigMap volume: the files go into a new hidden
+    directory, then the ``..data`` symlink is swapped to it atomically (``ssegate.yaml`` -> ``..data/ssegate.yaml``
+    never changes)."""
+    target = mount / f"..v{version}"
+    target.mkdir(parents=True)
+    (target / "ssegate.yaml").write_text(text)
+    fresh = mount / "..data_tmp"
+    fresh.symlink_to(target.name)
+    os.replace(fresh, mount / "..data")
+    if not (mount / "ssegate.yaml").is_symlink():
+        (mount / "ssegate.yaml").symlink_to("..data/ssegate.yaml")
+
+
+async def test_config_watch_reloads_a_configmap_update_and_refuses_a_bad_one(tmp_path, upstream, upstream2):
+    """Also: ``--port 0`` on the command line is applied to every reloaded config, so a reload does not warn
+    that the server section changed (it logged ``config_reload_server_unchanged`` on every reload before)."""
+    def text(up) -> str:
+        return textwrap.dedent(f"""\
+            server: {{config_watch_interval: 0.1}}
+            providers:
+              - {{name: "p{up.port}", type: openai, base_url: "{up.base_url}"}}
+            """)
+
+    mount = tmp_path / "config"
+    _configmap_publish(mount, 1, text(upstream))
+    proc, url = serve_process(mount / "ssegate.yaml")
+    try:
+        async with aiohttp.ClientSession() as s:
+            async def provider() -> str:
+                return await served_by(s, url + "/v1")
+
+            assert await provider() == f"p{upstream.port}"
+            _configmap_publish(mount, 2, text(upstream2).replace("providers:", "providers: [oops"))
+            await asyncio.sleep(1.0)  # ten checks: the broken config is refused, the old one keeps serving
+            assert await provider() == f"p{upstream.port}"
+            _configmap_publish(mount, 3, text(upstream2))
+            await until_served_by(s, url + "/v1", f"p{upstream2.port}", "the watch did not load the new config")
+    finally:
+        stop(proc)
+    events = [orjson.loads(line)["event"] for line in proc.stderr.read().splitlines() if line.startswith("{")]
+    reloads = [e for e in events if e.startswith("config_")]
+    # Each change is read once: the refused config is not retried every 0.1 s.
+    assert reloads == ["config_changed", "config_reload_refused", "config_changed", "config_reloaded"], reloads
+
+
+async def test_config_watch_sees_the_environment_layer_appear(tmp_path, monkeypatch, upstream, upstream2):
+    """The layer ``<stem>.<environment>.yaml`` is watched before it exists: creating it reloads."""
+    from proxy.app_keys import RELOADER
+    from proxy.tasks import stop_task
+
+    monkeypatch.setenv("SSEGATE_ENVIRONMENT", "staging")
+    path = tmp_path / "ssegate.yaml"
+    write_config(path, upstream)
+    gw = await GatewayServer.start(load_config(str(path)), config_path=str(path))
+    watcher = asyncio.get_running_loop().create_task(gw.app[RELOADER].watch(0.05))
+    try:
+        async with aiohttp.ClientSession() as s:
+            async def provider() -> str:
+                return await served_by(s, gw.base_url)
+
+            assert await provider() == f"p{upstream.port}"
+            write_config(tmp_path / "ssegate.staging.yaml", upstream2)
+            await until_served_by(s, gw.base_url, f"p{upstream2.port}", "creating the environment layer did not reload")
+        assert gw.app[RELOADER].reloads == 1
+    finally:
+        await stop_task(watcher)
+        await gw.close()

@@ -9,6 +9,7 @@ from .load import (
     converter,
     load_config,
     load_config_with_origins,
+    layer_files,
     load_layers,
     structure,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "load_config",
     "load_config_with_origins",
     "load_layers",
+    "layer_files",
     "structure",
     "ConfigError",
     "ConfigProblem",

@@ -48,6 +48,7 @@ __all__ = [
     "Origins",
     "converter",
     "load_layers",
+    "layer_files",
     "structure",
     "load_config",
     "check_config",
@@ -397,6 +398,16 @@ def _load_layers(path: str | os.PathLike[str] | None, environment: str | None, e
     return data, origins, problems
 
 
+def layer_files(path: str | os.PathLike[str], environment: str | None = None,
+                env: Mapping[str, str] = os.environ) -> tuple[str, ...]:
+    """The files a load of ``path`` reads: the base file, then the environment layer when one is named (whether
+    it exists yet or not: a watcher must see it appear)."""
+    path = os.fspath(path)
+    if environment is None:
+        environment = env.get("SSEGATE_ENVIRONMENT") or None
+    return (path, _overlay_path(path, environment)) if environment else (path,)
+
+
 def load_layers(
     path: str | os.PathLike[str] | None,
     environment: str | None = None,
@@ -637,6 +648,7 @@ _RULES: dict[type, dict[str, Rule]] = {
         "workers": _POSITIVE,
         "max_request_size": _POSITIVE,
         "shutdown_grace_seconds": _NOT_NEGATIVE,
+        "config_watch_interval": _NOT_NEGATIVE,
     },
     StreamingConfig: {"keepalive_interval": _POSITIVE},
     LoggingConfig: {

@@ -47,6 +47,11 @@ class ServerConfig:
         default=None, metadata=_doc("Bearer key of the admin API (`POST /admin/reload`); unset disables it. "
                                     "Use `${VAR}`.")
     )
+    config_watch_interval: float = attrs.field(
+        default=0.0, metadata=_doc(
+            "Seconds between checks of the config file and its environment layer; a change reloads the config "
+            "as `SIGHUP` does (a Kubernetes ConfigMap volume, updated in place, is seen). 0 turns the watch off.")
+    )
     gc_gen0_threshold: int = attrs.field(
         default=10000, metadata=_doc(
             "Python garbage collector: allocations between young-generation collections while serving "

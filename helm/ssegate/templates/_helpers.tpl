@@ -57,6 +57,9 @@ app.kubernetes.io/component: gateway
 {{- $config := deepCopy .Values.config }}
 {{- $server := dict "host" "0.0.0.0" "port" 8000 "workers" (int .Values.ssegate.workers) }}
 {{- $_ := set $config "server" (mergeOverwrite (deepCopy (default dict $config.server)) $server) }}
+{{- if and (eq .Values.ssegate.configChange "reload") (not (hasKey $config.server "config_watch_interval")) }}
+{{- $_ := set $config.server "config_watch_interval" 5 }}
+{{- end }}
 {{- $redisUrl := include "ssegate.redisUrl" . }}
 {{- if $redisUrl }}
 {{- $_ := set $config "redis" (mergeOverwrite (deepCopy (default dict $config.redis)) (dict "url" $redisUrl)) }}
