@@ -4,6 +4,7 @@
     python -m bench.instructions                          # non-stream, concurrency 16, 1000 requests
     python -m bench.instructions --load stream --requests 100
     python -m bench.instructions --ref HEAD~1 --variant SSEGATE_OBSERVABILITY__ACCESS_LOG=false
+    python -m bench.instructions --cache-sim                # also simulated cache misses per request
 
 CPU time per request on a shared VM moves by ±10% between two identical processes (address layout, neighbours),
 so a change worth 3% cannot be seen in ``bench.ab``'s CPU medians. Instructions executed by the proxy process
@@ -12,6 +13,10 @@ between two marks can: the same build counts the same number to within 0.1%. Eac
 counters are zeroed, a fixed number of requests (or 64-chunk streams) run through it, and the counters are
 dumped. The table gives instructions per request and the ratio to the passthrough. Instructions are not CPU
 time (cache misses and system calls are not in them): record CPU ratios with ``python -m bench``.
+
+``--cache-sim`` adds callgrind's cache simulation (about twice as slow again): first-level instruction and data
+misses (I1, D1) and last-level misses (LL) per request. Where the CPU ratio of ``python -m bench`` is well above the
+instruction ratio, these show whether the extra time is memory traffic.
 """
 from __future__ import annotations
 
@@ -34,7 +39,10 @@ from bench.run import (NON_STREAM_BODY, ROOT, BenchError, Proc, StreamScenario, 
 
 __all__ = ["main"]
 
-_TOTALS = re.compile(rb"^(?:summary|totals):\s*(\d+)", re.M)
+_TOTALS = re.compile(rb"^(?:summary|totals):\s*([\d ]+)$", re.M)
+_EVENTS = re.compile(rb"^events:\s*(.+)$", re.M)
+#: Simulated cache events reported with --cache-sim: (column, callgrind events summed into it).
+_CACHE_COLUMNS = (("I1 misses", ("I1mr",)), ("D1 misses", ("D1mr", "D1mw")), ("LL misses", ("ILmr", "DLmr", "DLmw")))
 
 
 async def _requests(url: str, count: int, concurrency: int) -> None:
@@ -60,9 +68,10 @@ class Callgrind:
     """One proxy process under callgrind, with its counters zeroed and dumped around a load."""
 
     def __init__(self, name: str, argv: list[str], port: int, tmpdir: Path, env: dict[str, str] | None,
-                 cwd: Path) -> None:
+                 cwd: Path, cache_sim: bool = False) -> None:
         self.out = tmpdir / f"callgrind.{name}"
-        wrapped = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={self.out}", "--dump-instr=no", *argv]
+        wrapped = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={self.out}", "--dump-instr=no",
+                   *(["--cache-sim=yes"] if cache_sim else []), *argv]
         self.proc = Proc(name, wrapped, 0, port, tmpdir, env, cwd)
 
     def start(self) -> "Callgrind":
@@ -73,8 +82,9 @@ class Callgrind:
         subprocess.run(["callgrind_control", flag, str(self.proc.pid)], check=True, capture_output=True,
                        timeout=120)
 
-    def count(self, load: Callable[[], None]) -> int:
-        """Instructions the process executed while ``load`` ran."""
+    def count(self, load: Callable[[], None]) -> dict[str, int]:
+        """Events (``Ir``: instructions; with the cache simulation also ``I1mr``, ``D1mr``, ...) the process
+        counted while ``load`` ran."""
         before = set(self.out.parent.glob(self.out.name + ".*"))
         self._control("-z")
         load()
@@ -83,9 +93,10 @@ class Callgrind:
         while time.monotonic() < deadline:
             dumps = set(self.out.parent.glob(self.out.name + ".*")) - before
             for path in dumps:
-                m = _TOTALS.search(path.read_bytes())
-                if m:
-                    return int(m.group(1))
+                text = path.read_bytes()
+                m, names = _TOTALS.search(text), _EVENTS.search(text)
+                if m and names:
+                    return dict(zip(names.group(1).decode().split(), map(int, m.group(1).split())))
             time.sleep(0.2)
         raise BenchError(f"no callgrind dump from {self.proc.name}")
 
@@ -102,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=1000, help="requests (or streams) counted")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--no-passthrough", action="store_true", help="count gateways only")
+    parser.add_argument("--cache-sim", action="store_true", help="also count simulated cache misses")
     args = parser.parse_args(argv)
     if not 10 <= args.requests <= 20000 or not 1 <= args.concurrency <= 256:
         parser.error("--requests 10..20000, --concurrency 1..256")
@@ -111,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     raise_fd_limit()
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("SSEGATE_")}
-    rows: list[tuple[str, float]] = []
+    rows: list[tuple[str, dict[str, float]]] = []
     with tempfile.TemporaryDirectory(prefix="ssegate-instr-") as tmp:
         tmpdir = Path(tmp)
         mock_port = free_port()
@@ -146,29 +158,41 @@ def main(argv: list[str] | None = None) -> int:
 
             for name, cmd, env, cwd, port in contenders:
                 safe = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in name)
-                target = Callgrind(safe, cmd, port, tmpdir, env, cwd).start()
+                target = Callgrind(safe, cmd, port, tmpdir, env, cwd, args.cache_sim).start()
                 url = f"http://127.0.0.1:{port}/v1/chat/completions"
                 try:
                     if args.load == "nonstream":
                         asyncio.run(_requests(url, 100, args.concurrency))  # warm-up
-                        ir = target.count(lambda: asyncio.run(_requests(url, args.requests, args.concurrency)))
+                        events = target.count(lambda: asyncio.run(_requests(url, args.requests,
+                                                                            args.concurrency)))
                     else:
                         sc = StreamScenario("instr", "stream", args.concurrency, args.requests, 0.0, 0)
                         run_stream_client(url, sc, None, 1, tmpdir, True, count=20, warmup=0)
-                        ir = target.count(lambda: _checked_streams(url, sc, tmpdir, args.requests))
+                        events = target.count(lambda: _checked_streams(url, sc, tmpdir, args.requests))
                 finally:
                     target.stop()
-                rows.append((name, ir / args.requests))
-                print(f"{name:40s} {ir / args.requests:12,.0f} instructions", file=sys.stderr, flush=True)
+                per = {"instructions": events["Ir"] / args.requests}
+                if args.cache_sim:
+                    for column, names in _CACHE_COLUMNS:
+                        per[column] = sum(events.get(n, 0) for n in names) / args.requests
+                rows.append((name, per))
+                print(f"{name:40s} " + "  ".join(f"{v:12,.0f} {k}" for k, v in per.items()), file=sys.stderr,
+                      flush=True)
         finally:
             mock.stop()
     unit = "request" if args.load == "nonstream" else "64-chunk stream"
     base = rows[0][1] if not args.no_passthrough else None
-    print(f"| {args.load}, c={args.concurrency}, {args.requests} counted | instructions per {unit} | ratio |")
-    print("|---|---:|---:|")
-    for name, value in rows:
-        ratio = f"{value / base:.3f}x" if base else "-"
-        print(f"| {name} | {value:,.0f} | {ratio} |")
+    columns = list(rows[0][1])
+    print(f"| {args.load}, c={args.concurrency}, {args.requests} counted, per {unit} | "
+          + " | ".join(f"{c} | ratio" for c in columns) + " |")
+    print("|---|" + "---:|---:|" * len(columns))
+    for name, per in rows:
+        cells = []
+        for column in columns:
+            value = per[column]
+            ratio = f"{value / base[column]:.3f}x" if base and base[column] else "-"
+            cells.append(f"{value:,.0f} | {ratio}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
     return 0
 
 
