@@ -56,3 +56,34 @@ def test_every_split_point_gives_the_same_answer():
     text = "Reach bob.smith@example.com or 4111-1111-1111-1111."
     for i in range(1, len(text)):
         assert feed_chunks(Redact, [text[:i], text[i:]]).text == "Reach [redacted] or [redacted]."
+
+
+def _completion_chunk(text, finish_reason=None):
+    return {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
+            "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]}
+
+
+def test_a_completions_stream_is_redacted_across_chunks():
+    out = feed_chunks(Redact, [_completion_chunk("mail bob@exa"), _completion_chunk("mple.com now"),
+                               _completion_chunk("", "stop")])
+    assert out.text == "mail [redacted] now" and out.done
+    assert all(c.json["object"] == "text_completion" for c in out if not c.is_done)
+
+
+def test_the_held_tail_of_a_completions_stream_is_flushed_as_a_completions_chunk():
+    out = feed_chunks(Redact, [_completion_chunk("card 4111 1111 1111 1111")])
+    assert out.texts == ["card ", "[redacted]"]
+    assert out[-2].json["choices"][0]["text"] == "[redacted]"
+
+
+async def test_completions_and_embeddings_inputs_are_redacted():
+    request = await run_upstream_request(Redact, make_exchange("to a@b.io", endpoint="completions"))
+    assert request.json["prompt"] == "to [redacted]"
+    request = await run_upstream_request(Redact, make_exchange(["x@y.com", "plain", [1, 2]],
+                                                               endpoint="embeddings"))
+    assert request.json["input"] == ["[redacted]", "plain", [1, 2]]
+
+
+async def test_a_non_stream_completion_is_redacted():
+    body = {"object": "text_completion", "choices": [{"index": 0, "text": "write to x@y.com"}]}
+    assert (await run_on_response(Redact, body))["choices"][0]["text"] == "write to [redacted]"

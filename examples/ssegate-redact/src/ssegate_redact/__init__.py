@@ -1,4 +1,5 @@
-"""ssegate-redact: e-mail addresses and card numbers reach neither the model nor the client."""
+"""ssegate-redact: e-mail addresses and card numbers reach neither the model nor the client (chat, completions and
+embeddings requests; streamed and whole answers)."""
 from __future__ import annotations
 
 from typing import Any
@@ -26,8 +27,12 @@ class Redact:
 
     @hookimpl
     def upstream_request(self, request: UpstreamRequest) -> None:
-        if "messages" in request.json:  # chat: a new list; the client's own stays as it came
-            request.json["messages"] = [self.redactor.message(m) for m in request.json["messages"]]
+        body = request.json  # a copy: the client's own request stays as it came
+        if "messages" in body:  # chat (and Anthropic /v1/messages, translated to chat at the edge)
+            body["messages"] = [self.redactor.message(m) for m in body["messages"]]
+        for key in ("prompt", "input"):  # completions, embeddings: a string or a list of strings
+            if key in body:
+                body[key] = self.redactor.texts(body[key])
 
     @hookimpl
     def on_chunk(self, exchange: Exchange, chunk: Chunk) -> list[Chunk] | None:
@@ -37,5 +42,7 @@ class Redact:
     def on_response(self, body: Any) -> None:
         for choice in body.get("choices") or ():
             message = choice.get("message") or {}
-            if isinstance(message.get("content"), str):
+            if isinstance(message.get("content"), str):  # chat
                 message["content"] = self.redactor.redact(message["content"])
+            if isinstance(choice.get("text"), str):  # completions
+                choice["text"] = self.redactor.redact(choice["text"])

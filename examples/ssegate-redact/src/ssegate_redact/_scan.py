@@ -40,6 +40,14 @@ class Redactor:
         cut = max(cut, len(text) - MAX_HOLD)
         return self.redact(text[:cut]), text[cut:]
 
+    def texts(self, value: Any) -> Any:
+        """A string, or a list of strings (other items, such as token ids, pass as they are), redacted."""
+        if isinstance(value, str):
+            return self.redact(value)
+        if isinstance(value, list):
+            return [self.redact(v) if isinstance(v, str) else v for v in value]
+        return value
+
     def message(self, message: Any) -> Any:
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, str):
@@ -58,8 +66,10 @@ class StreamState:
         self.template: dict[str, Any] = {}
 
     def feed(self, chunk: Chunk, redactor: Redactor) -> list[Chunk] | None:
+        completions = self.template.get("object") == "text_completion"
         if chunk.is_done:  # the stream ends: release what is held, then [DONE]
-            last = [{"index": i, "delta": {"content": redactor.redact(t)}, "finish_reason": None}
+            last = [{"index": i, **({"text": redactor.redact(t)} if completions else
+                                    {"delta": {"content": redactor.redact(t)}}), "finish_reason": None}
                     for i, t in self.held.items()]
             self.held.clear()
             return [Chunk.from_json({**self.template, "choices": last}), chunk] if last else None
@@ -68,16 +78,24 @@ class StreamState:
         if not choices:
             return None
         self.template, changed = obj, False
+        completions = obj.get("object") == "text_completion"
         for choice in choices:
-            delta, index = choice.get("delta") or {}, choice.get("index", 0)
-            text = self.held.pop(index, "") + (delta.get("content") or "")
+            index = choice.get("index", 0)
+            # Chat chunks carry choices[].delta.content, completions chunks choices[].text.
+            part = choice.get("text") if completions else (choice.get("delta") or {}).get("content")
+            text = self.held.pop(index, "") + (part or "")
             if text:  # a finished choice releases everything; otherwise hold back a tail that may still match
                 out, rest = (redactor.redact(text), "") if choice.get("finish_reason") else redactor.split(text)
                 if rest:
                     self.held[index] = rest
-                choice["delta"], changed = {**delta, "content": out}, True
+                if completions:
+                    choice["text"] = out
+                else:
+                    choice["delta"] = {**(choice.get("delta") or {}), "content": out}
+                changed = True
         if not changed:
             return None
         chunk.set_json(obj)
-        empty = all(c.get("delta") == {"content": ""} and not c.get("finish_reason") for c in choices)
+        empty = all((c.get("text") == "" if completions else c.get("delta") == {"content": ""})
+                    and not c.get("finish_reason") for c in choices)
         return [] if empty else [chunk]
