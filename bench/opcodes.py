@@ -1,0 +1,191 @@
+"""Bytecodes the interpreter executes per request, by function: the gateway against the passthrough.
+
+    python -m bench.opcodes                      # non-stream, concurrency 16, 500 requests
+    python -m bench.opcodes --load stream --requests 50 --top 40
+
+Most of what the gateway adds to the passthrough's cost is Python work, and the interpreter's bytecode dispatch
+runs at a lower rate per instruction than C code (llhttp, the kernel, orjson), so callgrind's instruction ratio
+(``bench.instructions``) understates the CPU ratio. This counts what the interpreter does instead, exactly and
+in seconds: each proxy is served in this process under an opcode tracer (``sys.settrace`` with
+``f_trace_opcodes``) while a client in another process sends a fixed number of requests (or 64-chunk streams)
+through it to the mock upstream; the counts are per request, per source file and per function. Tracing makes
+the proxy ~30x slower, so time nothing with it; the counts of the same build repeat to within a few opcodes.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import sys
+import tempfile
+from pathlib import Path
+from types import FrameType
+from typing import Any, Callable
+
+import aiohttp
+from aiohttp import web
+
+from bench.run import NON_STREAM_BODY, ROOT, BenchError, Proc, StreamScenario, free_port, gateway_config
+
+__all__ = ["main"]
+
+Key = tuple[str, int, str]
+
+
+class OpcodeCounter:
+    """Counts the opcodes executed by every Python frame started while it is installed, per code object."""
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter[Key] = collections.Counter()
+
+    def _call(self, frame: FrameType, event: str, arg: Any) -> Callable[..., Any] | None:
+        frame.f_trace_opcodes = True
+        frame.f_trace_lines = False
+        code = frame.f_code
+        key = (code.co_filename, code.co_firstlineno, code.co_qualname)
+        counts = self.counts
+
+        def local(frame: FrameType, event: str, arg: Any) -> Callable[..., Any]:
+            if event == "opcode":
+                counts[key] += 1
+            return local
+
+        return local
+
+    def __enter__(self) -> "OpcodeCounter":
+        sys.settrace(self._call)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        sys.settrace(None)
+
+
+def _short(path: str) -> str:
+    root = str(ROOT) + "/"
+    if path.startswith(root):
+        return path[len(root):]
+    for marker in ("site-packages/", f"python{sys.version_info[0]}.{sys.version_info[1]}/"):
+        if marker in path:
+            return path.split(marker, 1)[1]
+    return path
+
+
+async def _serve(target: str, upstream: str, tmpdir: Path) -> tuple[web.AppRunner, int]:
+    if target == "passthrough":
+        from bench.passthrough import make_app
+
+        runner = web.AppRunner(make_app(upstream), access_log=None, handler_cancellation=True)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    from proxy.config import load_config
+    from proxy.gateway import Gateway
+    from proxy.log import configure_logging
+    from proxy.web_app import create_app, start_server
+
+    config_path = tmpdir / "gateway.yaml"
+    gateway_config(config_path, 0, int(upstream.rsplit(":", 1)[1]))
+    config = load_config(str(config_path))
+    configure_logging(config.logging, open(os.devnull, "w"))  # JSON logs, as the benchmark's gateway writes them
+    return await start_server(create_app(Gateway(config)), "127.0.0.1", 0)
+
+
+def _client_argv(url: str, load: str, count: int, concurrency: int, tmpdir: Path) -> list[str]:
+    if load == "nonstream":
+        return [sys.executable, "-m", "bench.opcodes", "--client", url, str(count), str(concurrency)]
+    return [sys.executable, "-m", "bench.stream_client", "--url", url, "-c", str(concurrency), "-n", str(count),
+            "--out", str(tmpdir / "streams.json")]
+
+
+async def _count(target: str, upstream: str, load: str, count: int, concurrency: int,
+                 tmpdir: Path) -> collections.Counter[Key]:
+    runner, port = await _serve(target, upstream, tmpdir)
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    try:
+        warm = await asyncio.create_subprocess_exec(*_client_argv(url, load, 20, concurrency, tmpdir), cwd=ROOT)
+        if await warm.wait() != 0:
+            raise BenchError(f"warm-up against the {target} failed")
+        with OpcodeCounter() as counter:
+            client = await asyncio.create_subprocess_exec(*_client_argv(url, load, count, concurrency, tmpdir),
+                                                          cwd=ROOT)
+            code = await asyncio.wait_for(client.wait(), 1800)
+        if code != 0:
+            raise BenchError(f"the client against the {target} exited {code}")
+        return counter.counts
+    finally:
+        await runner.cleanup()
+
+
+def _report(name: str, counts: collections.Counter[Key], per: int, top: int) -> float:
+    total = sum(counts.values()) / per
+    by_file: collections.Counter[str] = collections.Counter()
+    for (path, _, _), n in counts.items():
+        by_file[_short(path)] += n
+    print(f"\n## {name}: {total:,.0f} opcodes per unit\n\n| opcodes | file |\n|---:|---|")
+    for path, n in by_file.most_common(top):
+        print(f"| {n / per:,.0f} | {path} |")
+    print("\n| opcodes | function |\n|---:|---|")
+    for (path, line, qualname), n in counts.most_common(top):
+        print(f"| {n / per:,.0f} | {_short(path)}:{line} {qualname} |")
+    return total
+
+
+async def _client(url: str, count: int, concurrency: int) -> None:
+    left = count
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        async def worker() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                async with session.post(url, data=NON_STREAM_BODY,
+                                        headers={"Content-Type": "application/json"}) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        raise BenchError(f"{url} answered {resp.status}")
+
+        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), 600)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--client"]:
+        asyncio.run(_client(argv[1], int(argv[2]), int(argv[3])))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--load", choices=("nonstream", "stream"), default="nonstream")
+    parser.add_argument("--requests", type=int, default=500, help="requests (or streams) counted")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--target", choices=("both", "passthrough", "gateway"), default="both")
+    parser.add_argument("--top", type=int, default=25, help="rows per table")
+    args = parser.parse_args(argv)
+    if not 10 <= args.requests <= 5000 or not 1 <= args.concurrency <= 256:
+        parser.error("--requests 10..5000, --concurrency 1..256")
+    targets = ["passthrough", "gateway"] if args.target == "both" else [args.target]
+    totals: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="ssegate-opcodes-") as tmp:
+        tmpdir = Path(tmp)
+        mock_port = free_port()
+        mock = Proc("mock_upstream", [sys.executable, "-m", "bench.mock_upstream", "--port", str(mock_port)], 1,
+                    mock_port, tmpdir).start()
+        try:
+            import uvloop  # as the proxies run: asyncio's own loop would be counted too
+
+            for target in targets:
+                counts = uvloop.run(_count(target, f"http://127.0.0.1:{mock_port}", args.load, args.requests,
+                                           args.concurrency, tmpdir))
+                totals[target] = _report(target, counts, args.requests, args.top)
+        finally:
+            mock.stop()
+    unit = "request" if args.load == "nonstream" else "64-chunk stream"
+    print(f"\n| {args.load}, c={args.concurrency}, {args.requests} counted | opcodes per {unit} | ratio |")
+    print("|---|---:|---:|")
+    base = totals.get("passthrough")
+    for target, total in totals.items():
+        print(f"| {target} | {total:,.0f} | {f'{total / base:.3f}x' if base else '-'} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
