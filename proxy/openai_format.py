@@ -25,16 +25,15 @@ def trailing_usage(body: bytes) -> Any:
     (a key of a nested object would leave that object's own ``}`` in between, which does not parse).
     """
     at = body.rfind(b'"usage"')
-    if at <= 0 or body[at - 1] == 0x5C:  # a backslash: inside a string
-        return NOT_TRAILING
-    colon = at + 7
-    while body[colon:colon + 1] in _WHITESPACE and colon < len(body):
-        colon += 1
     end = body.rfind(b"}")
-    if body[colon:colon + 1] != b":" or end < colon or body[end + 1:].strip(_WHITESPACE):
+    # (before "usage": a backslash means inside a string; after the final "}": only whitespace)
+    if at <= 0 or end < at or body[at - 1] == 0x5C or body[end + 1:].strip(_WHITESPACE):
+        return NOT_TRAILING
+    value = body[at + 7:end].lstrip(_WHITESPACE)
+    if value[:1] != b":":
         return NOT_TRAILING
     try:
-        return orjson.loads(body[colon + 1:end])
+        return orjson.loads(value[1:])
     except orjson.JSONDecodeError:
         return NOT_TRAILING
 
