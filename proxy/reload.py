@@ -31,7 +31,6 @@ class Reloader:
         self._lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
         self.reloads = 0
-        self.refused = 0
         #: What the layer files looked like when they were last read (see :meth:`watch`).
         self.seen = self.fingerprint()
 
@@ -85,7 +84,6 @@ class Reloader:
                 new = Gateway(config, origins, registry=old.registry, process_state=old.process_state)
             except ConfigError as exc:
                 problems = [str(p) for p in exc.problems]
-                self.refused += 1
                 log.error("config_reload_refused", path=self.config_path, problems=problems)
                 return False, problems
             if config.server != old.config.server:
@@ -94,7 +92,6 @@ class Reloader:
             try:
                 await new.start()
             except Exception as exc:  # a plugin or provider that cannot start: keep the old config
-                self.refused += 1
                 log.error("config_reload_refused", path=self.config_path, error=str(exc))
                 return False, [str(exc)]  # new.start() closed what it had opened
             self.holder.current = new
@@ -116,6 +113,3 @@ class Reloader:
         """Wait for retiring gateways (at shutdown)."""
         if self._retiring:
             await asyncio.wait(self._retiring, timeout=timeout)
-
-    def status(self) -> dict[str, Any]:
-        return {"reloads": self.reloads, "refused": self.refused, "retiring": len(self._retiring)}
