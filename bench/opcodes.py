@@ -23,10 +23,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Callable
 
-import aiohttp
 from aiohttp import web
 
-from bench.run import NON_STREAM_BODY, ROOT, BenchError, Proc, StreamScenario, free_port, gateway_config
+from bench.run import ROOT, BenchError, Proc, free_port, gateway_config
 
 __all__ = ["main"]
 
@@ -132,26 +131,12 @@ def _report(name: str, counts: collections.Counter[Key], per: int, top: int) -> 
     return total
 
 
-async def _client(url: str, count: int, concurrency: int) -> None:
-    left = count
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
-        async def worker() -> None:
-            nonlocal left
-            while left > 0:
-                left -= 1
-                async with session.post(url, data=NON_STREAM_BODY,
-                                        headers={"Content-Type": "application/json"}) as resp:
-                    await resp.read()
-                    if resp.status != 200:
-                        raise BenchError(f"{url} answered {resp.status}")
-
-        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), 600)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--client"]:
-        asyncio.run(_client(argv[1], int(argv[2]), int(argv[3])))
+        from bench.instructions import _requests  # the same fixed-count client
+
+        asyncio.run(_requests(argv[1], int(argv[2]), int(argv[3])))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--load", choices=("nonstream", "stream"), default="nonstream")
