@@ -76,17 +76,26 @@ async def start_server(app: web.Application, host: str, port: int, *, reuse_port
     return runner, bound
 
 
+#: Young collections between two collections of the middle generation while serving (Python's default: 10).
+GC_GEN1_THRESHOLD = 2
+
+
 def tune_gc(gen0_threshold: int) -> None:
     """Once serving: move everything that exists now (modules, config, plugins) out of the collector's sight,
     and collect the young generation every ``gen0_threshold`` allocations instead of every 700. Requests
     free almost everything by reference counting; at the default threshold the collections that still run
-    cost ~50 µs per request under load (measured with ``bench.ab``)."""
+    cost ~50 µs per request under load (measured with ``bench.ab``).
+
+    The middle generation is collected every third young collection (:data:`GC_GEN1_THRESHOLD`) instead of every
+    eleventh: with young collections this far apart it would otherwise gather the survivors of ~100,000
+    allocations, and under 1,000 live streams its collections paused every stream for 44–96 ms (33–41 ms with
+    this setting, at the same CPU per stream; ``gc.callbacks``, three waves each)."""
     if gen0_threshold <= 0:
         return
     gc.collect()
     gc.freeze()
-    _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(gen0_threshold, gen1, gen2)
+    _, _, gen2 = gc.get_threshold()
+    gc.set_threshold(gen0_threshold, GC_GEN1_THRESHOLD, gen2)
 
 
 async def drain(app: web.Application, grace: float) -> None:

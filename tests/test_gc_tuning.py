@@ -19,7 +19,8 @@ def restore_gc():
 def test_serving_freezes_startup_objects_and_raises_the_young_threshold(restore_gc):
     gc.set_threshold(700, 10, 10)
     tune_gc(10000)
-    assert gc.get_threshold() == (10000, 10, 10)
+    # Young collections 14x further apart; the middle generation collected every third one, so it stays small.
+    assert gc.get_threshold() == (10000, 2, 10)
     assert gc.get_freeze_count() > 1000  # modules, config, plugins: out of every later collection
 
 

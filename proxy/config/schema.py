@@ -56,7 +56,8 @@ class ServerConfig:
         default=10000, metadata=_doc(
             "Python garbage collector: allocations between young-generation collections while serving "
             "(Python's default is 700, which at high request rates spends ~10% of the CPU in the collector; "
-            "objects that exist at startup are frozen out of collections too). 0 keeps Python's defaults.")
+            "objects that exist at startup are frozen out of collections too, and the middle generation is "
+            "collected every third young collection, to keep its pauses short). 0 keeps Python's defaults.")
     )
 
 
