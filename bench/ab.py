@@ -2,6 +2,7 @@
 
     python -m bench.ab                          # the work tree's gateway vs the passthrough, non-stream c=64
     python -m bench.ab --ref HEAD~1             # ... and the gateway of HEAD~1 as a third contender
+    python -m bench.ab --src /tmp/patched       # ... and the gateway whose proxy/ and plugins/ are there
     python -m bench.ab --load stream-c100 --rounds 5
 
 Each round measures every contender once (the order rotates), so slow drift of the machine hits all of
@@ -31,6 +32,8 @@ LOADS = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ref", action="append", default=[], help="also measure the gateway of this git ref")
+    parser.add_argument("--src", action="append", default=[], type=Path, metavar="DIR",
+                        help="also measure the gateway whose proxy/ and plugins/ are in DIR (e.g. a patched copy)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
                         help="also measure the work tree's gateway with these environment variables set")
     parser.add_argument("--load", choices=sorted(LOADS), default="nonstream-c64")
@@ -55,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
                 src = tmpdir / f"src-{len(contenders)}"
                 export_ref(ref, src)
                 contenders.append((f"gateway@{ref}", src, {}))
+            for src in args.src:
+                contenders.append((f"gateway@{src}", src.resolve(), {}))
             for variant in args.variant:
                 pairs = dict(v.partition("=")[::2] for v in variant.split(","))
                 contenders.append(("gateway+" + ",".join(f"{k}={v}" for k, v in pairs.items()), None, pairs))

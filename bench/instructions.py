@@ -107,6 +107,8 @@ class Callgrind:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ref", action="append", default=[], help="also count the gateway of this git ref")
+    parser.add_argument("--src", action="append", default=[], type=Path, metavar="DIR",
+                        help="also count the gateway whose proxy/ and plugins/ are in DIR (e.g. a patched copy)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
                         help="also count the work tree's gateway with these environment variables set")
     parser.add_argument("--load", choices=("nonstream", "stream"), default="nonstream")
@@ -152,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                 src = tmpdir / f"src-{len(contenders)}"
                 export_ref(ref, src)
                 gateway(f"gateway@{ref}", src, {})
+            for src in args.src:
+                gateway(f"gateway@{src}", src.resolve(), {})
             for variant in args.variant:
                 pairs = dict(v.partition("=")[::2] for v in variant.split(","))
                 gateway("gateway+" + ",".join(f"{k}={v}" for k, v in pairs.items()), None, pairs)
