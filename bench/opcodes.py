@@ -2,6 +2,7 @@
 
     python -m bench.opcodes                      # non-stream, concurrency 16, 500 requests
     python -m bench.opcodes --load stream --requests 50 --top 40
+    python -m bench.opcodes --load stream --delay-ms 20 --concurrency 10   # one chunk per read, as from a model
 
 Most of what the gateway adds to the passthrough's cost is Python work, and the interpreter's bytecode dispatch
 runs at a lower rate per instruction than C code (llhttp, the kernel, orjson), so callgrind's instruction ratio
@@ -91,15 +92,16 @@ async def _serve(target: str, upstream: str, tmpdir: Path) -> tuple[web.AppRunne
     return await start_server(create_app(Gateway(config)), "127.0.0.1", 0)
 
 
-def _client_argv(url: str, load: str, count: int, concurrency: int, tmpdir: Path) -> list[str]:
+def _client_argv(url: str, load: str, count: int, concurrency: int, tmpdir: Path, delay_ms: float = 0.0
+                 ) -> list[str]:
     if load == "nonstream":
         return [sys.executable, "-m", "bench.opcodes", "--client", url, str(count), str(concurrency)]
     return [sys.executable, "-m", "bench.stream_client", "--url", url, "-c", str(concurrency), "-n", str(count),
-            "--out", str(tmpdir / "streams.json")]
+            "--delay-ms", str(delay_ms), "--out", str(tmpdir / "streams.json")]
 
 
 async def _count(target: str, upstream: str, load: str, count: int, concurrency: int,
-                 tmpdir: Path) -> collections.Counter[Key]:
+                 tmpdir: Path, delay_ms: float = 0.0) -> collections.Counter[Key]:
     runner, port = await _serve(target, upstream, tmpdir)
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     try:
@@ -107,8 +109,8 @@ async def _count(target: str, upstream: str, load: str, count: int, concurrency:
         if await warm.wait() != 0:
             raise BenchError(f"warm-up against the {target} failed")
         with OpcodeCounter() as counter:
-            client = await asyncio.create_subprocess_exec(*_client_argv(url, load, count, concurrency, tmpdir),
-                                                          cwd=ROOT)
+            client = await asyncio.create_subprocess_exec(
+                *_client_argv(url, load, count, concurrency, tmpdir, delay_ms), cwd=ROOT)
             code = await asyncio.wait_for(client.wait(), 1800)
         if code != 0:
             raise BenchError(f"the client against the {target} exited {code}")
@@ -144,9 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--target", choices=("both", "passthrough", "gateway"), default="both")
     parser.add_argument("--top", type=int, default=25, help="rows per table")
+    parser.add_argument("--delay-ms", type=float, default=0.0,
+                        help="streams: upstream pause between content chunks (e.g. 20 at --concurrency 10: one "
+                             "chunk per read, as from a model; 0: back to back, several per read)")
     args = parser.parse_args(argv)
     if not 10 <= args.requests <= 5000 or not 1 <= args.concurrency <= 256:
         parser.error("--requests 10..5000, --concurrency 1..256")
+    if not 0 <= args.delay_ms <= 1000:
+        parser.error("--delay-ms 0..1000")
     targets = ["passthrough", "gateway"] if args.target == "both" else [args.target]
     totals: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="ssegate-opcodes-") as tmp:
@@ -159,12 +166,13 @@ def main(argv: list[str] | None = None) -> int:
 
             for target in targets:
                 counts = uvloop.run(_count(target, f"http://127.0.0.1:{mock_port}", args.load, args.requests,
-                                           args.concurrency, tmpdir))
+                                           args.concurrency, tmpdir, args.delay_ms))
                 totals[target] = _report(target, counts, args.requests, args.top)
         finally:
             mock.stop()
     unit = "request" if args.load == "nonstream" else "64-chunk stream"
-    print(f"\n| {args.load}, c={args.concurrency}, {args.requests} counted | opcodes per {unit} | ratio |")
+    delay = f", {args.delay_ms:g} ms/chunk" if args.load == "stream" else ""
+    print(f"\n| {args.load}, c={args.concurrency}{delay}, {args.requests} counted | opcodes per {unit} | ratio |")
     print("|---|---:|---:|")
     base = totals.get("passthrough")
     for target, total in totals.items():
