@@ -206,3 +206,83 @@ async def test_total_timeout_non_stream(upstream, gateway_factory):
         async with s.post(gw.base_url + "/chat/completions", json=CHAT) as resp:
             assert resp.status == 504
             assert (await resp.json())["error"]["type"] == "timeout_error"
+
+
+# -- the steady state: once content flows, reads of ordinary chunks take a short lane (proxy/relay.py) -------
+# With a pause between events every upstream read carries one event, so each of these streams enters the
+# steady state after its first content chunk and meets the usage chunk, error events, comments and [DONE] there.
+
+async def test_steady_stream_relays_chunk_for_chunk_and_records_usage(upstream, gateway_factory):
+    from structlog.testing import capture_logs
+
+    upstream.script = Script(texts=["a", "b", "c", "d", "e"], delay=0.01)
+    gw = await gateway_factory(config_for(upstream))
+    with capture_logs() as logs:
+        _, _, events = await read_stream(gw.base_url + "/chat/completions", STREAM)
+    sent = data_events(upstream.events(upstream.requests[-1]))
+    assert data_events(events) == sent[:-2] + ["[DONE]"]  # the usage chunk, alone in its read, is stripped
+    (line,) = [e for e in logs if e["event"] == "access"]
+    assert (line["prompt_tokens"], line["completion_tokens"], line["outcome"]) == (7, 4, "ok")
+
+
+async def test_steady_stream_keeps_the_usage_chunk_the_client_asked_for(upstream, gateway_factory):
+    upstream.script = Script(texts=["a", "b", "c"], delay=0.01)
+    gw = await gateway_factory(config_for(upstream))
+    body = {**STREAM, "stream_options": {"include_usage": True}}
+    _, _, events = await read_stream(gw.base_url + "/chat/completions", body)
+    assert data_events(events) == data_events(upstream.events(upstream.requests[-1]))
+
+
+async def test_steady_stream_error_event_is_a_failure(upstream, gateway_factory):
+    upstream.script = Script(texts=["a", "b", "c", "d"], delay=0.01, error_event_after=3)
+    gw = await gateway_factory(config_for(upstream))
+    _, _, events = await read_stream(gw.base_url + "/chat/completions", STREAM)
+    objs = data_events(events)
+    assert content_of(events) == "abc"
+    assert objs[-1] == "[DONE]" and objs[-2]["error"]["message"] == "scripted failure"
+
+
+async def test_steady_stream_cut_without_done_is_not_complete(upstream, gateway_factory):
+    upstream.script = Script(texts=["a", "b", "c", "d"], delay=0.01, cut_after=3)
+    gw = await gateway_factory(config_for(upstream))
+    _, _, events = await read_stream(gw.base_url + "/chat/completions", STREAM)
+    objs = data_events(events)
+    assert content_of(events) == "abc"  # a stream that looks complete it is not: it ends with an error event
+    assert objs[-1] == "[DONE]" and set(objs[-2]["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_steady_stream_usage_and_done_in_one_read(gateway_factory):
+    """Content chunks one per read, then the usage chunk and [DONE] in a single read (as many servers end)."""
+    from aiohttp import web
+
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+             "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": None}], "usage": None}
+    usage = {**chunk, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for _ in range(4):
+            await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+            await asyncio.sleep(0.01)
+        await resp.write(b": a comment\n\ndata: " + orjson.dumps(usage) + b"\n\ndata: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        from proxy.config.schema import Config, ProviderConfig
+
+        config = Config(providers=(ProviderConfig(name="one", type="openai", base_url=f"http://127.0.0.1:{port}/v1",
+                                                  models=("*",)),))
+        gw = await gateway_factory(config)
+        _, _, events = await read_stream(gw.base_url + "/chat/completions", STREAM)
+    finally:
+        await runner.cleanup()
+    assert data_events(events) == [chunk] * 4 + ["[DONE]"]  # the usage chunk stripped, [DONE] seen
+    assert b": a comment" in events  # upstream comments pass once the stream is live
