@@ -3,6 +3,7 @@
     apt-get install valgrind
     python -m bench.instructions                          # non-stream, concurrency 16, 1000 requests
     python -m bench.instructions --load stream --requests 100
+    python -m bench.instructions --load stream --requests 20 --concurrency 2 --delay-ms 50   # a chunk per read
     python -m bench.instructions --ref HEAD~1 --variant SSEGATE_OBSERVABILITY__ACCESS_LOG=false
     python -m bench.instructions --cache-sim                # also simulated cache misses per request
 
@@ -114,11 +115,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load", choices=("nonstream", "stream"), default="nonstream")
     parser.add_argument("--requests", type=int, default=1000, help="requests (or streams) counted")
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--delay-ms", type=float, default=0.0,
+                        help="streams: upstream pause between content chunks (e.g. 50 at --concurrency 2: one chunk "
+                             "per read even under callgrind)")
     parser.add_argument("--no-passthrough", action="store_true", help="count gateways only")
     parser.add_argument("--cache-sim", action="store_true", help="also count simulated cache misses")
     args = parser.parse_args(argv)
     if not 10 <= args.requests <= 20000 or not 1 <= args.concurrency <= 256:
         parser.error("--requests 10..20000, --concurrency 1..256")
+    if not 0 <= args.delay_ms <= 1000:
+        parser.error("--delay-ms 0..1000")
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
             print(f"error: `{tool}` is not installed. Install it with:  apt-get install valgrind", file=sys.stderr)
@@ -170,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                         events = target.count(lambda: asyncio.run(_requests(url, args.requests,
                                                                             args.concurrency)))
                     else:
-                        sc = StreamScenario("instr", "stream", args.concurrency, args.requests, 0.0, 0)
+                        sc = StreamScenario("instr", "stream", args.concurrency, args.requests, args.delay_ms, 0)
                         run_stream_client(url, sc, None, 1, tmpdir, True, count=20, warmup=0)
                         events = target.count(lambda: _checked_streams(url, sc, tmpdir, args.requests))
                 finally:
@@ -187,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     unit = "request" if args.load == "nonstream" else "64-chunk stream"
     base = rows[0][1] if not args.no_passthrough else None
     columns = list(rows[0][1])
-    print(f"| {args.load}, c={args.concurrency}, {args.requests} counted, per {unit} | "
+    delay = f", {args.delay_ms:g} ms/chunk" if args.load == "stream" else ""
+    print(f"| {args.load}, c={args.concurrency}{delay}, {args.requests} counted, per {unit} | "
           + " | ".join(f"{c} | ratio" for c in columns) + " |")
     print("|---|" + "---:|---:|" * len(columns))
     for name, per in rows:
