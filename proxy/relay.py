@@ -217,11 +217,10 @@ async def relay_stream(out: ClientStream, upstream: UpstreamResponse, exchange: 
     raw = upstream.raw_sse()
     parser = SSEParser() if raw is not None else None
     feed = parser.feed if parser is not None else None
-    whole = parser.whole if parser is not None else None
     next_item = (raw if raw is not None else upstream.batches()).__aiter__().__anext__
     ended = False
     #: The steady state: the stream is live, written by us in the OpenAI format, and no hook or rewrite sees
-    #: its events. A read of ordinary chunks then takes the short lane below.
+    #: its events. A read of one ordinary chunk then takes the short lane below.
     steady = False
     while True:
         try:
@@ -237,33 +236,27 @@ async def relay_stream(out: ClientStream, upstream: UpstreamResponse, exchange: 
         else:
             if feed is None:
                 events = item
-            elif steady:
-                if whole(item):  # complete events, nothing buffered: the read is their serialization already
-                    data = item
-                    events = None
-                else:
-                    events = feed(item)
-                    if not events:
-                        continue
-                    data = events[0] + b"\n\n" if len(events) == 1 else b"\n\n".join(events) + b"\n\n"
-                if data.count(b'"usage"') == data.count(_USAGE_NULL_END) and b'"error"' not in data \
-                        and DONE not in data:  # (a bytes search: [DONE] anywhere in the read)
-                    # Ordinary chunks only (every "usage" key is a null one, no error event, no [DONE]): what
-                    # the loop below would do with them, without its per-event work. Anything else takes the
-                    # loop below, which looks at each event.
-                    now = time()
-                    if guard is not None:
-                        guard.last_event = guard.last_write = now
-                    exchange.chunks_sent += data.count(b"\n\n")  # one per event: events hold no blank line
-                    exchange.bytes_sent += len(data)
-                    await resp_write(data)
-                    continue
-                if events is None:
-                    events = feed(item)
             else:
                 events = feed(item)
                 if not events:
                     continue
+                if steady and len(events) == 1:
+                    ev = events[0]
+                    if (ev.endswith(_USAGE_NULL_END) or b'"usage"' not in ev) and ev != DONE \
+                            and ev.find(b'"error"', 0, 48) < 0:
+                        # One ordinary chunk, the usual read of a token stream: what the loop below does with
+                        # it, without its per-event bookkeeping (the upstream's first event, held role chunks,
+                        # hooks and the final-chunk template only matter before or outside this state). The
+                        # checks are the loop's own; a read of several events, or of any other event, takes
+                        # the loop.
+                        now = time()
+                        if guard is not None:
+                            guard.last_event = guard.last_write = now
+                        data = ev + b"\n\n"
+                        exchange.chunks_sent += 1
+                        exchange.bytes_sent += len(data)
+                        await resp_write(data)
+                        continue
         now = time()
         if guard is not None:
             guard.last_event = now

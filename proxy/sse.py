@@ -58,13 +58,6 @@ class SSEParser:
             parts = [p.lstrip(b"\n") for p in parts if p.strip(b"\n")]
         return parts
 
-    def whole(self, data: bytes) -> bool:
-        """True when nothing is buffered and ``data`` is complete events with ``\\n`` line ends and no extra
-        blank lines: ``feed(data)`` would then return ``data[:-2].split(b"\\n\\n")`` and buffer nothing, so
-        ``data`` is already the exact serialization of its events and a relay may write it as it came."""
-        return (not self._buf and data[-2:] == _NL2 and b"\r" not in data and b"\n\n\n" not in data
-                and data[:1] != b"\n")
-
     @property
     def pending(self) -> bytes:
         """Bytes of an event not yet terminated (non-empty when a stream ends mid-event)."""

@@ -40,28 +40,6 @@ def test_extra_blank_lines_make_no_empty_events():
     assert SSEParser().feed(b"data: a\n\n\ndata: b\r\n\r\n\r\ndata: c\n\n") == [b"data: a", b"data: b", b"data: c"]
 
 
-def test_whole_reads_are_their_own_serialization():
-    """``whole(data)`` vouches that ``data`` may be written as it came: then feeding it gives its events,
-    buffers nothing, and the events joined back are ``data`` byte for byte. Checked over every split of a
-    stream with LF, CRLF and extra blank lines."""
-    stream = (STREAM.replace(b"\r\n", b"\n") + b"data: a\n\n\n\ndata: b\n\n" + STREAM.replace(b"\n", b"\r\n"))
-    vouched = 0
-    for cut in range(1, len(stream)):
-        parser = SSEParser()
-        for piece in (stream[:cut], stream[cut:]):
-            if parser.whole(piece):
-                vouched += 1
-                events = parser.feed(piece)
-                assert b"\n\n".join(events) + b"\n\n" == piece and parser.pending == b"", (cut, piece)
-            else:
-                parser.feed(piece)
-    assert vouched > 0
-    parser = SSEParser()
-    parser.feed(b"data: partial")
-    assert not parser.whole(b"data: x\n\n")  # something is buffered: the read continues an event
-    assert not SSEParser().whole(b"data: x\r\n\r\n") and not SSEParser().whole(b"data: x\n")
-
-
 def test_pending_holds_an_unterminated_event():
     parser = SSEParser()
     assert parser.feed(b"data: a\n\ndata: par") == [b"data: a"]
