@@ -247,13 +247,17 @@ async def test_steady_stream_cut_without_done_is_not_complete(upstream, gateway_
     gw = await gateway_factory(config_for(upstream))
     _, _, events = await read_stream(gw.base_url + "/chat/completions", STREAM)
     objs = data_events(events)
-    assert content_of(events) == "abc"  # a stream that looks complete it is not: it ends with an error event
+    assert content_of(events) == "abc"  # not complete, and not made to look it: an error event ends it
     assert objs[-1] == "[DONE]" and set(objs[-2]["error"]) == {"message", "type", "param", "code"}
 
 
 async def test_steady_stream_usage_and_done_in_one_read(gateway_factory):
-    """Content chunks one per read, then the usage chunk and [DONE] in a single read (as many servers end)."""
+    """Content chunks one per read, then a comment, the usage chunk and [DONE] in a single read (as many servers
+    end): that read leaves the short lane, the usage is recorded and stripped, the comment passes."""
     from aiohttp import web
+    from structlog.testing import capture_logs
+
+    from proxy.web_app import start_server
 
     chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
              "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": None}], "usage": None}
@@ -270,19 +274,14 @@ async def test_steady_stream_usage_and_done_in_one_read(gateway_factory):
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await start_server(app, "127.0.0.1", 0)
     try:
-        from proxy.config.schema import Config, ProviderConfig
-
-        config = Config(providers=(ProviderConfig(name="one", type="openai", base_url=f"http://127.0.0.1:{port}/v1",
-                                                  models=("*",)),))
-        gw = await gateway_factory(config)
-        _, _, events = await read_stream(gw.base_url + "/chat/completions", STREAM)
+        gw = await gateway_factory(config_for(f"http://127.0.0.1:{port}/v1"))
+        with capture_logs() as logs:
+            _, _, events = await read_stream(gw.base_url + "/chat/completions", STREAM)
     finally:
         await runner.cleanup()
     assert data_events(events) == [chunk] * 4 + ["[DONE]"]  # the usage chunk stripped, [DONE] seen
     assert b": a comment" in events  # upstream comments pass once the stream is live
+    (line,) = [e for e in logs if e["event"] == "access"]
+    assert (line["prompt_tokens"], line["completion_tokens"], line["outcome"]) == (3, 2, "ok")
