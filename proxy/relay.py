@@ -329,7 +329,7 @@ async def relay_stream(out: ClientStream, upstream: UpstreamResponse, exchange: 
             else:
                 await _flush(out, exchange, batch)
                 fast_write = out.egress is None and out._prepare is True
-            steady = fast_write and out.content_sent and on_chunk is None and rewrite is None and parser is not None
+            steady = fast_write and out.content_sent and on_chunk is None and rewrite is None
         if saw_done:
             return
     raise StreamBroken(UpstreamError(502, "the upstream closed the stream before it was complete",
