@@ -44,6 +44,7 @@ _TOTALS = re.compile(rb"^(?:summary|totals):\s*([\d ]+)$", re.M)
 _EVENTS = re.compile(rb"^events:\s*(.+)$", re.M)
 #: Simulated cache events reported with --cache-sim: (column, callgrind events summed into it).
 _CACHE_COLUMNS = (("I1 misses", ("I1mr",)), ("D1 misses", ("D1mr", "D1mw")), ("LL misses", ("ILmr", "DLmr", "DLmw")))
+_BRANCH_COLUMNS = (("branches", ("Bc", "Bi")), ("mispredicted", ("Bcm", "Bim")))
 
 
 async def _requests(url: str, count: int, concurrency: int) -> None:
@@ -69,11 +70,14 @@ class Callgrind:
     """One proxy process under callgrind, with its counters zeroed and dumped around a load."""
 
     def __init__(self, name: str, argv: list[str], port: int, tmpdir: Path, env: dict[str, str] | None,
-                 cwd: Path, cache_sim: bool = False) -> None:
+                 cwd: Path, cache_sim: bool = False, branch_sim: bool = False, extra: tuple[str, ...] = ()) -> None:
         self.out = tmpdir / f"callgrind.{name}"
         wrapped = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={self.out}", "--dump-instr=no",
-                   *(["--cache-sim=yes"] if cache_sim else []), *argv]
+                   *(["--cache-sim=yes"] if cache_sim else []),
+                   *(["--branch-sim=yes"] if branch_sim else []), *extra, *argv]
         self.proc = Proc(name, wrapped, 0, port, tmpdir, env, cwd)
+        #: The dump of the last count (kept with --keep).
+        self.dump: Path | None = None
 
     def start(self) -> "Callgrind":
         self.proc.start(ready_timeout=180.0)
@@ -97,6 +101,7 @@ class Callgrind:
                 text = path.read_bytes()
                 m, names = _TOTALS.search(text), _EVENTS.search(text)
                 if m and names:
+                    self.dump = path
                     return dict(zip(names.group(1).decode().split(), map(int, m.group(1).split())))
             time.sleep(0.2)
         raise BenchError(f"no callgrind dump from {self.proc.name}")
@@ -120,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
                              "per read even under callgrind)")
     parser.add_argument("--no-passthrough", action="store_true", help="count gateways only")
     parser.add_argument("--cache-sim", action="store_true", help="also count simulated cache misses")
+    parser.add_argument("--valgrind-arg", action="append", default=[], metavar="ARG",
+                        help="pass ARG to valgrind, e.g. --valgrind-arg=--LL=524288,8,64 (a smaller last-level "
+                             "cache with --cache-sim)")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="copy each contender's callgrind dump into DIR (for callgrind_annotate)")
+    parser.add_argument("--branch-sim", action="store_true",
+                        help="also count simulated branch mispredictions (Bcm: conditional, Bim: indirect)")
     args = parser.parse_args(argv)
     if not 10 <= args.requests <= 20000 or not 1 <= args.concurrency <= 256:
         parser.error("--requests 10..20000, --concurrency 1..256")
@@ -168,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
 
             for name, cmd, env, cwd, port in contenders:
                 safe = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in name)
-                target = Callgrind(safe, cmd, port, tmpdir, env, cwd, args.cache_sim).start()
+                target = Callgrind(safe, cmd, port, tmpdir, env, cwd, args.cache_sim, args.branch_sim,
+                                   tuple(args.valgrind_arg)).start()
                 url = f"http://127.0.0.1:{port}/v1/chat/completions"
                 try:
                     if args.load == "nonstream":
@@ -181,9 +194,15 @@ def main(argv: list[str] | None = None) -> int:
                         events = target.count(lambda: _checked_streams(url, sc, tmpdir, args.requests))
                 finally:
                     target.stop()
+                if args.keep is not None and target.dump is not None:
+                    args.keep.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(target.dump, args.keep / f"callgrind.{safe}")
                 per = {"instructions": events["Ir"] / args.requests}
                 if args.cache_sim:
                     for column, names in _CACHE_COLUMNS:
+                        per[column] = sum(events.get(n, 0) for n in names) / args.requests
+                if args.branch_sim:
+                    for column, names in _BRANCH_COLUMNS:
                         per[column] = sum(events.get(n, 0) for n in names) / args.requests
                 rows.append((name, per))
                 print(f"{name:40s} " + "  ".join(f"{v:12,.0f} {k}" for k, v in per.items()), file=sys.stderr,
