@@ -175,10 +175,7 @@ class Forwarder:
         if route.model != exchange.model:
             ureq.json["model"] = route.model
         if exchange.stream and not exchange.include_usage:
-            body = ureq.json
-            opts = body.get("stream_options")
-            body["stream_options"] = {**opts, "include_usage": True} if isinstance(opts, dict) else {
-                "include_usage": True}
+            ureq.ask_for_usage()
         if prefix is not None:
             ureq.json["messages"] = continuation_messages(ureq.json.get("messages") or [], prefix)
         if exchange.trace_id is not None:

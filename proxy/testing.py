@@ -149,13 +149,14 @@ class Script:
 class ScriptedUpstream:
     """An OpenAI-compatible upstream server on 127.0.0.1 whose answers a test scripts.
 
-    Records every request (``requests``: parsed bodies; ``headers``), counts handlers cancelled by a client
-    disconnect (``cancelled``) and completed streams (``completed``).
+    Records every request (``requests``: parsed bodies; ``raw_requests``: the bytes; ``headers``), counts
+    handlers cancelled by a client disconnect (``cancelled``) and completed streams (``completed``).
     """
 
     def __init__(self) -> None:
         self.script = Script()
         self.requests: list[dict[str, Any]] = []
+        self.raw_requests: list[bytes] = []
         self.headers: list[dict[str, str]] = []
         self.times: list[float] = []  # loop time of each request's arrival
         self.cancelled = 0
@@ -199,7 +200,9 @@ class ScriptedUpstream:
         return web.json_response(body, status=s.status, headers=headers)
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
+        raw = await request.read()
+        body = orjson.loads(raw)
+        self.raw_requests.append(raw)
         self.requests.append(body)
         self.headers.append(dict(request.headers))
         self.times.append(asyncio.get_running_loop().time())

@@ -45,14 +45,19 @@ class UpstreamError(GatewayError):
         return self.body if self.body is not None else super().to_dict()
 
 
+#: The member :meth:`UpstreamRequest.ask_for_usage` splices into a body.
+_USAGE_MEMBER = b'"stream_options":{"include_usage":true},'
+
+
 class UpstreamRequest:
     """The request for one attempt on one route. Hooks edit ``json`` and ``headers``.
 
     The original client body bytes are forwarded untouched unless ``json`` is accessed for writing
-    (through :attr:`json`) or the gateway needs a change (model rename, ``stream_options``).
+    (through :attr:`json`) or the gateway needs a change (a model rename; ``stream_options``, which is spliced
+    into the bytes where it can be). Adapters that translate the body read it from :attr:`payload`.
     """
 
-    __slots__ = ("exchange", "route", "path", "headers", "_body", "_json")
+    __slots__ = ("exchange", "route", "path", "headers", "_body", "_json", "_usage_spliced")
 
     def __init__(self, exchange: "Exchange", route: "Route", path: str) -> None:
         self.exchange = exchange
@@ -61,14 +66,46 @@ class UpstreamRequest:
         self.headers: dict[str, str] = {}
         self._body: bytes | None = exchange.body
         self._json: dict[str, Any] | None = None
+        self._usage_spliced = False
 
     @property
     def json(self) -> dict[str, Any]:
         """The body as a dict; accessing it means the body will be re-serialized from it."""
         if self._json is None:
             self._json = dict(self.exchange.json)
+            if self._usage_spliced:
+                self._json["stream_options"] = {"include_usage": True}
             self._body = None
         return self._json
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        """The body as a dict, to read: what :attr:`body` sends, for adapters that translate it, without making
+        the body be serialized again (as :attr:`json` does)."""
+        if self._json is not None:
+            return self._json
+        body: dict[str, Any] = self.exchange.json
+        return {**body, "stream_options": {"include_usage": True}} if self._usage_spliced else body
+
+    def ask_for_usage(self) -> None:
+        """Ask the upstream for the usage chunk (``stream_options.include_usage``).
+
+        While the client's bytes go out unchanged and have no ``stream_options``, the member is spliced in after
+        the object's opening brace: a long conversation is not serialized again (15.6 against 1.5 µs for a 36 kB
+        body, on every streamed request of a client that does not ask for usage itself). Otherwise it is set in
+        :attr:`json`."""
+        body = self._body
+        if self._json is None and body is not None and "stream_options" not in self.exchange.json:
+            brace = body.find(b"{")
+            # after the brace, a member (never "}": a request has a model); only whitespace before it
+            if brace >= 0 and not body[:brace].strip() and body[brace + 1:brace + 65].lstrip()[:1] not in (b"}", b""):
+                self._body = body[:brace + 1] + _USAGE_MEMBER + body[brace + 1:]
+                self._usage_spliced = True
+                return
+        body_json = self.json
+        opts = body_json.get("stream_options")
+        body_json["stream_options"] = {**opts, "include_usage": True} if isinstance(opts, dict) else {
+            "include_usage": True}
 
     @property
     def body(self) -> bytes:

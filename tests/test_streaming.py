@@ -7,6 +7,7 @@ import aiohttp
 import orjson
 import pytest
 
+from proxy.sse import SSEParser
 from proxy.testing import Script, config_for
 from tests.conftest import openai_client
 from tests.helpers import CHAT, content_of, data_events, read_stream
@@ -285,3 +286,79 @@ async def test_steady_stream_usage_and_done_in_one_read(gateway_factory):
     assert b": a comment" in events  # upstream comments pass once the stream is live
     (line,) = [e for e in logs if e["event"] == "access"]
     assert (line["prompt_tokens"], line["completion_tokens"], line["outcome"]) == (3, 2, "ok")
+
+
+# --- asking the upstream for usage ------------------------------------------------------------------------------
+USAGE_MEMBER = b'"stream_options":{"include_usage":true},'
+
+
+async def _post_raw(url: str, raw: bytes) -> list[object]:
+    """POST ``raw`` as it is; the answer's data events."""
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url, data=raw, headers={"Content-Type": "application/json"}) as r:
+            assert r.status == 200
+            parser, events = SSEParser(), []
+            async for data in r.content.iter_any():
+                events.extend(parser.feed(data))
+    return data_events(events)
+
+
+@pytest.mark.parametrize("lead", [b"", b" \n\t"])
+async def test_usage_request_is_spliced_into_the_clients_bytes(upstream, gateway_factory, lead):
+    """A long conversation is not serialized again to ask for usage: the member goes in after the brace, and every
+    other byte of the client's body reaches the upstream as sent (spaces after colons included)."""
+    gw = await gateway_factory(config_for(upstream))
+    history = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " + "lorem ipsum " * 40}
+               for i in range(40)]
+    raw = lead + b'{ "model": "gpt-4o-mini", "stream": true, "messages": ' + orjson.dumps(history) + b" }"
+    events = await _post_raw(gw.base_url + "/chat/completions", raw)
+    assert upstream.raw_requests[-1] == lead + b"{" + USAGE_MEMBER + raw[len(lead) + 1:]
+    assert upstream.requests[-1] == {**orjson.loads(raw), "stream_options": {"include_usage": True}}
+    sent = data_events(upstream.events(upstream.requests[-1]))
+    assert events == sent[:-2] + ["[DONE]"]  # the usage chunk the client did not ask for is stripped
+
+
+async def test_usage_request_when_the_client_set_stream_options_itself(upstream, gateway_factory):
+    gw = await gateway_factory(config_for(upstream))
+    events = await _post_raw(gw.base_url + "/chat/completions", orjson.dumps(
+        {**STREAM, "stream_options": {"include_usage": False}}))
+    assert upstream.requests[-1]["stream_options"] == {"include_usage": True}
+    assert USAGE_MEMBER not in upstream.raw_requests[-1]
+    assert all(not (isinstance(e, dict) and e.get("usage")) for e in events)
+
+
+async def test_usage_request_survives_an_upstream_request_hook_editing_json(upstream, gateway_factory):
+    from proxy import hookimpl
+
+    class SetsTemperature:
+        @hookimpl
+        def upstream_request(self, exchange, request):
+            request.json["temperature"] = 0.25
+
+    gw = await gateway_factory(config_for(upstream, pipeline=["edit", "router"]), plugins={"edit": SetsTemperature()})
+    await read_stream(gw.base_url + "/chat/completions", STREAM)
+    sent = upstream.requests[-1]
+    assert sent["temperature"] == 0.25 and sent["stream_options"] == {"include_usage": True}
+    assert upstream.raw_requests[-1].count(b"stream_options") == 1
+
+
+async def test_simulated_provider_reports_usage_the_client_did_not_ask_for(gateway_factory):
+    """The in-process provider reads the request as a dict (``UpstreamRequest.payload``): it sees the spliced
+    ``stream_options`` and streams the usage chunk, which the gateway records and strips."""
+    from proxy import hookimpl
+    from proxy.config.schema import Config, PipelineEntry, ProviderConfig, SimulationConfig
+
+    class Done:
+        usage = None
+
+        @hookimpl
+        def exchange_done(self, exchange):
+            Done.usage = exchange.usage
+
+    config = Config(providers=(ProviderConfig(name="sim", type="simulated", simulation=SimulationConfig(
+        ttft_ms=1, itl_ms=0)),), pipeline=(PipelineEntry("done"), PipelineEntry("router")))
+    gw = await gateway_factory(config, plugins={"done": Done()})
+    _, _, events = await read_stream(gw.base_url + "/chat/completions", {**STREAM, "max_tokens": 5})
+    objs = data_events(events)
+    assert objs[-1] == "[DONE]" and all(not o.get("usage") for o in objs[:-1])
+    assert Done.usage is not None and Done.usage.completion_tokens > 0

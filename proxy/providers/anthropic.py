@@ -59,7 +59,7 @@ class AnthropicProvider(OpenAIProvider):
         return self._url
 
     def body(self, request: UpstreamRequest) -> bytes:
-        body: Any = request.json if request._json is not None else request.exchange.json
+        body: Any = request.payload
         translated = to_anthropic_request({**body, "model": request.route.model}, self.config.max_tokens_default)
         return orjson.dumps(translated)
 

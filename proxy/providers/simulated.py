@@ -44,7 +44,7 @@ class SimulatedProvider(Provider):
 
     async def send(self, request: UpstreamRequest) -> UpstreamResponse:
         endpoint = request.exchange.endpoint
-        body: Any = request.json if request._json is not None else request.exchange.json
+        body: Any = request.payload
         if request.route.model != body.get("model"):
             body = {**body, "model": request.route.model}
         sim = self.simulator
