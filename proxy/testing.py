@@ -260,7 +260,9 @@ class ScriptedUpstream:
         return resp
 
     async def _embeddings(self, request: web.Request) -> web.Response:
-        body = await request.json()
+        raw = await request.read()
+        body = orjson.loads(raw)
+        self.raw_requests.append(raw)
         self.requests.append(body)
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
         return web.json_response({"object": "list", "model": body.get("model"), "data": [
