@@ -35,8 +35,8 @@ from typing import Callable
 
 import aiohttp
 
-from bench.run import (NON_STREAM_BODY, ROOT, BenchError, Proc, StreamScenario, export_ref, free_port,
-                       gateway_config, raise_fd_limit, run_stream_client)
+from bench.run import (NON_STREAM_BODY, ROOT, BenchError, Proc, StreamScenario, conversation_body, export_ref,
+                       free_port, gateway_config, raise_fd_limit, run_stream_client)
 
 __all__ = ["main"]
 
@@ -47,8 +47,9 @@ _CACHE_COLUMNS = (("I1 misses", ("I1mr",)), ("D1 misses", ("D1mr", "D1mw")), ("L
 _BRANCH_COLUMNS = (("branches", ("Bc", "Bi")), ("mispredicted", ("Bcm", "Bim")))
 
 
-async def _requests(url: str, count: int, concurrency: int) -> None:
-    """Exactly ``count`` non-stream POSTs over ``concurrency`` keep-alive connections; any non-200 fails."""
+async def _requests(url: str, count: int, concurrency: int, body: str = NON_STREAM_BODY) -> None:
+    """Exactly ``count`` non-stream POSTs of ``body`` over ``concurrency`` keep-alive connections; any non-200
+    fails."""
     left = count
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=120)
@@ -57,7 +58,7 @@ async def _requests(url: str, count: int, concurrency: int) -> None:
             nonlocal left
             while left > 0:
                 left -= 1
-                async with session.post(url, data=NON_STREAM_BODY,
+                async with session.post(url, data=body,
                                         headers={"Content-Type": "application/json"}) as resp:
                     await resp.read()
                     if resp.status != 200:
@@ -123,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delay-ms", type=float, default=0.0,
                         help="streams: upstream pause between content chunks (e.g. 50 at --concurrency 2: one chunk "
                              "per read even under callgrind)")
+    parser.add_argument("--body-bytes", type=int, default=0, metavar="N",
+                        help="non-stream: send a chat request of at least N bytes (earlier turns of a conversation) "
+                             "instead of the short one")
     parser.add_argument("--no-passthrough", action="store_true", help="count gateways only")
     parser.add_argument("--cache-sim", action="store_true", help="also count simulated cache misses")
     parser.add_argument("--valgrind-arg", action="append", default=[], metavar="ARG",
@@ -137,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--requests 10..20000, --concurrency 1..256")
     if not 0 <= args.delay_ms <= 1000:
         parser.error("--delay-ms 0..1000")
+    if not 0 <= args.body_bytes <= 1_000_000:
+        parser.error("--body-bytes 0..1000000")
+    body = conversation_body(args.body_bytes)
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
             print(f"error: `{tool}` is not installed. Install it with:  apt-get install valgrind", file=sys.stderr)
@@ -185,9 +192,9 @@ def main(argv: list[str] | None = None) -> int:
                 url = f"http://127.0.0.1:{port}/v1/chat/completions"
                 try:
                     if args.load == "nonstream":
-                        asyncio.run(_requests(url, 100, args.concurrency))  # warm-up
+                        asyncio.run(_requests(url, 100, args.concurrency, body))  # warm-up
                         events = target.count(lambda: asyncio.run(_requests(url, args.requests,
-                                                                            args.concurrency)))
+                                                                            args.concurrency, body)))
                     else:
                         sc = StreamScenario("instr", "stream", args.concurrency, args.requests, args.delay_ms, 0)
                         run_stream_client(url, sc, None, 1, tmpdir, True, count=20, warmup=0)
@@ -212,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     unit = "request" if args.load == "nonstream" else "64-chunk stream"
     base = rows[0][1] if not args.no_passthrough else None
     columns = list(rows[0][1])
-    delay = f", {args.delay_ms:g} ms/chunk" if args.load == "stream" else ""
+    delay = f", {args.delay_ms:g} ms/chunk" if args.load == "stream" else f", {len(body):,}-byte body"
     print(f"| {args.load}, c={args.concurrency}{delay}, {args.requests} counted, per {unit} | "
           + " | ".join(f"{c} | ratio" for c in columns) + " |")
     print("|---|" + "---:|---:|" * len(columns))

@@ -47,6 +47,23 @@ NON_STREAM_BODY = '{"model":"bench-model","messages":[{"role":"system","content"
 PROXIES = ("passthrough", "gateway")
 
 
+def conversation_body(size: int) -> str:
+    """A chat request of at least ``size`` bytes: the benchmark's system turn, earlier user and assistant turns of
+    plain text, then its user turn, as a front end sends a long conversation. ``NON_STREAM_BODY`` itself when
+    ``size`` is not larger."""
+    short = json.loads(NON_STREAM_BODY)
+    if size <= len(NON_STREAM_BODY):
+        return NON_STREAM_BODY
+    system, question = short["messages"]
+    turn = "A streaming gateway relays each server-sent event to the client as soon as it arrives. " * 4
+    history: list[dict[str, str]] = []
+    body = NON_STREAM_BODY
+    while len(body) < size:
+        history += [{"role": "user", "content": turn}, {"role": "assistant", "content": turn}]
+        body = json.dumps({**short, "messages": [system, *history, question]}, separators=(",", ":"))
+    return body
+
+
 # -- plans ------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StreamScenario:
