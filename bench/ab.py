@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.procstat import CpuWindow
-from bench.run import (Proc, StreamScenario, export_ref, free_port, gateway_command, gateway_config,
-                       raise_fd_limit, run_stream_client, run_wrk, write_wrk_script)
+from bench.run import (Proc, StreamScenario, conversation_body, export_ref, free_port, gateway_command,
+                       gateway_config, raise_fd_limit, run_stream_client, run_wrk, write_wrk_script)
 
 LOADS = {
     "nonstream-c1": ("wrk", 1), "nonstream-c16": ("wrk", 16), "nonstream-c64": ("wrk", 64),
@@ -39,15 +39,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load", choices=sorted(LOADS), default="nonstream-c64")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=int, default=3, help="wrk window per measurement")
+    parser.add_argument("--body-bytes", type=int, default=0, metavar="N",
+                        help="non-stream: send a chat request of at least N bytes (earlier turns of a conversation) "
+                             "instead of the short one")
     args = parser.parse_args(argv)
     if not 1 <= args.rounds <= 20 or not 1 <= args.seconds <= 30:
         parser.error("--rounds 1..20, --seconds 1..30")
+    if not 0 <= args.body_bytes <= 1_000_000:
+        parser.error("--body-bytes 0..1000000")
     raise_fd_limit()
     kind, load = LOADS[args.load]
     procs: dict[str, Proc] = {}
     with tempfile.TemporaryDirectory(prefix="ssegate-ab-") as tmp:
         tmpdir = Path(tmp)
-        script = write_wrk_script(tmpdir)
+        script = write_wrk_script(tmpdir, conversation_body(args.body_bytes))
         mock_port = free_port()
         mock = Proc("mock_upstream", [sys.executable, "-m", "bench.mock_upstream", "--port", str(mock_port)], 1,
                     mock_port, tmpdir)

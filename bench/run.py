@@ -199,7 +199,7 @@ class Proc:
 # -- load generators ------------------------------------------------------------------------------------------
 _WRK_LUA = """
 wrk.method = "POST"
-wrk.body = '%s'
+wrk.body = [==[%s]==]
 wrk.headers["Content-Type"] = "application/json"
 
 done = function(summary, latency, requests)
@@ -212,9 +212,12 @@ end
 """
 
 
-def write_wrk_script(tmpdir: Path) -> Path:
+def write_wrk_script(tmpdir: Path, body: str = NON_STREAM_BODY) -> Path:
+    """wrk's Lua script: POST ``body`` (a long-bracket string, so quotes in it need no escaping)."""
+    if "]==]" in body:
+        raise BenchError("the request body cannot contain ]==]")
     path = tmpdir / "post.lua"
-    path.write_text(_WRK_LUA % NON_STREAM_BODY)
+    path.write_text(_WRK_LUA % body)
     return path
 
 
