@@ -91,6 +91,8 @@ class AccessLogPlugin:
             fields["tags"] = sorted(exchange.tags)
         if self.log_prompts:
             body = exchange._json  # the parsed request, if it parsed
+            if body is None and exchange.model is not None and exchange.body:
+                body = exchange.json  # it parsed, and was let go once routed (a long request)
             if isinstance(body, dict):
                 fields["messages"] = body.get("messages") or body.get("prompt")
         if write_bytes is None:

@@ -131,6 +131,10 @@ class Exchange:
         Read it freely; to change the request sent upstream, either assign a new object (``exchange.json =
         {...}``: the body is re-serialized from it, so every later phase and every route sees it) or edit
         ``request.json`` in an ``upstream_request`` hook. In-place edits of this dict are not sent upstream.
+
+        Once a long request (8 KiB or more) is routed, the gateway may let go of the parsed object when
+        forwarding does not need it; reading ``json`` after that parses the body again, into a new object.
+        Keep what a later phase needs in ``state`` rather than in this dict.
         """
         if self._json is None and self.body:
             self._json = orjson.loads(self.body)

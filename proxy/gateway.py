@@ -18,7 +18,7 @@ from aiohttp import web
 from .config.load import ConfigError, Origins
 from .config.schema import Config, PipelineEntry
 from .errors import GatewayError, StopStream
-from .exchange import Exchange, Outcome
+from .exchange import Exchange, Outcome, Route
 from .openai_format import finish_chunk
 from .pipeline import Pipeline, PluginError
 from .plugin_manager import load_plugins, new_plugin_manager
@@ -33,6 +33,11 @@ from .validation import models_body, translate_anthropic_ingress, validate
 __all__ = ["Gateway"]
 
 log = structlog.get_logger("ssegate.gateway")
+
+#: A request body from this size on has its parsed tree released once the request is routed, when nothing
+#: ahead needs it (:meth:`Gateway._parse_not_needed`). A long conversation's tree is several times the size of
+#: its bytes; kept, it would stay alive until the answer ends (a whole stream) and crowd the CPU cache.
+RELEASE_PARSED_FROM = 8192
 
 
 class Gateway:
@@ -186,6 +191,8 @@ class Gateway:
             if not routes:
                 raise GatewayError(404, f"The model `{exchange.model}` does not exist or is not served here.",
                                    param="model", code="model_not_found")
+            if len(exchange.body) >= RELEASE_PARSED_FROM and self._parse_not_needed(exchange, routes):
+                exchange._json = None  # freed now, while in cache, not when the answer (or stream) ends
             if exchange.stream:
                 out = ClientStream(request, exchange, self.forwarder.loop)
                 self.active_streams += 1
@@ -250,6 +257,20 @@ class Gateway:
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
         await asyncio.shield(task)
+
+    def _parse_not_needed(self, exchange: Exchange, routes: list[Route]) -> bool:
+        """Whether forwarding can do without the parsed request: no ``upstream_request`` hook, no route renaming
+        the model, and adapters that send the client's bytes as they are. A plugin that reads ``exchange.json``
+        after routing then parses the body again."""
+        if self.pipeline.has_upstream_request:
+            return False
+        model = exchange.model
+        providers = self.providers
+        for route in routes:
+            provider = providers.get(route.provider)
+            if provider is None or provider.reads_payload or route.model != model:
+                return False
+        return True
 
     def plugin(self, name: str) -> Any:
         """The plugin object registered under a pipeline name (None if absent)."""

@@ -95,7 +95,9 @@ class UpstreamRequest:
         body, on every streamed request of a client that does not ask for usage itself). Otherwise it is set in
         :attr:`json`."""
         body = self._body
-        if self._json is None and body is not None and "stream_options" not in self.exchange.json:
+        # (the byte search first: a body without the bytes has no such member, and its parse is not needed)
+        if self._json is None and body is not None and (
+                b'"stream_options"' not in body or "stream_options" not in self.exchange.json):
             brace = body.find(b"{")
             # after the brace, a member (never "}": a request has a model); only whitespace before it
             if brace >= 0 and not body[:brace].strip() and body[brace + 1:brace + 65].lstrip()[:1] not in (b"}", b""):
@@ -145,6 +147,10 @@ class Provider:
 
     #: Weight of the newest sample in the time-to-first-token moving average.
     TTFT_ALPHA = 0.2
+    #: Whether the adapter reads the parsed request (:attr:`UpstreamRequest.payload` or ``json``) to build what it
+    #: sends. An adapter that sends the client's bytes as they are (``request.body``) sets it False, which lets
+    #: the gateway release the parsed tree of a long request once it is routed (see ``Gateway.handle``).
+    reads_payload = True
 
     def __init__(self, config: "ProviderConfig") -> None:
         self.config = config

@@ -3,6 +3,7 @@ with the official SDKs as clients and an upstream speaking the Anthropic wire fo
 from __future__ import annotations
 
 import anthropic
+import attrs
 import openai
 import orjson
 import pytest
@@ -67,6 +68,35 @@ async def test_openai_request_is_translated_for_anthropic(claude, gateway_factor
     assert answer.choices[0].message.content == "Hello from Claude"
     assert answer.choices[0].finish_reason == "stop"
     assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (25, 15)
+
+
+async def test_a_long_request_for_anthropic_is_translated_from_its_one_parse(claude, gateway_factory):
+    """The adapter builds its request from the parsed body, so the gateway keeps a long request's parse for it
+    (``reads_payload``) rather than letting it go once routed and parsing again."""
+    from proxy import hookimpl
+
+    class Seen:
+        before = after = None
+
+        @hookimpl
+        def check_request(self, exchange):
+            Seen.before = exchange.json
+
+        @hookimpl
+        def exchange_done(self, exchange):
+            Seen.after = exchange.json
+
+    config = anthropic_config(claude)
+    config = attrs.evolve(config, pipeline=(PipelineEntry("seen"), *config.pipeline))
+    gw = await gateway_factory(config, plugins={"seen": Seen()})
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " + "lorem ipsum " * 40}
+             for i in range(41)]
+    client = openai_client(gw.base_url)
+    answer = await client.chat.completions.create(model="claude-3-haiku", messages=turns)
+    await client.close()
+    assert answer.choices[0].message.content == "Hello from Claude"
+    assert [m["content"][0]["text"] for m in claude.requests[-1]["messages"]] == [t["content"] for t in turns]
+    assert Seen.after is Seen.before
 
 
 async def test_anthropic_stream_becomes_openai_chunks(claude, gateway_factory):

@@ -225,6 +225,22 @@ async def test_readiness_flips_with_redis_down_and_back(upstream, gateway_factor
         pytest.fail("readiness did not recover after Redis came back")
 
 
+@pytest.mark.parametrize("turns", [1, 40])
+async def test_access_line_carries_the_prompt_only_with_log_prompts(upstream, gateway_factory, turns):
+    """``observability.log_prompts: true`` puts the messages in the line, for a short request and for a long one
+    (whose parsed body the gateway lets go once routed: the line parses it again)."""
+    messages = [{"role": "user", "content": f"turn {i} " + "lorem ipsum " * 40} for i in range(turns)]
+    for log_prompts in (False, True):
+        config = config_for(upstream)
+        config = attrs.evolve(config, observability=attrs.evolve(config.observability, log_prompts=log_prompts))
+        gw = await gateway_factory(config)
+        with capture_logs() as logs:
+            await read_stream(gw.base_url + "/chat/completions", {"model": "m", "stream": True, "messages": messages})
+        (line,) = [e for e in logs if e["event"] == "access"]
+        assert line["status"] == 200
+        assert line.get("messages") == (messages if log_prompts else None)
+
+
 async def test_access_line_per_exchange(upstream, gateway_factory):
     config = attrs.evolve(config_for(upstream), server=attrs.evolve(config_for(upstream).server,
                                                                     trusted_proxies=("127.0.0.0/8",)))

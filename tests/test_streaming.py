@@ -7,6 +7,7 @@ import aiohttp
 import orjson
 import pytest
 
+from proxy import hookimpl
 from proxy.sse import SSEParser
 from proxy.testing import Script, config_for
 from tests.conftest import openai_client
@@ -328,7 +329,6 @@ async def test_usage_request_when_the_client_set_stream_options_itself(upstream,
 
 
 async def test_usage_request_survives_an_upstream_request_hook_editing_json(upstream, gateway_factory):
-    from proxy import hookimpl
 
     class SetsTemperature:
         @hookimpl
@@ -345,8 +345,12 @@ async def test_usage_request_survives_an_upstream_request_hook_editing_json(upst
 async def test_simulated_provider_reports_usage_the_client_did_not_ask_for(gateway_factory):
     """The in-process provider reads the request as a dict (``UpstreamRequest.payload``): it sees the spliced
     ``stream_options`` and streams the usage chunk, which the gateway records and strips."""
-    from proxy import hookimpl
-    from proxy.config.schema import Config, PipelineEntry, ProviderConfig, SimulationConfig
+    from proxy.config.schema import (
+        Config,
+        PipelineEntry,
+        ProviderConfig,
+        SimulationConfig,
+    )
 
     class Done:
         usage = None
@@ -362,3 +366,117 @@ async def test_simulated_provider_reports_usage_the_client_did_not_ask_for(gatew
     objs = data_events(events)
     assert objs[-1] == "[DONE]" and all(not o.get("usage") for o in objs[:-1])
     assert Done.usage is not None and Done.usage.completion_tokens > 0
+
+
+# --- a long request's parsed body, let go once routed ------------------------------------------------------------
+def _long_chat(model: str = "gpt-4o-mini", turns: int = 40, **extra: object) -> dict:
+    """A chat request of about 20 kB (over the 8 KiB from which the parsed tree may be released)."""
+    history = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " + "lorem ipsum " * 40}
+               for i in range(turns)]
+    return {"model": model, "messages": history, **extra}
+
+
+class _SeesTheRequest:
+    """Reads ``exchange.json`` before routing (as cache, moderation and rate limits do) and again at the end."""
+
+    def __init__(self) -> None:
+        self.read_at_end: list[object] = []
+        self.read_before: list[object] = []
+
+    def parsed_once(self) -> bool:
+        """Whether the end saw the very object the request was parsed into (not a parse made again)."""
+        return self.read_at_end[-1] is self.read_before[-1]
+
+    @hookimpl
+    def check_request(self, exchange):
+        self.read_before.append(exchange.json)
+
+    @hookimpl
+    def exchange_done(self, exchange):
+        self.read_at_end.append(exchange.json)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_long_requests_parse_is_let_go_once_routed_and_parsed_again_when_read(upstream, gateway_factory,
+                                                                                   stream):
+    """Forwarding to an OpenAI-type provider needs only the client's bytes, so the parsed tree of a long request is
+    not kept until the answer ends; a plugin reading ``exchange.json`` afterwards gets the same content."""
+    seen = _SeesTheRequest()
+    gw = await gateway_factory(config_for(upstream, pipeline=["seen", "router"]), plugins={"seen": seen})
+    body = _long_chat(stream=stream)
+    raw = orjson.dumps(body)
+    if stream:
+        events = await _post_raw(gw.base_url + "/chat/completions", raw)
+        assert events[-1] == "[DONE]" and len(events) > 2
+        assert upstream.raw_requests[-1] == b"{" + USAGE_MEMBER + raw[1:]  # still spliced, not re-serialized
+    else:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(gw.base_url + "/chat/completions", data=raw,
+                              headers={"Content-Type": "application/json"}) as r:
+                assert r.status == 200
+                assert (await r.json())["object"] == "chat.completion"
+        assert upstream.raw_requests[-1] == raw
+    assert seen.read_before == [body] and seen.read_at_end == [body]
+    assert not seen.parsed_once()
+
+
+async def test_a_short_requests_parse_is_kept(upstream, gateway_factory):
+    seen = _SeesTheRequest()
+    gw = await gateway_factory(config_for(upstream, pipeline=["seen", "router"]), plugins={"seen": seen})
+    await _post_raw(gw.base_url + "/chat/completions", orjson.dumps(_long_chat(turns=2, stream=True)))
+    assert seen.parsed_once()
+
+
+async def test_a_long_requests_parse_is_kept_when_a_route_renames_the_model(upstream, upstream2, gateway_factory):
+    from proxy.config.schema import PipelineEntry
+
+    seen = _SeesTheRequest()
+    pipeline = [PipelineEntry("seen"), PipelineEntry("router", {"aliases": {"fast": ["up1/small-model"]}})]
+    gw = await gateway_factory(config_for(upstream, upstream2, pipeline=pipeline), plugins={"seen": seen})
+    await _post_raw(gw.base_url + "/chat/completions", orjson.dumps(_long_chat("fast", stream=True)))
+    assert upstream2.requests[-1]["model"] == "small-model"
+    assert upstream2.requests[-1]["messages"] == _long_chat()["messages"]
+    assert seen.parsed_once()
+
+
+async def test_a_long_requests_parse_is_kept_for_an_upstream_request_hook(upstream, gateway_factory):
+
+    class SetsTemperature:
+        @hookimpl
+        def upstream_request(self, exchange, request):
+            request.json["temperature"] = 0.5
+
+    seen = _SeesTheRequest()
+    gw = await gateway_factory(config_for(upstream, pipeline=["seen", "edit", "router"]),
+                               plugins={"seen": seen, "edit": SetsTemperature()})
+    await _post_raw(gw.base_url + "/chat/completions", orjson.dumps(_long_chat(stream=True)))
+    assert upstream.requests[-1]["temperature"] == 0.5
+    assert seen.parsed_once()
+
+
+async def test_a_long_requests_parse_is_kept_for_an_adapter_that_reads_it(gateway_factory):
+    """The simulated provider (like the Anthropic adapter) builds its answer from the parsed request."""
+    from proxy.config.schema import (
+        Config,
+        PipelineEntry,
+        ProviderConfig,
+        SimulationConfig,
+    )
+
+    seen = _SeesTheRequest()
+    config = Config(providers=(ProviderConfig(name="sim", type="simulated", simulation=SimulationConfig(
+        ttft_ms=1, itl_ms=0)),), pipeline=(PipelineEntry("seen"), PipelineEntry("router")))
+    gw = await gateway_factory(config, plugins={"seen": seen})
+    events = await _post_raw(gw.base_url + "/chat/completions", orjson.dumps(_long_chat(stream=True, max_tokens=3)))
+    assert events[-1] == "[DONE]"
+    assert seen.parsed_once()
+
+
+async def test_a_long_request_with_stream_options_in_its_text_still_asks_for_usage(upstream, gateway_factory):
+    """The byte search for ``"stream_options"`` may find it inside a message; the parse then decides."""
+    body = _long_chat(stream=True)
+    body["messages"][0]["content"] = "stream_options"
+    raw = orjson.dumps(body)
+    gw = await gateway_factory(config_for(upstream))
+    await _post_raw(gw.base_url + "/chat/completions", raw)
+    assert upstream.raw_requests[-1] == b"{" + USAGE_MEMBER + raw[1:]

@@ -43,6 +43,8 @@ class _AnthropicResponse(UpstreamResponse):
 
 
 class AnthropicProvider(OpenAIProvider):
+    reads_payload = True  # the request is translated from the parsed body
+
     def __init__(self, config) -> None:  # type: ignore[no-untyped-def]
         super().__init__(config)
         base = config.base_url.rstrip("/")

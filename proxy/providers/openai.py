@@ -72,6 +72,8 @@ def upstream_error_from_body(status: int, body: bytes, provider: str, headers: M
 class OpenAIProvider(Provider):
     """Bearer-key OpenAI wire format over a pooled ``aiohttp.ClientSession``."""
 
+    reads_payload = False  # the client's bytes go out as they are (``body``)
+
     def __init__(self, config: ProviderConfig) -> None:
         super().__init__(config)
         self._base = config.base_url.rstrip("/")
