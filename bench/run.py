@@ -93,6 +93,10 @@ class Plan:
     wrk_rounds: int = 1
     #: Stream windows per proxy and scenario (``count`` streams each), interleaved; the cell is their median.
     stream_rounds: int = 1
+    #: Non-stream requests whose body is a conversation of this many bytes at least, at ``long_concurrency``:
+    #: what chat front ends send (the short request hides the cost of validating a long body). 0: no such row.
+    long_body_bytes: int = 16384
+    long_concurrency: int = 16
 
 
 FULL = Plan(
@@ -216,7 +220,7 @@ def write_wrk_script(tmpdir: Path, body: str = NON_STREAM_BODY) -> Path:
     """wrk's Lua script: POST ``body`` (a long-bracket string, so quotes in it need no escaping)."""
     if "]==]" in body:
         raise BenchError("the request body cannot contain ]==]")
-    path = tmpdir / "post.lua"
+    path = tmpdir / f"post-{len(body)}.lua"
     path.write_text(_WRK_LUA % body)
     return path
 
@@ -302,6 +306,8 @@ class Bench:
         self.retry_left = plan.retry_budget_s
         self.quiet_left = plan.quiet_budget_s
         self.wrk_script = write_wrk_script(tmpdir)
+        self.long_body = conversation_body(plan.long_body_bytes) if plan.long_body_bytes else ""
+        self.long_script = write_wrk_script(tmpdir, self.long_body) if self.long_body else None
         self.results: dict[str, dict[str, Any]] = {name: {"non_stream": {}, "streams": {}} for name in PROXIES}
 
     def url(self, name: str) -> str:
@@ -359,15 +365,17 @@ class Bench:
         best["attempts"] = [{"foreign_cores": a["foreign_cores"], value_key: a.get(value_key)} for a in attempts]
         return best
 
-    def non_stream_window(self, name: str, c: int) -> dict[str, Any]:
-        """One measured wrk window against one proxy (re-measured while foreign load spoils it)."""
+    def non_stream_window(self, name: str, c: int, script: Path | None = None, what: str = "") -> dict[str, Any]:
+        """One measured wrk window against one proxy (re-measured while foreign load spoils it); ``script``: the
+        wrk script (default: the short request), ``what``: how the log names a non-default one."""
         plan, args = self.plan, self.args
+        script = script or self.wrk_script
         proc = self.proxies[name]
         url = self.url(name)
 
         def attempt() -> dict[str, Any]:
             window = CpuWindow(proc.pid, self.others(name)).start()
-            w = run_wrk(url, c, plan.wrk_seconds, self.wrk_script, args.load_cpu)
+            w = run_wrk(url, c, plan.wrk_seconds, script, args.load_cpu)
             w.update(window.stop())
             secs = w["duration_us"] / 1e6
             cpu = w["proxy_cpu_s"]
@@ -376,22 +384,26 @@ class Bench:
                      proxy_core_busy=cpu / secs if secs else None)
             return w
 
-        w = self.with_retries(f"{name} non-stream c={c}", attempt, "us_per_request")
-        log(f"  {name:11s} non-stream c={c:<3d} {w['requests']:7d} req  {w['requests_per_s']:8.0f} req/s  "
+        w = self.with_retries(f"{name} non-stream c={c}{what}", attempt, "us_per_request")
+        log(f"  {name:11s} non-stream c={c:<3d}{what} {w['requests']:7d} req  {w['requests_per_s']:8.0f} req/s  "
             f"CPU {fmt(w['us_per_request'])} us/req  errors {w['errors']}  foreign {w['foreign_cores']:.2f}")
         if w["errors"]:
             log(f"  !!! {name}: wrk reported {w['errors']} errors/non-2xx responses at c={c}: {w}")
         return w
 
-    def non_stream(self, c: int, order: Callable[[], tuple[str, ...]]) -> None:
+    def non_stream(self, c: int, order: Callable[[], tuple[str, ...]], long: bool = False) -> None:
         """``plan.wrk_rounds`` windows per proxy, interleaved (the order alternates), so a drift of the machine
-        hits both alike; each cell is the median window, with every window kept in the results."""
+        hits both alike; each cell is the median window, with every window kept in the results. ``long``: the
+        long conversation instead of the short request (cell ``c<C>_long``)."""
+        script = self.long_script if long else self.wrk_script
+        assert script is not None
+        what = f" ({len(self.long_body):,}-byte body)" if long else ""
         for name in PROXIES:
-            run_wrk(self.url(name), c, self.plan.wrk_warmup_s, self.wrk_script, self.args.load_cpu)  # warm-up
+            run_wrk(self.url(name), c, self.plan.wrk_warmup_s, script, self.args.load_cpu)  # warm-up
         windows: dict[str, list[dict[str, Any]]] = {name: [] for name in PROXIES}
         for _ in range(self.plan.wrk_rounds):
             for name in order():
-                windows[name].append(self.non_stream_window(name, c))
+                windows[name].append(self.non_stream_window(name, c, script, what))
         for name, ws in windows.items():
             ranked = sorted(ws, key=lambda w: w["us_per_request"] or 0.0)
             median = dict(ranked[len(ranked) // 2])
@@ -399,9 +411,10 @@ class Bench:
                                                          "foreign_cores", "errors")} for w in ws],
                           errors=sum(w["errors"] for w in ws), noisy=any(w["noisy"] for w in ws))
             if len(ws) > 1:
-                log(f"  {name:11s} non-stream c={c:<3d} median of {len(ws)}: CPU {fmt(median['us_per_request'])} "
-                    f"us/req (windows {fmt(ranked[0]['us_per_request'])}-{fmt(ranked[-1]['us_per_request'])})")
-            self.results[name]["non_stream"][f"c{c}"] = median
+                log(f"  {name:11s} non-stream c={c:<3d}{what} median of {len(ws)}: CPU "
+                    f"{fmt(median['us_per_request'])} us/req (windows {fmt(ranked[0]['us_per_request'])}-"
+                    f"{fmt(ranked[-1]['us_per_request'])})")
+            self.results[name]["non_stream"][f"c{c}_long" if long else f"c{c}"] = median
 
     def streams(self, sc: StreamScenario, order: Callable[[], tuple[str, ...]]) -> None:
         """``plan.stream_rounds`` windows of ``sc`` per proxy, interleaved like the non-stream windows. A single
@@ -602,6 +615,11 @@ def build_rows(plan: Plan, res: dict[str, dict[str, Any]], ttft: dict[str, dict[
     for c in plan.concurrencies:
         k = f"c{c}"
         cpu_row(f"non-stream c={c}: CPU us/request", pt["non_stream"][k], gw["non_stream"][k], "us_per_request", 1)
+    k = f"c{plan.long_concurrency}_long"
+    if k in pt["non_stream"] and k in gw["non_stream"]:
+        size = len(conversation_body(plan.long_body_bytes))
+        cpu_row(f"non-stream c={plan.long_concurrency}, a {size:,}-byte conversation: CPU us/request",
+                pt["non_stream"][k], gw["non_stream"][k], "us_per_request", 1)
     for sc in plan.streams:
         cpu_row(f"{sc.label}: CPU ms/stream", pt["streams"][sc.key], gw["streams"][sc.key], "ms_per_stream", 3)
     cpu_row(f"stream C=1, {plan.ttft_delay_ms:.0f} ms/chunk (the TTFT runs): CPU ms/stream", ttft["passthrough"],
@@ -727,6 +745,9 @@ def run(args: argparse.Namespace) -> int:
         for c in plan.concurrencies:
             log(f"non-stream, concurrency {c}:")
             bench.non_stream(c, ordered)
+        if plan.long_body_bytes:
+            log(f"non-stream, concurrency {plan.long_concurrency}, a {len(bench.long_body):,}-byte conversation:")
+            bench.non_stream(plan.long_concurrency, ordered, long=True)
         for sc in plan.streams:
             log(f"{sc.label}:")
             bench.streams(sc, ordered)
