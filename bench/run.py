@@ -45,6 +45,10 @@ FOREIGN_THRESHOLD = 0.10  # cores of foreign load above which a measured window 
 NON_STREAM_BODY = '{"model":"bench-model","messages":[{"role":"system","content":"You are a benchmark."},' \
                   '{"role":"user","content":"Say hello."}]}'
 PROXIES = ("passthrough", "gateway")
+#: The third contender of the non-stream rows: the same gateway with its access line and metrics turned off, so
+#: every run shows what the two observability plugins cost and where the gateway stands without them.
+NO_OBS = "gateway_no_obs"
+NO_OBS_ENV = {"SSEGATE_OBSERVABILITY__ACCESS_LOG": "false", "SSEGATE_OBSERVABILITY__METRICS": "false"}
 
 
 def conversation_body(size: int) -> str:
@@ -97,6 +101,8 @@ class Plan:
     #: what chat front ends send (the short request hides the cost of validating a long body). 0: no such row.
     long_body_bytes: int = 16384
     long_concurrency: int = 16
+    #: Also measure the gateway without its access line and metrics (:data:`NO_OBS`) in the non-stream rows.
+    no_obs: bool = True
 
 
 FULL = Plan(
@@ -308,7 +314,10 @@ class Bench:
         self.wrk_script = write_wrk_script(tmpdir)
         self.long_body = conversation_body(plan.long_body_bytes) if plan.long_body_bytes else ""
         self.long_script = write_wrk_script(tmpdir, self.long_body) if self.long_body else None
-        self.results: dict[str, dict[str, Any]] = {name: {"non_stream": {}, "streams": {}} for name in PROXIES}
+        #: The proxies of the non-stream rows: the two, and the gateway without observability when planned.
+        self.non_stream_names = (*PROXIES, NO_OBS) if plan.no_obs else PROXIES
+        self.results: dict[str, dict[str, Any]] = {name: {"non_stream": {}, "streams": {}}
+                                                   for name in self.non_stream_names}
 
     def url(self, name: str) -> str:
         proc = self.mock if name == "direct" else self.proxies[name]
@@ -385,24 +394,25 @@ class Bench:
             return w
 
         w = self.with_retries(f"{name} non-stream c={c}{what}", attempt, "us_per_request")
-        log(f"  {name:11s} non-stream c={c:<3d}{what} {w['requests']:7d} req  {w['requests_per_s']:8.0f} req/s  "
+        log(f"  {name:14s} non-stream c={c:<3d}{what} {w['requests']:7d} req  {w['requests_per_s']:8.0f} req/s  "
             f"CPU {fmt(w['us_per_request'])} us/req  errors {w['errors']}  foreign {w['foreign_cores']:.2f}")
         if w["errors"]:
             log(f"  !!! {name}: wrk reported {w['errors']} errors/non-2xx responses at c={c}: {w}")
         return w
 
-    def non_stream(self, c: int, order: Callable[[], tuple[str, ...]], long: bool = False) -> None:
-        """``plan.wrk_rounds`` windows per proxy, interleaved (the order alternates), so a drift of the machine
-        hits both alike; each cell is the median window, with every window kept in the results. ``long``: the
+    def non_stream(self, c: int, order: Callable[[tuple[str, ...]], tuple[str, ...]], long: bool = False) -> None:
+        """``plan.wrk_rounds`` windows per proxy, interleaved (the order rotates), so a drift of the machine
+        hits all alike; each cell is the median window, with every window kept in the results. ``long``: the
         long conversation instead of the short request (cell ``c<C>_long``)."""
         script = self.long_script if long else self.wrk_script
         assert script is not None
         what = f" ({len(self.long_body):,}-byte body)" if long else ""
-        for name in PROXIES:
+        names = self.non_stream_names
+        for name in names:
             run_wrk(self.url(name), c, self.plan.wrk_warmup_s, script, self.args.load_cpu)  # warm-up
-        windows: dict[str, list[dict[str, Any]]] = {name: [] for name in PROXIES}
+        windows: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
         for _ in range(self.plan.wrk_rounds):
-            for name in order():
+            for name in order(names):
                 windows[name].append(self.non_stream_window(name, c, script, what))
         for name, ws in windows.items():
             ranked = sorted(ws, key=lambda w: w["us_per_request"] or 0.0)
@@ -411,19 +421,19 @@ class Bench:
                                                          "foreign_cores", "errors")} for w in ws],
                           errors=sum(w["errors"] for w in ws), noisy=any(w["noisy"] for w in ws))
             if len(ws) > 1:
-                log(f"  {name:11s} non-stream c={c:<3d}{what} median of {len(ws)}: CPU "
+                log(f"  {name:14s} non-stream c={c:<3d}{what} median of {len(ws)}: CPU "
                     f"{fmt(median['us_per_request'])} us/req (windows {fmt(ranked[0]['us_per_request'])}-"
                     f"{fmt(ranked[-1]['us_per_request'])})")
             self.results[name]["non_stream"][f"c{c}_long" if long else f"c{c}"] = median
 
-    def streams(self, sc: StreamScenario, order: Callable[[], tuple[str, ...]]) -> None:
+    def streams(self, sc: StreamScenario, order: Callable[[tuple[str, ...]], tuple[str, ...]]) -> None:
         """``plan.stream_rounds`` windows of ``sc`` per proxy, interleaved like the non-stream windows. A single
         window moves a lot: how many upstream reads carry a stream's 64 chunks (so what a stream costs the
         proxy) depends on how punctually the mock, sharing its core with the load, writes them. The cell is the
         median window; counts and failures are summed over the windows, the peak RSS is their maximum."""
         windows: dict[str, list[dict[str, Any]]] = {name: [] for name in PROXIES}
         for _ in range(self.plan.stream_rounds):
-            for name in order():
+            for name in order(PROXIES):
                 windows[name].append(self.stream_window(name, sc))
                 time.sleep(0.5)
         for name, ws in windows.items():
@@ -437,7 +447,7 @@ class Bench:
                               rounds=[{k: w.get(k) for k in ("ms_per_stream", "completed", "foreign_cores")}
                                       for w in ws])
                 median.pop("ttft_s", None)
-                log(f"  {name:11s} {sc.label:40s} median of {len(ws)}: CPU {fmt(median['ms_per_stream'], 3)} "
+                log(f"  {name:14s} {sc.label:40s} median of {len(ws)}: CPU {fmt(median['ms_per_stream'], 3)} "
                     f"ms/stream (windows {fmt(ranked[0]['ms_per_stream'], 3)}-{fmt(ranked[-1]['ms_per_stream'], 3)})")
             self.results[name]["streams"][sc.key] = median
 
@@ -454,7 +464,7 @@ class Bench:
 
         r = self.with_retries(f"{name} {sc.label}", attempt, "ms_per_stream")
         inc = f"{r['incremental_ok']}/{r['incremental_scored']}" if r["incremental_scored"] else "n/a"
-        log(f"  {name:11s} {sc.label:40s} {r['completed']:5d}/{sc.count} ok  CPU {fmt(r['ms_per_stream'], 3)} "
+        log(f"  {name:14s} {sc.label:40s} {r['completed']:5d}/{sc.count} ok  CPU {fmt(r['ms_per_stream'], 3)} "
             f"ms/stream  incremental {inc}  peak RSS {r['proxy_rss_peak'] / 2**20:.0f} MiB  "
             f"foreign {r['foreign_cores']:.2f}")
         bad = r["failed"] + r["timeouts"] + r["not_run"]
@@ -481,7 +491,7 @@ class Bench:
         merged = {name: merge_runs(rs) for name, rs in runs.items()}
         for name in names:
             m = merged[name]
-            log(f"  {name:11s} TTFT {sc.label}: p50 {fmt(m['ttft_p50_ms'], 2)} ms  p99 {fmt(m['ttft_p99_ms'], 2)} ms"
+            log(f"  {name:14s} TTFT {sc.label}: p50 {fmt(m['ttft_p50_ms'], 2)} ms  p99 {fmt(m['ttft_p99_ms'], 2)} ms"
                 f"  ({m['completed']}/{plan.ttft_count} ok)  foreign max {m['foreign_cores']:.2f}")
         return merged
 
@@ -545,10 +555,12 @@ def export_ref(ref: str, dest: Path) -> str:
     return sha.stdout.strip()
 
 
-def gateway_command(config: Path, src: Path | None) -> tuple[list[str], dict[str, str], Path]:
+def gateway_command(config: Path, src: Path | None, extra_env: dict[str, str] | None = None
+                    ) -> tuple[list[str], dict[str, str], Path]:
     """argv, environment and cwd of the gateway: the installed ``ssegate`` (the work tree, for an editable
-    install), or ``python -m proxy`` from an exported source tree."""
+    install), or ``python -m proxy`` from an exported source tree; ``extra_env``: ``SSEGATE_*`` settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SSEGATE_")}
+    env.update(extra_env or {})
     if src is None:
         return gateway_argv(config), env, ROOT
     env["PYTHONPATH"] = str(src)
@@ -612,14 +624,20 @@ def build_rows(plan: Plan, res: dict[str, dict[str, Any]], ttft: dict[str, dict[
         rows.append({"scenario": label, "passthrough": a, "gateway": b, "ratio": ratio, "target": "",
                      "ratio_value": None, "is_cpu": False})
 
-    for c in plan.concurrencies:
-        k = f"c{c}"
-        cpu_row(f"non-stream c={c}: CPU us/request", pt["non_stream"][k], gw["non_stream"][k], "us_per_request", 1)
+    non_stream_keys = [(f"c{c}", f"non-stream c={c}") for c in plan.concurrencies]
     k = f"c{plan.long_concurrency}_long"
     if k in pt["non_stream"] and k in gw["non_stream"]:
         size = len(conversation_body(plan.long_body_bytes))
-        cpu_row(f"non-stream c={plan.long_concurrency}, a {size:,}-byte conversation: CPU us/request",
-                pt["non_stream"][k], gw["non_stream"][k], "us_per_request", 1)
+        non_stream_keys.append((k, f"non-stream c={plan.long_concurrency}, a {size:,}-byte conversation"))
+    for k, label in non_stream_keys:
+        cpu_row(f"{label}: CPU us/request", pt["non_stream"][k], gw["non_stream"][k], "us_per_request", 1)
+    no_obs = res.get(NO_OBS)
+    if no_obs is not None:
+        # Not the target's rows (the gateway as shipped is): what the access line and metrics cost.
+        for k, label in non_stream_keys:
+            cpu_row(f"{label}, gateway without access line and metrics: CPU us/request", pt["non_stream"][k],
+                    no_obs["non_stream"][k], "us_per_request", 1)
+            rows[-1]["variant"] = True
     for sc in plan.streams:
         cpu_row(f"{sc.label}: CPU ms/stream", pt["streams"][sc.key], gw["streams"][sc.key], "ms_per_stream", 3)
     cpu_row(f"stream C=1, {plan.ttft_delay_ms:.0f} ms/chunk (the TTFT runs): CPU ms/stream", ttft["passthrough"],
@@ -650,6 +668,8 @@ def build_rows(plan: Plan, res: dict[str, dict[str, Any]], ttft: dict[str, dict[
         t = res[name]
         n = sum(w["errors"] for w in t["non_stream"].values())
         n += sum(r["failed"] + r["timeouts"] + r["not_run"] for r in [*t["streams"].values(), ttft[name]])
+        if name == "gateway" and no_obs is not None:  # the gateway's column counts both of its configurations
+            n += sum(w["errors"] for w in no_obs["non_stream"].values())
         cells.append(str(n))
     info_row("failures (non-2xx, socket errors, failed/timed-out streams)", *cells)
     big = plan.streams[-1]
@@ -658,6 +678,12 @@ def build_rows(plan: Plan, res: dict[str, dict[str, Any]], ttft: dict[str, dict[
     a, b = rss_idle["passthrough"] / 2**20, rss_idle["gateway"] / 2**20
     info_row("idle RSS after start (MiB)", f"{a:.0f}", f"{b:.0f}", f"{b / a:.2f}x")
     return rows
+
+
+def target_misses(rows: list[dict[str, Any]]) -> list[str]:
+    """The CPU rows of the gateway as shipped whose ratio is above the target."""
+    return [r["scenario"] for r in rows if r["is_cpu"] and not r.get("variant") and r["ratio_value"]
+            and r["ratio_value"] > TARGET_RATIO]
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -716,16 +742,16 @@ def run(args: argparse.Namespace) -> int:
         else:
             result["gateway_source"] = {"ref": None, "work_tree": str(ROOT)}
         rss_idle: dict[str, int] = {}
-        for name in PROXIES:
+        for name in bench.non_stream_names:
             port = free_port()
             env, cwd = None, ROOT
             if name == "passthrough":
                 argv = [sys.executable, "-m", "bench.passthrough", "--port", str(port),
                         "--upstream", f"http://127.0.0.1:{mock_port}"]
             else:
-                cfg = tmpdir / "gateway.yaml"
+                cfg = tmpdir / f"{name}.yaml"
                 gateway_config(cfg, port, mock_port)
-                argv, env, cwd = gateway_command(cfg, src)
+                argv, env, cwd = gateway_command(cfg, src, NO_OBS_ENV if name == NO_OBS else None)
             proc = Proc(name, argv, args.proxy_cpu, port, tmpdir, env, cwd)
             all_procs.append(proc.start())
             bench.proxies[name] = proc
@@ -734,13 +760,14 @@ def run(args: argparse.Namespace) -> int:
         for name, proc in bench.proxies.items():
             rss_idle[name] = rss_bytes(proc.pid)
 
-        # Scenarios alternate the order of the two proxies, so neither always runs first.
+        # Scenarios rotate the order of the proxies, so none always runs first.
         step = 0
 
-        def ordered() -> tuple[str, ...]:
+        def ordered(names: tuple[str, ...]) -> tuple[str, ...]:
             nonlocal step
             step += 1
-            return PROXIES if step % 2 else PROXIES[::-1]
+            k = step % len(names)
+            return names[k:] + names[:k]
 
         for c in plan.concurrencies:
             log(f"non-stream, concurrency {c}:")
@@ -758,12 +785,13 @@ def run(args: argparse.Namespace) -> int:
         result.update(
             duration_s=time.monotonic() - t_start,
             results={"direct": {"ttft": ttft["direct"]},
-                     **{n: {**bench.results[n], "ttft": ttft[n], "rss_idle": rss_idle[n]} for n in PROXIES}},
+                     **{n: {**bench.results[n], "ttft": ttft[n], "rss_idle": rss_idle[n]} for n in PROXIES},
+                     **({NO_OBS: {**bench.results[NO_OBS], "rss_idle": rss_idle[NO_OBS]}} if plan.no_obs else {})},
             table=rows,
         )
         failures = next(r for r in rows if r["scenario"].startswith("failures"))
         result["failures"] = {"passthrough": int(failures["passthrough"]), "gateway": int(failures["gateway"])}
-        misses = [r["scenario"] for r in rows if r["is_cpu"] and r["ratio_value"] and r["ratio_value"] > TARGET_RATIO]
+        misses = target_misses(rows)
         noisy = [r["scenario"] for r in rows if "†" in r["passthrough"] + r["gateway"]]
         result["target"] = {"max_ratio": TARGET_RATIO, "misses": misses}
         result["noisy_rows"] = noisy
@@ -784,8 +812,13 @@ def run(args: argparse.Namespace) -> int:
         if noisy:
             print(f"† measured while other processes used more than {FOREIGN_THRESHOLD} core (retries exhausted): "
                   f"treat with care.")
+        if plan.no_obs:
+            print("Rows \"gateway without access line and metrics\": the same gateway with "
+                  "observability.access_log and observability.metrics off, for what the two cost; the target is "
+                  "judged on the gateway as shipped.")
         if misses:
-            print(f"Target missed in {len(misses)} of {sum(1 for r in rows if r['is_cpu'])} CPU scenarios.")
+            shipped = sum(1 for r in rows if r["is_cpu"] and not r.get("variant"))
+            print(f"Target missed in {len(misses)} of {shipped} CPU scenarios.")
         bad = result["failures"]["passthrough"] + result["failures"]["gateway"]
         if bad:
             keep_logs = True
