@@ -73,11 +73,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             data, origins = load_layers(args.file)
             entries = structure(data.get("pipeline", []), tuple[PipelineEntry, ...], origins, ("pipeline",))
         except ConfigError:
-            entries = ()
-    try:
-        load_plugins(entries, new_plugin_manager(), origins)
-    except ConfigError as exc:
-        problems += exc.problems
+            entries = ()  # the layers do not load at all (YAML, a missing variable): reported above
+    if entries:
+        try:
+            load_plugins(entries, new_plugin_manager(), origins)
+        except ConfigError as exc:
+            problems += exc.problems
     if problems:
         problems.sort(key=lambda p: (p.file or "", p.line or 0))
         print("\n".join(str(p) for p in problems), file=sys.stderr)

@@ -1,6 +1,7 @@
 """The ssegate command, run as real processes."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -50,6 +51,34 @@ def test_check_config_names_file_line_and_key(tmp_path):
     assert f"{path}:7: providers[0].timout: unknown key 'timout' (did you mean 'timeout'?)" in err
     assert f"{path}:10: pipeline[1].tests.sample_plugins.audit:Audit.levle: unknown key 'levle'" in err
     assert f"{path}:11: pipeline[2].no_such_plugin: no plugin named 'no_such_plugin'" in err
+
+
+@pytest.mark.parametrize(("text", "env", "expected"), [
+    ("server:\n  port: 80\n   host: x\n", {}, ":3: YAML syntax error: mapping values are not allowed here"),
+    ("server: {port: 80}\nserver: {port: 81}\n", {}, ':2: YAML syntax error: found duplicate key "server"'),
+    ("providers:\n  - name: a\n    type: openai\n    base_url: http://127.0.0.1:9/v1\n"
+     "    api_key: ${SSEGATE_TEST_UNSET_VARIABLE}\n", {},
+     ":5: providers[0].api_key: environment variable SSEGATE_TEST_UNSET_VARIABLE is not set"),
+    ("- a\n- b\n", {}, ":1: the top level must be a mapping of sections, got a list"),
+    ("providers:\n  - name: a\n    type: openai\n    base_url: http://127.0.0.1:9/v1\n",
+     {"SSEGATE_PROVIDERS__5__TIMEOUT": "3"},
+     "environment SSEGATE_PROVIDERS__5__TIMEOUT: providers[5].timeout: providers is a list of 1 items"),
+], ids=["yaml-syntax", "duplicate-key", "missing-variable", "not-a-mapping", "env-index"])
+def test_check_config_reports_files_that_do_not_load(tmp_path, text, env, expected):
+    """Errors of the layers themselves (YAML, interpolation, the environment) are reported like the others:
+    exit 1, file and line, no traceback."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    result = run("check-config", str(path), env={**os.environ, **env})
+    assert result.returncode == 1, result.stdout
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_config_of_a_missing_file():
+    result = run("check-config", "no/such/file.yaml")
+    assert result.returncode == 1
+    assert "no/such/file.yaml: file not found" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_serve_fails_fast_on_a_bad_config(tmp_path):
