@@ -361,9 +361,13 @@ class OpenAIStreamToAnthropic:
         self.started = True
         self.id = obj.get("id")
         self.model = obj.get("model")
+        # OpenAI sends usage at the end of the stream; a provider that sends it on the first chunk gives the
+        # prompt count here already.
+        prompt = (obj.get("usage") or {}).get("prompt_tokens")
         return [_event("message_start", {"type": "message_start", "message": {
             "id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
-            "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}})]
+            "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": int(prompt or 0), "output_tokens": 0}}})]
 
     def _close_block(self) -> list[bytes]:
         if self.block_kind is None:
@@ -424,8 +428,13 @@ class OpenAIStreamToAnthropic:
         self.finished = True
         out = [] if self.started else self._start({})
         out += self._close_block()
+        usage = self.usage or {}
+        delta_usage = {"output_tokens": int(usage.get("completion_tokens") or 0)}
+        if usage.get("prompt_tokens") is not None:
+            # message_delta counts are cumulative: the prompt count, unknown at message_start, goes here
+            # (the anthropic SDK's final message takes input_tokens from it).
+            delta_usage["input_tokens"] = int(usage["prompt_tokens"])
         out.append(_event("message_delta", {"type": "message_delta", "delta": {
-            "stop_reason": self.stop_reason or "end_turn", "stop_sequence": None},
-            "usage": {"output_tokens": int((self.usage or {}).get("completion_tokens") or 0)}}))
+            "stop_reason": self.stop_reason or "end_turn", "stop_sequence": None}, "usage": delta_usage}))
         out.append(_event("message_stop", {"type": "message_stop"}))
         return out

@@ -201,6 +201,23 @@ async def test_messages_ingress_with_the_anthropic_sdk(claude, upstream, gateway
         assert sent["max_tokens"] == 50
 
 
+async def test_messages_ingress_stream_reports_the_prompt_tokens(upstream, gateway_factory):
+    """OpenAI usage arrives at the end of the stream, after message_start: the final message_delta carries
+    input_tokens, so the SDK's final message counts the prompt as a non-stream answer does."""
+    upstream.script = Script(usage={"prompt_tokens": 23, "completion_tokens": 4, "total_tokens": 27})
+    gw = await gateway_factory(config_for(upstream))
+    client = anthropic_client(gw)
+    message = await client.messages.create(model="m", max_tokens=50, messages=[{"role": "user", "content": "Hi"}])
+    async with client.messages.stream(model="m", max_tokens=50,
+                                      messages=[{"role": "user", "content": "Hi"}]) as stream:
+        final = await stream.get_final_message()
+    await client.close()
+    assert message.usage.input_tokens == 23
+    assert final.usage.input_tokens == message.usage.input_tokens
+    assert final.usage.output_tokens == message.usage.output_tokens == 4
+    assert final.stop_reason == "end_turn" and final.content[0].text == "Hello, world!"
+
+
 async def test_messages_ingress_errors_use_the_anthropic_format(upstream, gateway_factory):
     gw = await gateway_factory(config_for(upstream))
     client = anthropic_client(gw)
