@@ -75,6 +75,7 @@ class Gateway:
         self._finishing: set[asyncio.Task[None]] = set()
         self.forwarder = Forwarder(self)
         self.breakers = self.forwarder.breakers
+        self.body_timeout = config.server.request_body_timeout
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -172,7 +173,10 @@ class Gateway:
         out: ClientStream | None = None
         self.in_flight += 1
         try:
-            exchange.body = await request.read()
+            if request.content.is_eof() or not self.body_timeout:  # the whole body is here (nearly always)
+                exchange.body = await request.read()
+            else:
+                exchange.body = await self._read_body(request)
             if exchange.ingress == "anthropic":
                 translate_anthropic_ingress(exchange)
             validate(exchange)
@@ -201,6 +205,10 @@ class Gateway:
             exc = GatewayError(413, "Request body is larger than the configured limit (server.max_request_size).",
                                code="request_too_large")
             return await self._reject(request, exchange, exc)
+        except web.RequestPayloadError:  # a broken chunked encoding, or a body its Content-Encoding cannot decode
+            exc = GatewayError(400, "The request body could not be read: its chunked encoding is malformed or its "
+                               "Content-Encoding does not decode.", code="invalid_request_body")
+            return await self._reject(request, exchange, exc)
         except GatewayError as exc:
             exchange.error = exc
             exchange.status = exc.status
@@ -215,6 +223,7 @@ class Gateway:
             resp = error_response(exc, exchange.response_headers, exchange)
             await resp.prepare(request)
             await resp.write_eof()
+            _close_if_body_unread(request)
             return resp
         except StopStream as stop:  # an on_response hook refused a non-stream answer
             exchange.outcome = Outcome.STOPPED
@@ -276,11 +285,21 @@ class Gateway:
         """The plugin object registered under a pipeline name (None if absent)."""
         return self.plugin_manager.get_plugin(name)
 
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The body of a request whose body is still arriving, within ``server.request_body_timeout``."""
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                return await request.read()
+        except TimeoutError:
+            raise GatewayError(408, f"The request body did not arrive within {self.body_timeout:g} seconds "
+                               "(server.request_body_timeout).", code="request_body_timeout") from None
+
     async def _reject(self, request: web.Request, exchange: Exchange, exc: GatewayError) -> web.StreamResponse:
         exchange.error, exchange.status, exchange.outcome = exc, exc.status, Outcome.REJECTED
         resp = error_response(exc, exchange.response_headers, exchange)
         await resp.prepare(request)
         await resp.write_eof()
+        _close_if_body_unread(request)
         return resp
 
     async def handle_models(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
@@ -301,6 +320,14 @@ class Gateway:
         finally:
             exchange.ended = time.monotonic()
             await self._exchange_done(exchange)
+
+
+def _close_if_body_unread(request: web.Request) -> None:
+    """After an error answer to a request whose body was not read to its end (too slow, undecodable): close the
+    connection once the answer is out. Left open, aiohttp would go on reading and discarding the body for up to
+    10 s ("lingering"), and a body that cannot be read would raise there again and be logged as a crash."""
+    if not request.content.is_eof():
+        request.protocol.force_close()  # the transport sends what was written before it closes
 
 
 def _with_builtins(config: Config) -> tuple[PipelineEntry, ...]:

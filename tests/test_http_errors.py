@@ -121,3 +121,102 @@ async def test_models_lists_the_union_of_providers(gateway_factory):
             body = await r.json()
     assert body["object"] == "list"
     assert [m["id"] for m in body["data"]] == ["m1", "m2", "m3"]
+
+
+# -- request bodies that do not arrive, or do not read -------------------------------------------------------
+async def raw_post(url: str, head: str, parts: list[bytes], pause: float = 0.0) -> tuple[int, dict[str, str], bytes,
+                                                                                          bool]:
+    """POST over a raw socket: ``head`` (request line and headers, without the blank line), then ``parts`` of
+    the body with ``pause`` seconds between them. Returns status, headers, body, and whether the gateway closed
+    the connection after its answer."""
+    import asyncio
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    reader, writer = await asyncio.open_connection(u.hostname, u.port)
+    try:
+        writer.write(head.encode() + b"\r\n\r\n")
+        for i, part in enumerate(parts):
+            if i and pause:
+                await asyncio.sleep(pause)
+            writer.write(part)
+            await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), 10)
+        headers: dict[str, str] = {}
+        while (line := await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            headers[name.strip().lower()] = value.strip()
+        body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 10)
+        try:
+            closed = await asyncio.wait_for(reader.read(), 2) == b""
+        except asyncio.TimeoutError:
+            closed = False
+        return int(status_line.split()[1]), headers, body, closed
+    finally:
+        writer.close()
+
+
+@pytest.fixture
+async def patient_gw(upstream, gateway_factory):
+    """A gateway that waits 0.5 s for a request body."""
+    config = config_for(upstream)
+    return await gateway_factory(attrs.evolve(config, server=attrs.evolve(config.server, request_body_timeout=0.5)))
+
+
+def chat_head(path: str, extra: str) -> str:
+    return f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n{extra}"
+
+
+async def test_a_stalled_request_body_gets_408_and_the_connection_closes(patient_gw, upstream):
+    import orjson
+
+    body = orjson.dumps(CHAT)
+    status, headers, answer, closed = await raw_post(
+        patient_gw.base_url + "/chat/completions",
+        chat_head("/v1/chat/completions", f"Content-Length: {len(body)}"), [body[:10]])
+    assert status == 408
+    err = assert_openai_error(orjson.loads(answer))
+    assert err["code"] == "request_body_timeout" and "server.request_body_timeout" in err["message"]
+    assert headers["x-request-id"]
+    assert closed  # not left reading (or lingering on) the rest of the body
+    assert upstream.requests == [] and patient_gw.gateway.in_flight == 0
+
+
+async def test_a_slow_body_that_arrives_in_time_is_served(patient_gw, upstream):
+    import orjson
+
+    body = orjson.dumps(CHAT)
+    status, _, answer, closed = await raw_post(
+        patient_gw.base_url + "/chat/completions",
+        chat_head("/v1/chat/completions", f"Content-Length: {len(body)}"), [body[:10], body[10:]], pause=0.1)
+    assert status == 200 and orjson.loads(answer)["object"] == "chat.completion"
+    assert not closed  # kept alive as usual
+    assert len(upstream.requests) == 1
+
+
+async def test_a_chunked_body_broken_after_its_start_ends_within_the_body_timeout(patient_gw, upstream):
+    """aiohttp leaves the body of a request open when its chunked encoding breaks after the handler started
+    reading it; the body timeout still ends the request."""
+    import orjson
+
+    status, _, answer, closed = await raw_post(
+        patient_gw.base_url + "/chat/completions", chat_head("/v1/chat/completions", "Transfer-Encoding: chunked"),
+        [b"5\r\n{\"mod\r\n", b"zz\r\nnot a chunk\r\n"], pause=0.1)
+    assert status == 408 and closed
+    assert assert_openai_error(orjson.loads(answer))["code"] == "request_body_timeout"
+    assert upstream.requests == [] and patient_gw.gateway.in_flight == 0
+
+
+async def test_a_body_its_content_encoding_does_not_decode_is_400(gw, upstream, caplog):
+    import orjson
+
+    status, headers, answer, closed = await raw_post(
+        gw.base_url + "/chat/completions", chat_head("/v1/chat/completions", "Content-Encoding: gzip\r\n"
+                                                                             "Transfer-Encoding: chunked"),
+        [b"8\r\nnot gzip\r\n", b"0\r\n\r\n"], pause=0.1)
+    assert status == 400 and closed
+    err = assert_openai_error(orjson.loads(answer))
+    assert err["code"] == "invalid_request_body" and err["type"] == "invalid_request_error"
+    assert headers["x-request-id"]
+    assert upstream.requests == []
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]  # a client's mistake, not a crash

@@ -647,6 +647,7 @@ _RULES: dict[type, dict[str, Rule]] = {
         "port": (lambda v: 0 <= v <= 65535, "must be between 0 and 65535"),
         "workers": _POSITIVE,
         "max_request_size": _POSITIVE,
+        "request_body_timeout": _NOT_NEGATIVE,
         "shutdown_grace_seconds": _NOT_NEGATIVE,
         "config_watch_interval": _NOT_NEGATIVE,
     },

@@ -37,6 +37,12 @@ class ServerConfig:
     max_request_size: int = attrs.field(
         default=10 * 1024 * 1024, metadata=_doc("Largest request body accepted, in bytes; larger gets 413.")
     )
+    request_body_timeout: float = attrs.field(
+        default=60.0, metadata=_doc(
+            "Seconds a client may take to send its request body once its headers arrived; a slower one gets 408 "
+            "and its connection is closed (a stalled upload would otherwise hold a request in flight, and a "
+            "drain, indefinitely). 0 waits forever.")
+    )
     shutdown_grace_seconds: float = attrs.field(
         default=30.0, metadata=_doc("How long in-flight streams may run on after SIGTERM.")
     )
