@@ -65,6 +65,23 @@ def _retry_after(exc: GatewayError) -> float | None:
         return max(0.0, parsed.timestamp() - time.time()) if parsed else None
 
 
+def _answer_object(body: bytes, provider: Provider) -> dict[str, Any]:
+    """A non-stream answer parsed whole; :class:`UpstreamError` (retryable) when a 200 carries no answer: a body
+    that is not a JSON object (a web page at a wrong ``base_url``, a cut-off body) or an error object."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise UpstreamError(502, f"provider {provider.name!r} answered HTTP 200 with a body that is not a JSON object",
+                            kind="protocol", retryable=True, code="upstream_error")
+    error = parsed.get("error")
+    if isinstance(error, dict) and "choices" not in parsed and "data" not in parsed:
+        raise UpstreamError(502, str(error.get("message") or "upstream error"), kind="status", retryable=True,
+                            body=parsed, code=error.get("code"))
+    return parsed
+
+
 class Forwarder:
     def __init__(self, gateway: "Gateway") -> None:
         self.gateway = gateway
@@ -261,17 +278,17 @@ class Forwarder:
             provider.in_flight -= 1
             guard.pause()
         has_on_response = self.pipeline.has_on_response
-        usage = trailing_usage(body) if not has_on_response and b'"usage"' in body else None
-        if usage is not None and usage is not NOT_TRAILING:
-            exchange.usage = Usage.from_dict(usage)
-        elif has_on_response or usage is NOT_TRAILING:
-            try:
-                parsed = orjson.loads(body)
-            except orjson.JSONDecodeError as exc:
-                raise UpstreamError(502, f"provider {provider.name!r} sent invalid JSON", kind="protocol",
-                                    retryable=True, code="upstream_error") from exc
-            if isinstance(parsed, dict):
-                exchange.usage = Usage.from_dict(parsed.get("usage"))
+        # The usual answer, an object whose last member is its usage, is read from its end; any other (no usage,
+        # not an object, an on_response hook to feed) is parsed whole, which also turns a 200 that is not an
+        # answer into an error before the client sees it.
+        usage = (trailing_usage(body) if not has_on_response and body[:1] == b"{" and b'"usage"' in body
+                 else NOT_TRAILING)
+        if usage is not NOT_TRAILING:
+            if usage is not None:
+                exchange.usage = Usage.from_dict(usage)
+        else:
+            parsed = _answer_object(body, provider)
+            exchange.usage = Usage.from_dict(parsed.get("usage"))
             if has_on_response:
                 body = orjson.dumps(await self.pipeline.on_response(exchange, parsed))
         exchange.outcome = Outcome.OK

@@ -9,7 +9,8 @@ import aiohttp
 import orjson
 
 from ..config.schema import ProviderConfig
-from ..sse import SSEParser
+from ..openai_format import body_to_chunks
+from ..sse import DONE, SSEParser, encode_event
 from ..upstream import Provider, UpstreamError, UpstreamRequest, UpstreamResponse
 
 __all__ = ["OpenAIProvider", "HTTPResponse", "upstream_error_from_body"]
@@ -43,6 +44,24 @@ class HTTPResponse(UpstreamResponse):
 
     def close(self) -> None:
         self._resp.close()
+
+
+class WholeAnswerAsStream(UpstreamResponse):
+    """A complete answer to a stream request, from an upstream that ignored ``"stream": true``: relayed as the
+    chunks a stream of it would carry (a chat answer split into its role-and-content and finish chunks, any
+    other answer as one chunk), the usage chunk, and ``[DONE]``."""
+
+    __slots__ = ("events",)
+
+    def __init__(self, answer: dict[str, Any], headers: Mapping[str, str]) -> None:
+        choices = answer.get("choices")
+        chat = isinstance(choices, list) and any(isinstance(c, dict) and "message" in c for c in choices)
+        chunks = body_to_chunks(answer, include_usage=True) if chat else [answer]
+        self.events = [encode_event(orjson.dumps(c)) for c in chunks] + [DONE]
+        self.headers = headers
+
+    async def batches(self) -> AsyncIterator[list[bytes]]:
+        yield self.events
 
 
 def upstream_error_from_body(status: int, body: bytes, provider: str, headers: Mapping[str, str]) -> UpstreamError:
@@ -143,7 +162,34 @@ class OpenAIProvider(Provider):
             raise self._connect_error(exc) from exc
         if resp.status >= 400:
             raise await self._status_error(resp)
+        if request.stream and not resp.headers.get("Content-Type", "").startswith("text/event-stream"):
+            return await self._not_an_event_stream(resp)
         return self.wrap(resp, request)
+
+    async def _not_an_event_stream(self, resp: aiohttp.ClientResponse) -> UpstreamResponse:
+        """A 2xx answer to a stream request that is not an event stream: a whole answer (the upstream ignored
+        ``"stream": true``) is relayed as a stream; anything else is an error before the client saw a byte, so
+        another route may answer."""
+        ctype = resp.headers.get("Content-Type") or "no Content-Type"
+        try:
+            body = await resp.read()
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(502, f"provider {self.name!r}: {type(exc).__name__} reading a {ctype} answer",
+                                kind="protocol", retryable=True, code="upstream_error") from exc
+        finally:
+            resp.release()
+        try:
+            answer = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            answer = None
+        if isinstance(answer, dict) and isinstance(answer.get("choices"), list):
+            return WholeAnswerAsStream(answer, resp.headers)
+        if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
+            err = answer["error"]
+            raise UpstreamError(502, str(err.get("message") or "upstream error"), kind="status", retryable=True,
+                                body=answer, code=err.get("code"))
+        raise UpstreamError(502, f"provider {self.name!r} answered a stream request with {ctype}, not an event "
+                            "stream", kind="protocol", retryable=True, code="upstream_error")
 
     async def complete(self, request: UpstreamRequest) -> bytes:
         """As ``send`` then ``read`` (with no response wrapper), unless this adapter translates answers. The post
