@@ -15,6 +15,7 @@ from .gateway import Gateway
 from .reload import Reloader
 from .tasks import stop_task
 from .web_handlers import api_routes, routes
+from .parser_errors import GatewayRunner
 from .web_middlewares import add_cors_headers, cors_middleware, edge, unmatched_route
 
 __all__ = ["create_app", "start_server", "serve", "drain"]
@@ -65,7 +66,7 @@ async def start_server(app: web.Application, host: str, port: int, *, reuse_port
     Handlers are cancelled when their client disconnects (``handler_cancellation``), which is how a
     disconnect cancels the upstream request at once, before the first byte and for non-stream requests too.
     """
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
+    runner = GatewayRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
     await runner.setup()
     if sock is not None:
         site: web.BaseSite = web.SockSite(runner, sock)
