@@ -97,6 +97,10 @@ async def readiness(gateway: "Gateway", draining: bool) -> tuple[bool, dict[str,
     return not reasons, body
 
 
+#: Error classes of the metrics summary that are the client's doing.
+_CLIENT_CLASSES = frozenset({"client", "client_disconnect"})
+
+
 async def report(gateway: "Gateway", draining: bool) -> tuple[int, dict[str, Any]]:
     ready, body = await readiness(gateway, draining)
     found = body.get("checks") or await checks(gateway)
@@ -108,9 +112,12 @@ async def report(gateway: "Gateway", draining: bool) -> tuple[int, dict[str, Any
     metrics = gateway.plugin("metrics")
     if metrics is not None:
         summary = metrics.summary()
-        rate = summary["errors"]["rate"]
-        if summary["requests"]["total"] >= 20 and rate > 0.05:
-            warnings.append(f"High error rate: {rate:.1%}")
+        total = summary["requests"]["total"]
+        # The gateway's and the upstreams' failures; a client's bad request (4xx) or its going away says
+        # nothing of this replica's health, and must not let a misbehaving client flip it to "degraded".
+        failed = sum(n for kind, n in summary["errors"]["by_class"].items() if kind not in _CLIENT_CLASSES)
+        if total >= 20 and failed / total > 0.05:
+            warnings.append(f"High error rate: {failed / total:.1%} of requests failed in the gateway or upstream")
     if draining:
         status = "unhealthy"
         warnings.append("draining: shutting down")

@@ -189,6 +189,29 @@ async def test_health_endpoints(upstream, gateway_factory):
     assert status == 503
 
 
+async def test_health_is_degraded_by_upstream_failures_not_by_bad_requests(upstream, gateway_factory):
+    """A client sending 25 bad requests leaves /health healthy; 25 upstream failures make it degraded."""
+    gw = await gateway_factory(attrs.evolve(config_for(upstream), circuit_breaker=CircuitBreakerConfig(
+        failure_threshold=1000)))
+    async with aiohttp.ClientSession() as s:
+        for _ in range(25):
+            async with s.post(gw.base_url + "/chat/completions", data=b"{not json") as resp:
+                assert resp.status == 400
+    status, text = await get(gw.url + "/health")
+    body = orjson.loads(text)
+    assert status == 200 and body["status"] == "healthy", body["warnings"]
+    assert body["metrics"]["errors"]["by_class"] == {"client": 25}
+    upstream.script = Script(status=500)
+    async with aiohttp.ClientSession() as s:
+        for _ in range(25):
+            async with s.post(gw.base_url + "/chat/completions", json=CHAT) as resp:
+                assert resp.status == 500
+    status, text = await get(gw.url + "/health")
+    body = orjson.loads(text)
+    assert status == 200 and body["status"] == "degraded"
+    assert body["warnings"] == ["High error rate: 50.0% of requests failed in the gateway or upstream"]
+
+
 async def test_readiness_flips_with_all_breakers_open(upstream, gateway_factory):
     upstream.script = Script(status=500)
     config = attrs.evolve(config_for(upstream), circuit_breaker=CircuitBreakerConfig(failure_threshold=1,
