@@ -27,7 +27,7 @@ from .errors import GatewayError, StopStream
 from .exchange import Exchange, Outcome, Route, Usage
 from .openai_format import NOT_TRAILING, trailing_usage
 from .ids import span_id
-from .relay import ClientStream, StreamBroken, answer_body, json_response, relay_stream
+from .relay import PROVIDER_HEADER, ClientStream, StreamBroken, answer_body, json_response, relay_stream
 from .upstream import ENDPOINT_PATHS, Provider, UpstreamError, UpstreamRequest
 from .watchdog import Guard
 
@@ -137,7 +137,7 @@ class Forwarder:
                             raise
                     exchange.provider = provider.name
                     exchange.upstream_model = route.model
-                    exchange.response_headers["x-ssegate-provider"] = provider.name
+                    exchange.response_headers[PROVIDER_HEADER] = provider.name
                     try:
                         if out is not None:
                             rewrite = None

@@ -218,7 +218,8 @@ class Gateway:
                 exchange.outcome = Outcome.ERROR
             elif getattr(exc, "kind", None) == "timeout":
                 exchange.outcome = Outcome.TIMEOUT
-            if out is not None and out.committed:
+            if out is not None and out.committed:  # a keepalive sent the 200: the error goes in-band
+                exchange.status = 200
                 return await out.fail(exc)
             resp = error_response(exc, exchange.response_headers, exchange)
             await resp.prepare(request)

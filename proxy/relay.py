@@ -29,6 +29,8 @@ __all__ = ["ClientStream", "relay_stream", "StreamBroken", "send_reply", "json_r
            "answer_body"]
 
 _KEEPALIVE = b": keepalive\n\n"
+#: The response header naming the provider that answered.
+PROVIDER_HEADER = "x-ssegate-provider"
 _DONE_FRAME = DONE + b"\n\n"
 _SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -116,7 +118,11 @@ class ClientStream:
     async def _keepalive(self) -> None:
         try:
             if self._prepare is None:
-                self.resp.headers.update(self.exchange.response_headers)
+                # Committed before any content: who will answer is not known yet (this attempt may still time out
+                # and another route answer), so the provider header is left out rather than name the wrong one.
+                headers = self.exchange.response_headers
+                self.resp.headers.update({k: v for k, v in headers.items() if k != PROVIDER_HEADER}
+                                         if PROVIDER_HEADER in headers else headers)
                 self._prepare = self.loop.create_task(self.resp.prepare(self.request))
             await self.ensure_prepared()
             await self.resp.write(_KEEPALIVE)

@@ -191,6 +191,46 @@ async def test_first_token_timeout_after_keepalive_is_an_sse_error(upstream, gat
     assert objs[-1] == "[DONE]" and objs[-2]["error"]["code"] == "first_token_timeout"
 
 
+class _Ending:
+    """Records how each exchange ended (status and outcome, as exchange_done sees them)."""
+
+    def __init__(self) -> None:
+        self.ends: list[tuple[int, str | None]] = []
+
+    @hookimpl
+    def exchange_done(self, exchange):
+        self.ends.append((exchange.status, exchange.outcome))
+
+
+async def test_a_timeout_after_a_keepalive_records_the_200_the_client_got(upstream, gateway_factory):
+    """The keepalive sent HTTP 200; the first-token timeout then ends the stream in-band. The exchange records the
+    status the client got (200) and the timeout as its outcome, as a timeout mid-stream does."""
+    upstream.script = Script(first_delay=2.0)
+    ending = _Ending()
+    gw = await gateway_factory(config_for(upstream, first_token_timeout=0.4, keepalive_interval=0.1,
+                                          pipeline=["ending", "router"]), plugins={"ending": ending})
+    status, headers, events = await read_stream(gw.base_url + "/chat/completions", STREAM)
+    assert status == 200 and data_events(events)[-2]["error"]["code"] == "first_token_timeout"
+    assert ending.ends == [(200, "timeout")]
+
+
+async def test_a_stream_committed_by_a_keepalive_does_not_name_a_provider_that_then_fails(upstream, upstream2,
+                                                                                        gateway_factory):
+    """The keepalive commits the headers while the first provider is still tried; it times out and the second
+    answers. The headers were sent too early to say who answers, so they do not name the first."""
+    upstream.script = Script(first_delay=2.0)
+    upstream2.script = Script(texts=["from", " the second"])
+    gw = await gateway_factory(config_for(upstream, upstream2, first_token_timeout=0.4, keepalive_interval=0.1))
+    status, headers, events = await read_stream(gw.base_url + "/chat/completions", STREAM)
+    assert status == 200 and events[0] == b": keepalive"
+    assert content_of(events) == "from the second"
+    assert "x-ssegate-provider" not in {k.lower() for k in headers}
+    # Without a keepalive first, the header names the provider that answered.
+    upstream.script = Script(texts=["quick"])
+    status, headers, events = await read_stream(gw.base_url + "/chat/completions", STREAM)
+    assert content_of(events) == "quick" and headers["x-ssegate-provider"] == "up0"
+
+
 async def test_idle_timeout_mid_stream(upstream, gateway_factory):
     upstream.script = Script(texts=["a", "b", "c"], hang_after=1)
     gw = await gateway_factory(config_for(upstream, idle_timeout=0.3))
