@@ -125,3 +125,21 @@ async def test_alias_to_unknown_provider_fails_at_startup(upstream):
     with pytest.raises(Exception, match="unknown providers: nope/model"):
         await gateway.start()
     await gateway.close()
+
+
+async def test_the_shipped_config_routes_other_models_past_the_simulator(upstream, gateway_factory):
+    """conf/ssegate.yaml: the simulator serves its own models, every other model reaches `local`."""
+    from pathlib import Path
+
+    from proxy.config import load_config
+
+    config = load_config(str(Path(__file__).resolve().parent.parent / "conf" / "ssegate.yaml"), env={})
+    local = next(p for p in config.providers if p.name == "local")
+    config = attrs.evolve(config, providers=tuple(attrs.evolve(p, base_url=upstream.base_url) if p is local else p
+                                                  for p in config.providers))
+    gw = await gateway_factory(config)
+    async with aiohttp.ClientSession() as s:
+        for model, provider in (("llama3", "local"), ("gpt-4o-mini", "simulated")):
+            async with s.post(gw.base_url + "/chat/completions", json={**CHAT, "model": model}) as resp:
+                assert resp.status == 200 and resp.headers["x-ssegate-provider"] == provider, model
+    assert [r["model"] for r in upstream.requests] == ["llama3"]
