@@ -28,7 +28,7 @@ from .exchange import Exchange, Outcome, Route, Usage
 from .openai_format import NOT_TRAILING, trailing_usage
 from .ids import span_id
 from .relay import PROVIDER_HEADER, ClientStream, StreamBroken, answer_body, json_response, relay_stream
-from .upstream import ENDPOINT_PATHS, Provider, UpstreamError, UpstreamRequest
+from .upstream import ENDPOINT_PATHS, Provider, UpstreamError, UpstreamRequest, broken_answer
 from .watchdog import Guard
 
 if TYPE_CHECKING:
@@ -151,7 +151,7 @@ class Forwarder:
                         last_error = exc
                         breaker.failure() if _is_provider_fault(exc) else breaker.release()
                         log.warning("upstream_failed", provider=provider.name, kind=exc.kind, status=exc.status,
-                                    error=exc.message, attempt=try_no + 1)
+                                    error=exc.message, detail=exc.detail, attempt=try_no + 1)
                         if not exc.retryable:
                             raise
                         if try_no < provider.config.retry_attempts:
@@ -166,7 +166,7 @@ class Forwarder:
                         attempt["error"], attempt["status"] = "midstream", failure.error.status
                         midstream_error = last_error = failure.error
                         log.warning("stream_failed_midway", provider=provider.name, error=failure.error.message,
-                                    continuing=transcript is not None)
+                                    detail=getattr(failure.error, "detail", None), continuing=transcript is not None)
                         final = isinstance(failure.error, UpstreamError) and not failure.error.retryable
                         if transcript is None or final:
                             return await self._end_with_error(out, exchange, failure.error)  # type: ignore[arg-type]
@@ -239,8 +239,7 @@ class Forwarder:
         except GatewayError:
             raise
         except Exception as exc:  # upstream read errors (aiohttp.ClientPayloadError, ...)
-            error = UpstreamError(502, f"provider {provider.name!r}: {type(exc).__name__}: {exc}",
-                                  kind="protocol", retryable=True, code="upstream_error")
+            error = broken_answer(provider.name, exc)
             if not out.content_sent:
                 raise error from exc
             raise MidStreamFailure(error) from exc
@@ -272,8 +271,7 @@ class Forwarder:
         except GatewayError:
             raise
         except Exception as exc:
-            raise UpstreamError(502, f"provider {provider.name!r}: {type(exc).__name__}: {exc}", kind="protocol",
-                                retryable=True, code="upstream_error") from exc
+            raise broken_answer(provider.name, exc) from exc
         finally:
             provider.in_flight -= 1
             guard.pause()

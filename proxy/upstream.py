@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from .config.schema import ProviderConfig
     from .exchange import Exchange, Route
 
-__all__ = ["UpstreamRequest", "UpstreamResponse", "UpstreamError", "Provider", "ENDPOINT_PATHS"]
+__all__ = ["UpstreamRequest", "UpstreamResponse", "UpstreamError", "Provider", "ENDPOINT_PATHS", "broken_answer"]
 
 #: Exchange endpoint name -> path below a provider's base URL.
 ENDPOINT_PATHS = {
@@ -30,15 +30,24 @@ class UpstreamError(GatewayError):
     """A failure talking to a provider before anything of its answer reached the client.
 
     ``retryable`` failures (connect errors, timeouts, 429, 5xx) let the gateway try the next route.
-    ``kind`` is a short label for logs and metrics: connect, timeout, status, protocol.
+    ``kind`` is a short label for logs and metrics: connect, timeout, status, protocol. ``detail`` is for the
+    gateway's log only (an address, a library's exception text): the client's message names the provider, not
+    the network behind it.
     """
 
     def __init__(self, status: int, message: str, *, kind: str, retryable: bool,
-                 body: dict[str, Any] | None = None, **kw: Any) -> None:
+                 body: dict[str, Any] | None = None, detail: str | None = None, **kw: Any) -> None:
         super().__init__(status, message, **kw)
         self.kind = kind
         self.retryable = retryable
         self.body = body
+        self.detail = detail
+
+
+def broken_answer(provider: str, exc: BaseException) -> UpstreamError:
+    """The error for an upstream answer that could not be read (a cut connection, a malformed chunked body)."""
+    return UpstreamError(502, f"provider {provider!r}: its answer could not be read ({type(exc).__name__})",
+                         kind="protocol", retryable=True, code="upstream_error", detail=str(exc))
 
     def to_dict(self) -> dict[str, Any]:
         # An upstream's own OpenAI-format error body is passed through unchanged.

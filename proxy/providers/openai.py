@@ -11,7 +11,7 @@ import orjson
 from ..config.schema import ProviderConfig
 from ..openai_format import body_to_chunks
 from ..sse import DONE, SSEParser, encode_event
-from ..upstream import Provider, UpstreamError, UpstreamRequest, UpstreamResponse
+from ..upstream import Provider, UpstreamError, UpstreamRequest, UpstreamResponse, broken_answer
 
 __all__ = ["OpenAIProvider", "HTTPResponse", "upstream_error_from_body"]
 
@@ -140,8 +140,8 @@ class OpenAIProvider(Provider):
         if isinstance(exc, asyncio.TimeoutError):
             return UpstreamError(504, f"provider {self.name!r}: connect timeout", kind="timeout", retryable=True,
                                  code="upstream_timeout")
-        return UpstreamError(502, f"provider {self.name!r}: {type(exc).__name__}: {exc}", kind="connect",
-                             retryable=True, code="upstream_connect_error")
+        return UpstreamError(502, f"provider {self.name!r} could not be reached ({type(exc).__name__})",
+                             kind="connect", retryable=True, code="upstream_connect_error", detail=str(exc))
 
     async def _status_error(self, resp: aiohttp.ClientResponse) -> UpstreamError:
         """The error for an answer with status >= 400 (its body read, the connection released)."""
@@ -174,8 +174,7 @@ class OpenAIProvider(Provider):
         try:
             body = await resp.read()
         except aiohttp.ClientError as exc:
-            raise UpstreamError(502, f"provider {self.name!r}: {type(exc).__name__} reading a {ctype} answer",
-                                kind="protocol", retryable=True, code="upstream_error") from exc
+            raise broken_answer(self.name, exc) from exc
         finally:
             resp.release()
         try:
