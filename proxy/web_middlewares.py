@@ -131,14 +131,70 @@ def unmatched_route(known: dict[str, set[str]]) -> Handler:
     return unmatched
 
 
+def _header_matcher(allow_headers: tuple[str, ...]) -> Callable[[str], str | None]:
+    """Compile ``cors.allow_headers`` (exact names, and patterns ending in ``*``; a lone ``*`` allows any) into
+    a function mapping one requested header name to the name to echo, or None when it is not allowed.
+
+    Matching is case-insensitive. An exact entry echoes its configured spelling, anything else the name as
+    requested (header names are case-insensitive to browsers)."""
+    any_header = "*" in allow_headers
+    exact = {name.lower(): name for name in allow_headers if not name.endswith("*")}
+    prefixes = tuple(name[:-1].lower() for name in allow_headers if name.endswith("*") and name != "*")
+
+    def match(requested: str) -> str | None:
+        folded = requested.lower()
+        spelled = exact.get(folded)
+        if spelled is not None:
+            return spelled
+        if any_header or folded.startswith(prefixes):
+            return requested
+        return None
+
+    return match
+
+
 def cors_middleware(config: CorsConfig) -> Any:
-    """CORS for browser front ends: preflight answers and the headers of actual responses."""
+    """CORS for browser front ends: preflight answers and the headers of actual responses.
+
+    A preflight (``OPTIONS`` with ``Origin`` and ``Access-Control-Request-Method``) is answered here, with an
+    ``X-Request-ID`` like every response: 204 for an allowed origin, whose ``Access-Control-Allow-Headers``
+    echoes the requested headers that ``allow_headers`` allows (a header it does not allow is left out, and the
+    browser then refuses the request); an OpenAI-format 403 for any other origin."""
     any_origin = "*" in config.allow_origins
     allowed = frozenset(config.allow_origins)
-    allow_headers = ", ".join(config.allow_headers)
+    header_allowed = _header_matcher(config.allow_headers)
+    max_age = str(config.max_age)
 
     def origin_ok(origin: str) -> bool:
         return any_origin or origin in allowed
+
+    def preflight(request: web.Request, origin: str) -> web.Response:
+        request_id, request["trace_id"] = begin(request)
+        request["request_id"] = request_id
+        if not origin_ok(origin):
+            err = GatewayError(403, f"Origin {origin!r} is not allowed.", code="cors_origin_not_allowed")
+            return web.Response(body=err.to_json(), status=403, content_type="application/json",
+                                headers={REQUEST_ID_HEADER: request_id})
+        echoed: dict[str, None] = {}  # ordered, without duplicates
+        for value in request.headers.getall("Access-Control-Request-Headers", ()):
+            for name in value.split(","):
+                name = name.strip()
+                if name:
+                    spelled = header_allowed(name)
+                    if spelled is not None:
+                        echoed.setdefault(spelled, None)
+        headers = {
+            "Access-Control-Allow-Origin": origin if (config.allow_credentials or not any_origin) else "*",
+            "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+            "Access-Control-Max-Age": max_age,
+            "Vary": "Origin, Access-Control-Request-Headers",
+            REQUEST_ID_HEADER: request_id,
+        }
+        if echoed:
+            headers["Access-Control-Allow-Headers"] = ", ".join(echoed)
+        if config.allow_credentials:
+            headers["Access-Control-Allow-Credentials"] = "true"
+        return web.Response(status=204, headers=headers)
 
     @web.middleware
     async def cors(request: web.Request,
@@ -147,19 +203,7 @@ def cors_middleware(config: CorsConfig) -> Any:
         if origin is None:
             return await handler(request)
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
-            if not origin_ok(origin):
-                err = GatewayError(403, f"Origin {origin!r} is not allowed.", code="cors_origin_not_allowed")
-                return web.Response(body=err.to_json(), status=403, content_type="application/json")
-            headers = {
-                "Access-Control-Allow-Origin": origin if (config.allow_credentials or not any_origin) else "*",
-                "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-                "Access-Control-Allow-Headers": allow_headers,
-                "Access-Control-Max-Age": str(config.max_age),
-                "Vary": "Origin",
-            }
-            if config.allow_credentials:
-                headers["Access-Control-Allow-Credentials"] = "true"
-            return web.Response(status=204, headers=headers)
+            return preflight(request, origin)
         if origin_ok(origin):
             request["cors_origin"] = origin if (config.allow_credentials or not any_origin) else "*"
         return await handler(request)

@@ -34,6 +34,7 @@ from ruamel.yaml.scalarbool import ScalarBoolean
 
 from .schema import (
     Config,
+    CorsConfig,
     LoggingConfig,
     PipelineEntry,
     ProviderConfig,
@@ -642,6 +643,9 @@ _POSITIVE: Rule = (lambda v: v > 0, "must be positive")
 _NOT_NEGATIVE: Rule = (lambda v: v >= 0, "must not be negative")
 _PERCENT: Rule = (lambda v: 0 <= v <= 100, "must be between 0 and 100")
 
+#: A ``cors.allow_headers`` entry: a header name (an HTTP token), optionally ending in ``*``, or ``*`` alone.
+_CORS_HEADER = re.compile(r"[!#$%&'+.^_`|~0-9A-Za-z-]*[!#$%&'+.^_`|~0-9A-Za-z*-]")
+
 _RULES: dict[type, dict[str, Rule]] = {
     ServerConfig: {
         "port": (lambda v: 0 <= v <= 65535, "must be between 0 and 65535"),
@@ -652,6 +656,10 @@ _RULES: dict[type, dict[str, Rule]] = {
         "config_watch_interval": _NOT_NEGATIVE,
     },
     StreamingConfig: {"keepalive_interval": _POSITIVE},
+    CorsConfig: {
+        "allow_headers": (lambda v: all(_CORS_HEADER.fullmatch(name) for name in v),
+                          "must be header names, patterns ending in `*` (`x-stainless-*`) or `*`"),
+    },
     LoggingConfig: {
         "level": (lambda v: v.lower() in LOG_LEVELS, f"must be one of {', '.join(LOG_LEVELS)}"),
         "format": (lambda v: v in LOG_FORMATS, f"must be one of {', '.join(LOG_FORMATS)}"),

@@ -177,8 +177,14 @@ class CorsConfig:
     allow_credentials: bool = attrs.field(default=False, metadata=_doc("Send `Access-Control-Allow-Credentials`."))
     allow_headers: tuple[str, ...] = attrs.field(
         default=("Authorization", "Content-Type", "X-Request-ID", "x-api-key", "api-key", "anthropic-version",
-                 "OpenAI-Organization", "OpenAI-Project", "Cache-Control", "traceparent"),
-        metadata=_doc("Request headers a browser may send."),
+                 "anthropic-beta", "anthropic-dangerous-direct-browser-access", "OpenAI-Organization",
+                 "OpenAI-Project", "Cache-Control", "traceparent", "x-stainless-*"),
+        metadata=_doc(
+            "Request headers a browser may send: exact names, or patterns ending in `*` (`x-stainless-*` allows "
+            "every header whose name starts with `x-stainless-`, as the openai and anthropic SDKs send); a lone "
+            "`*` allows any header. Matched case-insensitively against a preflight's "
+            "`Access-Control-Request-Headers`: the answer's `Access-Control-Allow-Headers` names the requested "
+            "headers allowed (a header not allowed is left out, and the browser refuses the request)."),
     )
     expose_headers: tuple[str, ...] = attrs.field(
         default=("X-Request-ID", "x-ssegate-provider", "x-cache", "x-ratelimit-limit-requests",
