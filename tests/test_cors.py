@@ -142,3 +142,16 @@ def test_an_allow_headers_entry_must_be_a_name_or_a_pattern_ending_in_star(tmp_p
         "cors": {"allow_origins": [ORIGIN], "allow_headers": ["Authorization", "x-stainless-*", "*"]},
     }).decode())
     assert load_config(str(path), env={}).cors.allow_headers == ("Authorization", "x-stainless-*", "*")
+
+
+def test_credentials_with_any_origin_is_a_config_error(tmp_path: Path):
+    """allow_credentials with "*" would let every web site send credentialed requests: refused at load."""
+    path = tmp_path / "ssegate.yaml"
+    path.write_text("providers:\n  - {name: sim, type: simulated, models: ['*']}\n"
+                    "cors:\n  allow_origins: ['*']\n  allow_credentials: true\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), env={})
+    assert f"{path}:5: cors.allow_credentials: cannot be true while cors.allow_origins contains '*'" in str(info.value)
+    path.write_text("providers:\n  - {name: sim, type: simulated, models: ['*']}\n"
+                    "cors:\n  allow_origins: ['*']\n  allow_credentials: false\n")
+    assert load_config(str(path), env={}).cors.allow_origins == ("*",)

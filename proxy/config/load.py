@@ -736,6 +736,13 @@ def check_config(config: Config, origins: Origins) -> list[ConfigProblem]:
         if level.lower() not in LOG_LEVELS:
             problems.append(origins.problem(
                 ("logging", "levels", logger), f"must be one of {', '.join(LOG_LEVELS)}, got {level!r}"))
+    if config.cors.allow_credentials and "*" in config.cors.allow_origins:
+        # The gateway answers a credentialed request with the caller's own origin, so "*" with credentials would
+        # let every web site send requests with the user's cookies or HTTP auth: refused, not guessed at.
+        problems.append(origins.problem(
+            ("cors", "allow_credentials"),
+            "cannot be true while cors.allow_origins contains '*' (any site could send credentialed requests); "
+            "list the allowed origins instead"))
     return problems
 
 
