@@ -43,15 +43,15 @@ class UpstreamError(GatewayError):
         self.body = body
         self.detail = detail
 
+    def to_dict(self) -> dict[str, Any]:
+        # An upstream's own OpenAI-format error body is passed through unchanged.
+        return self.body if self.body is not None else super().to_dict()
+
 
 def broken_answer(provider: str, exc: BaseException) -> UpstreamError:
     """The error for an upstream answer that could not be read (a cut connection, a malformed chunked body)."""
     return UpstreamError(502, f"provider {provider!r}: its answer could not be read ({type(exc).__name__})",
                          kind="protocol", retryable=True, code="upstream_error", detail=str(exc))
-
-    def to_dict(self) -> dict[str, Any]:
-        # An upstream's own OpenAI-format error body is passed through unchanged.
-        return self.body if self.body is not None else super().to_dict()
 
 
 #: The member :meth:`UpstreamRequest.ask_for_usage` splices into a body.

@@ -224,3 +224,12 @@ async def test_upstream_failures_name_the_provider_not_the_network_behind_it(ups
     assert err["message"].startswith("provider 'up0': its answer could not be read (")
     failed = [e for e in logs if e["event"] == "stream_failed_midway"]
     assert failed and failed[0]["detail"]  # aiohttp's own account, for the operator
+
+
+async def test_an_upstreams_own_error_body_reaches_the_client_unchanged(upstream, gateway_factory):
+    upstream.script = Script(status=400, error="context too long")
+    gw = await gateway_factory(config_for(upstream))
+    async with aiohttp.ClientSession() as s, s.post(gw.base_url + "/chat/completions", json=CHAT) as resp:
+        assert resp.status == 400
+        assert await resp.json() == {"error": {"message": "context too long", "type": "server_error", "param": None,
+                                               "code": "scripted"}}
