@@ -28,7 +28,7 @@ from .metrics import Registry
 from .relay import ClientStream, answer_body, error_response, json_response, send_reply
 from .upstream import Provider
 from .watchdog import Watchdog
-from .validation import models_body, translate_anthropic_ingress, validate
+from .validation import model_body, models_body, translate_anthropic_ingress, validate
 
 __all__ = ["Gateway"]
 
@@ -313,6 +313,42 @@ class Gateway:
             if allowed is not None:
                 names = [n for n in names if any(fnmatchcase(n, pattern) for pattern in allowed)]
             resp = json_response(models_body(names), 200, exchange.response_headers)
+            await resp.prepare(request)
+            await resp.write_eof()
+            return resp
+        except GatewayError as exc:
+            return await self._reject(request, exchange, exc)
+        finally:
+            exchange.ended = time.monotonic()
+            await self._exchange_done(exchange)
+
+    async def handle_model(self, request: web.Request, exchange: Exchange, model: str) -> web.StreamResponse:
+        """``GET /v1/models/{model}`` (the OpenAI SDK's ``models.retrieve``): authenticate, then answer the model's
+        object, as ``/v1/models`` lists it, or 404 ``model_not_found``.
+
+        A model is served when a request for it would be routed, not only when ``/v1/models`` lists it: when an
+        enabled provider lists it (:meth:`models`) or matches it by one of its ``models`` patterns, the test the
+        router makes (``plugins/router.py``). A provider configured with ``models: ["gpt-4*"]`` cannot list
+        ``gpt-4o``, yet answers it, and a client that retrieves a model before using it must not be told it does
+        not exist. Router aliases and ``provider/model`` names are not looked at: they belong to the router
+        plugin (another router may have neither), and ``/v1/models`` does not list them either.
+
+        A model the principal's ``allowed_models`` excludes is answered as unknown (404, not 403), so that a key
+        does not learn what it may not use; ``/v1/models`` leaves it out the same way.
+        """
+        try:
+            exchange.model = model
+            await self.pipeline.authenticate(exchange)
+            allowed = exchange.principal.allowed_models if exchange.principal is not None else None
+            served = model in self.models() or any(
+                fnmatchcase(model, pattern)
+                for provider in self.providers.values() if provider.config.enabled
+                for pattern in provider.config.models)
+            if not served or (allowed is not None and not any(fnmatchcase(model, p) for p in allowed)):
+                raise GatewayError(404, f"The model `{model}` does not exist or you do not have access to it.",
+                                   param="model", code="model_not_found")
+            exchange.outcome, exchange.status = Outcome.OK, 200
+            resp = json_response(model_body(model), 200, exchange.response_headers)
             await resp.prepare(request)
             await resp.write_eof()
             return resp

@@ -9,7 +9,7 @@ import orjson
 from .errors import bad_request
 from .exchange import Exchange
 
-__all__ = ["validate", "models_body", "translate_anthropic_ingress"]
+__all__ = ["validate", "models_body", "model_body", "model_object", "translate_anthropic_ingress"]
 
 
 def _invalid(message: str, param: str) -> Exception:
@@ -98,10 +98,19 @@ def validate(exchange: Exchange) -> None:
         exchange.include_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
 
 
+def model_object(name: str, created: int) -> dict[str, Any]:
+    """One model object: an element of ``GET /v1/models``, and the answer of ``GET /v1/models/{model}``."""
+    return {"id": name, "object": "model", "created": created, "owned_by": "ssegate"}
+
+
 def models_body(names: list[str]) -> bytes:
     created = int(time.time())
-    return orjson.dumps({"object": "list", "data": [
-        {"id": name, "object": "model", "created": created, "owned_by": "ssegate"} for name in names]})
+    return orjson.dumps({"object": "list", "data": [model_object(name, created) for name in names]})
+
+
+def model_body(name: str) -> bytes:
+    """The body of ``GET /v1/models/{model}``: the object ``/v1/models`` lists for that name."""
+    return orjson.dumps(model_object(name, int(time.time())))
 
 
 def translate_anthropic_ingress(exchange: Exchange) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hmac
 from ipaddress import ip_address
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiohttp import web
 
@@ -13,6 +13,9 @@ from .errors import GatewayError
 from .exchange import Exchange
 from .metrics import render_metrics
 from .web_middlewares import REQUEST_ID_HEADER, begin, edge, error_for
+
+if TYPE_CHECKING:
+    from .gateway import Gateway
 
 __all__ = ["routes", "api_routes", "API_ENDPOINTS"]
 
@@ -105,15 +108,37 @@ def api_routes(holder: GatewayHolder) -> list[web.RouteDef]:
     return defs
 
 
+def _models_exchange(request: web.Request, gateway: "Gateway") -> Exchange:
+    """The Exchange of a ``/v1/models`` request (the list, or one model)."""
+    return Exchange(request_id=request["request_id"], endpoint="models", headers=request.headers,
+                    client_ip=client_ip(request, gateway.trusted_proxies), trace_id=request["trace_id"],
+                    response_headers={REQUEST_ID_HEADER: request["request_id"]})
+
+
 @routes.get("/v1/models")
 @routes.get("/models")
 @edge
 async def models(request: web.Request) -> web.StreamResponse:
     gateway = request.app[GATEWAY].current
-    exchange = Exchange(request_id=request["request_id"], endpoint="models", headers=request.headers,
-                        client_ip=client_ip(request, gateway.trusted_proxies), trace_id=request["trace_id"],
-                        response_headers={REQUEST_ID_HEADER: request["request_id"]})
-    return await gateway.handle_models(request, exchange)
+    return await gateway.handle_models(request, _models_exchange(request, gateway))
+
+
+#: Methods of ``/v1/models/{model}`` (a GET route answers HEAD too, as ``/v1/models`` does).
+_MODEL_METHODS = ("GET", "HEAD")
+
+
+@routes.route("*", "/v1/models/{model:.+}")
+@routes.route("*", "/models/{model:.+}")
+@edge
+async def model(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/models/{model}``; the id may contain ``/`` (``meta-llama/Llama-3-8B``, sent raw or as ``%2F``).
+
+    The route takes every method, and answers 405 itself for the others: the catch-all route (``create_app``)
+    finds a known path's methods by its exact path, which a path with a variable part never is."""
+    if request.method not in _MODEL_METHODS:
+        raise web.HTTPMethodNotAllowed(request.method, _MODEL_METHODS)
+    gateway = request.app[GATEWAY].current
+    return await gateway.handle_model(request, _models_exchange(request, gateway), request.match_info["model"])
 
 
 @routes.get("/health/live")
