@@ -1,4 +1,4 @@
-"""Small client-side helpers for tests: read a gateway's SSE answer as raw events."""
+"""Small helpers for tests: read a gateway's SSE answer as raw events; record the exchanges that end."""
 from __future__ import annotations
 
 from typing import Any
@@ -6,7 +6,19 @@ from typing import Any
 import aiohttp
 import orjson
 
+from proxy import hookimpl
 from proxy.sse import SSEParser
+
+
+class Recorder:
+    """A plugin recording every exchange that reaches ``exchange_done`` (in ``done``)."""
+
+    def __init__(self) -> None:
+        self.done: list[Any] = []
+
+    @hookimpl
+    def exchange_done(self, exchange: Any) -> None:
+        self.done.append(exchange)
 
 
 async def read_stream(url: str, body: dict[str, Any], headers: dict[str, str] | None = None

@@ -12,12 +12,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from plugins.cache import CacheConfig, CachePlugin, CacheState
-from proxy import Outcome, hookimpl
+from proxy import Outcome
 from proxy.config.schema import PipelineEntry, RedisConfig
 from proxy.plugin_manager import PluginLoadError
 from proxy.testing import Script, config_for
 from tests.conftest import openai_client
-from tests.helpers import CHAT, content_of, data_events, read_stream
+from tests.helpers import CHAT, Recorder, content_of, data_events, read_stream
 
 DET = {**CHAT, "temperature": 0}
 STREAM = {**DET, "stream": True}
@@ -35,15 +35,6 @@ async def until(predicate: Any, timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached within the time limit")
         await asyncio.sleep(0.005)
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.done: list = []
-
-    @hookimpl
-    def exchange_done(self, exchange):
-        self.done.append(exchange)
 
 
 async def start(upstream, gateway_factory, *, redis_url: str | None = None, router: Any = "router",

@@ -9,27 +9,17 @@ import aiohttp
 import openai
 import pytest
 
-from proxy import Outcome, hookimpl
+from proxy import Outcome
 from proxy.config.schema import PipelineEntry
 from proxy.testing import config_for
 from tests.conftest import openai_client
+from tests.helpers import Recorder
 
 ALICE = "sk-test-alice-4f9a1c0e7b2d"  # may use gpt-4o-mini only
 BOB = "sk-test-bob-93c1d0a8e5f7"  # may use everything
 
 #: The provider's models: two concrete names (listed by /v1/models) and a pattern (matched, never listed).
 MODELS = ("gpt-4o-mini", "meta-llama/Llama-3-8B", "gpt-4*")
-
-
-class Recorder:
-    """Records every exchange that reaches ``exchange_done``."""
-
-    def __init__(self) -> None:
-        self.done: list = []
-
-    @hookimpl
-    def exchange_done(self, exchange):
-        self.done.append(exchange)
 
 
 async def start(upstream, gateway_factory, *, auth: bool = False, recorder: Recorder | None = None, **options):

@@ -17,7 +17,7 @@ from structlog.testing import capture_logs
 
 from plugins._moderation_rules import Rule, compile_rules, normalize
 from plugins.moderation import ModerationConfig, ModerationPlugin, ModerationState
-from proxy import Exchange, Outcome, StopStream, hookimpl
+from proxy import Exchange, Outcome, StopStream
 from proxy.config.load import ConfigError
 from proxy.config.schema import PipelineEntry
 from proxy.plugin_manager import PluginLoadError
@@ -25,7 +25,7 @@ from proxy.sse import DONE, Chunk, SSEParser
 from proxy.testing import Script, config_for
 from proxy.web_app import start_server
 from tests.conftest import openai_client
-from tests.helpers import CHAT, content_of, data_events, read_stream
+from tests.helpers import CHAT, Recorder, content_of, data_events, read_stream
 
 REPO = Path(__file__).resolve().parent.parent
 BOMB = {"category": "violence", "score": 0.9, "name": "explosives", "keywords": ["pipe bomb"]}
@@ -42,15 +42,6 @@ async def until(predicate: Any, timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached within the time limit")
         await asyncio.sleep(0.005)
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.done: list = []
-
-    @hookimpl
-    def exchange_done(self, exchange):
-        self.done.append(exchange)
 
 
 async def start(upstream, gateway_factory, record: bool = False, **cfg: Any):
