@@ -148,6 +148,8 @@ class Forwarder:
                             response = await self._body(request, provider, ureq, exchange, guard)
                     except UpstreamError as exc:
                         attempt["error"], attempt["status"] = exc.kind, exc.status
+                        if exc.detail is not None:
+                            attempt["detail"] = exc.detail
                         last_error = exc
                         breaker.failure() if _is_provider_fault(exc) else breaker.release()
                         log.warning("upstream_failed", provider=provider.name, kind=exc.kind, status=exc.status,
@@ -164,6 +166,8 @@ class Forwarder:
                     except MidStreamFailure as failure:
                         breaker.failure()
                         attempt["error"], attempt["status"] = "midstream", failure.error.status
+                        if getattr(failure.error, "detail", None) is not None:
+                            attempt["detail"] = failure.error.detail  # type: ignore[attr-defined]
                         midstream_error = last_error = failure.error
                         log.warning("stream_failed_midway", provider=provider.name, error=failure.error.message,
                                     detail=getattr(failure.error, "detail", None), continuing=transcript is not None)
