@@ -53,6 +53,30 @@ def test_check_config_names_file_line_and_key(tmp_path):
     assert f"{path}:11: pipeline[2].no_such_plugin: no plugin named 'no_such_plugin'" in err
 
 
+def test_check_config_reports_bad_values_beside_unknown_keys(tmp_path):
+    """A misspelt key does not hide the other problems of the file: all are reported in one run."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(textwrap.dedent("""\
+        server:
+          prot: 8000
+        providers:
+          - name: local
+            type: nonsense
+            base_url: http://127.0.0.1:9100/v1
+            retry_attempts: -3
+            weight: -1
+        """))
+    result = run("check-config", str(path))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"{path}:2: server.prot: unknown key 'prot' (did you mean 'port'?)",
+        f"{path}:5: providers[0].type: unknown provider type 'nonsense' (known types: anthropic, azure_openai, "
+        "openai, simulated)",
+        f"{path}:7: providers[0].retry_attempts: must not be negative, got -3",
+        f"{path}:8: providers[0].weight: must not be negative, got -1.0",
+    ]
+
+
 @pytest.mark.parametrize(("text", "env", "expected"), [
     ("server:\n  port: 80\n   host: x\n", {}, ":3: YAML syntax error: mapping values are not allowed here"),
     ("server: {port: 80}\nserver: {port: 81}\n", {}, ':2: YAML syntax error: found duplicate key "server"'),

@@ -570,8 +570,8 @@ def _structure_pipeline_entry(value: Any, _: type) -> PipelineEntry:
     )
 
 
-def _make_converter() -> cattrs.Converter:
-    conv = cattrs.Converter(forbid_extra_keys=True)
+def _make_converter(forbid_extra_keys: bool = True) -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=forbid_extra_keys)
     conv.register_structure_hook(str, _structure_str)
     conv.register_structure_hook(int, _structure_int)
     conv.register_structure_hook(float, _structure_float)
@@ -671,6 +671,7 @@ _RULES: dict[type, dict[str, Rule]] = {
         "first_token_timeout": _POSITIVE,
         "idle_timeout": _POSITIVE,
         "retry_attempts": _NOT_NEGATIVE,
+        "weight": _NOT_NEGATIVE,
         "max_connections": _POSITIVE,
         "max_keepalive_connections": _NOT_NEGATIVE,
         "keepalive_expiry": _NOT_NEGATIVE,
@@ -746,6 +747,22 @@ def check_config(config: Config, origins: Origins) -> list[ConfigProblem]:
     return problems
 
 
+_lenient: list[cattrs.Converter] = []
+
+
+def _checks_past_unknown_keys(data: Any, origins: Origins) -> list[ConfigProblem]:
+    """When the strict structuring failed, the semantic checks of a structure that ignores unknown keys: a file
+    with a misspelt key and a bad value gets both reported at once. Nothing when other problems (a wrong type)
+    keep even that structure from being built: they were reported already."""
+    if not _lenient:
+        _lenient.append(_make_converter(forbid_extra_keys=False))
+    try:
+        config = _lenient[0].structure(data, Config)
+    except Exception:  # a problem structure() has reported, with its file and line
+        return []
+    return check_config(config, origins)
+
+
 def default_config_data() -> dict[str, Any]:
     """The configuration used without a file: one in-process simulated provider answering every model."""
     return {"providers": [{"name": "simulated", "type": "simulated", "models": ["*"]}]}
@@ -779,7 +796,9 @@ def load_config_with_origins(
     try:
         config = structure(data, Config, origins)
     except ConfigError as exc:
-        raise ConfigError(_in_file_order(problems + exc.problems)) from None
+        problems += exc.problems
+        problems += _checks_past_unknown_keys(data, origins)
+        raise ConfigError(_in_file_order(problems)) from None
     problems += check_config(config, origins)
     if problems:
         raise ConfigError(_in_file_order(problems))
