@@ -463,6 +463,9 @@ def test_env_var_problems_name_the_variable(tmp_path):
     problem = only_problem(base, env={"SSEGATE_PROVIDERS__3__TIMEOUT": "1"})
     assert (problem.file, problem.key) == ("environment SSEGATE_PROVIDERS__3__TIMEOUT", "providers[3].timeout")
     assert "'3' is not one of its indexes" in problem.message
+    problem = only_problem(base, env={"SSEGATE_PROVIDERS__0__MODELS": "[a, b"})  # a YAML list, unclosed
+    assert problem.message == ("expected a list, got '[a, b' (it starts like a list but is not a valid one: check "
+                               "its brackets and quotes)")
 
 
 def test_load_layers_is_generic_about_sections(tmp_path):

@@ -511,7 +511,11 @@ def _list_hook_factory(cls: Any, conv: cattrs.Converter) -> Callable[[Any, Any],
 
     def structure_list(value: Any, cls_: Any) -> Any:
         if not isinstance(value, (list, tuple)):
-            hint = f" (write [{value}] for a list of one)" if isinstance(value, (str, int, float)) else ""
+            hint = ""
+            if isinstance(value, str) and value.lstrip().startswith("["):  # a flow list that did not parse
+                hint = " (it starts like a list but is not a valid one: check its brackets and quotes)"
+            elif isinstance(value, (str, int, float)):
+                hint = f" (write [{value}] for a list of one)"
             raise _expected("a list", value, hint)
         return inner(value, cls_)
 
