@@ -28,7 +28,10 @@ from .metrics import Registry
 from .relay import ClientStream, answer_body, error_response, json_response, send_reply
 from .upstream import Provider
 from .watchdog import Watchdog
-from .validation import model_body, models_body, translate_anthropic_ingress, validate
+from .tokens import estimate_prompt_tokens
+from .validation import (
+    anthropic_count_tokens_body, model_body, models_body, translate_anthropic_ingress, validate,
+)
 
 __all__ = ["Gateway"]
 
@@ -201,14 +204,8 @@ class Gateway:
                 out = ClientStream(request, exchange, self.forwarder.loop)
                 self.active_streams += 1
             return await self.forwarder.forward(request, exchange, routes, out)
-        except web.HTTPRequestEntityTooLarge:
-            exc = GatewayError(413, "Request body is larger than the configured limit (server.max_request_size).",
-                               code="request_too_large")
-            return await self._reject(request, exchange, exc)
-        except web.RequestPayloadError:  # a broken chunked encoding, or a body its Content-Encoding cannot decode
-            exc = GatewayError(400, "The request body could not be read: its chunked encoding is malformed or its "
-                               "Content-Encoding does not decode.", code="invalid_request_body")
-            return await self._reject(request, exchange, exc)
+        except (web.HTTPRequestEntityTooLarge, web.RequestPayloadError) as exc:
+            return await self._reject(request, exchange, _body_error(exc))
         except GatewayError as exc:
             exchange.error = exc
             exchange.status = exc.status
@@ -287,13 +284,19 @@ class Gateway:
         return self.plugin_manager.get_plugin(name)
 
     async def _read_body(self, request: web.Request) -> bytes:
-        """The body of a request whose body is still arriving, within ``server.request_body_timeout``."""
+        """The request body, within ``server.request_body_timeout`` when it is still arriving. ``handle`` reads a
+        body that is all here itself (one coroutine frame less) and calls this for the others. Raises
+        GatewayError: 408 (too slow), 413 (over ``server.max_request_size``), 400 (unreadable)."""
         try:
+            if request.content.is_eof() or not self.body_timeout:
+                return await request.read()
             async with asyncio.timeout(self.body_timeout):
                 return await request.read()
         except TimeoutError:
             raise GatewayError(408, f"The request body did not arrive within {self.body_timeout:g} seconds "
                                "(server.request_body_timeout).", code="request_body_timeout") from None
+        except (web.HTTPRequestEntityTooLarge, web.RequestPayloadError) as exc:
+            raise _body_error(exc) from None
 
     async def _reject(self, request: web.Request, exchange: Exchange, exc: GatewayError) -> web.StreamResponse:
         exchange.error, exchange.status, exchange.outcome = exc, exc.status, Outcome.REJECTED
@@ -357,6 +360,58 @@ class Gateway:
         finally:
             exchange.ended = time.monotonic()
             await self._exchange_done(exchange)
+
+    async def handle_count_tokens(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+        """``POST /v1/messages/count_tokens`` (the anthropic SDK's ``messages.count_tokens``): answer
+        ``{"input_tokens": N}``, in Anthropic's shape, without calling any upstream.
+
+        N is the gateway's rule-of-thumb estimate of the prompt (:func:`proxy.tokens.estimate_prompt_tokens`:
+        about four characters a token, plus the chat format's per-message framing), not a tokenizer's count: the
+        body is checked and translated as ``/v1/messages`` does it (system, messages, tools; ``max_tokens`` is
+        not required), and the translated OpenAI-format body is what is estimated. Content the translation
+        drops (thinking blocks, documents) is not counted.
+
+        As on ``/v1/messages``, the body is checked before ``authenticate`` runs (an auth plugin's 401 applies).
+        A model the principal's ``allowed_models`` excludes is answered 404, as ``/v1/models/{model}`` does;
+        whether a provider serves the model is not checked (router aliases count tokens too). ``check_request``
+        does not run: a count is not a completion, so it is not rate-limited or moderated as one, and neither
+        ``cached_response`` nor routing is involved. Errors are Anthropic error bodies; ``exchange_done`` runs
+        once (endpoint ``messages.count_tokens``, ingress ``anthropic``; no usage is recorded).
+        """
+        try:
+            exchange.body = await self._read_body(request)
+            body = anthropic_count_tokens_body(exchange.body)
+            exchange.json = body  # as on /v1/messages, plugins (an auth hook, the access log) see the translation
+            exchange.model = model = body["model"]
+            await self.pipeline.authenticate(exchange)
+            allowed = exchange.principal.allowed_models if exchange.principal is not None else None
+            if allowed is not None and not any(fnmatchcase(model, p) for p in allowed):
+                raise GatewayError(404, f"The model `{model}` does not exist or you do not have access to it.",
+                                   param="model", code="model_not_found")
+            count = estimate_prompt_tokens("chat.completions", body)
+            exchange.outcome, exchange.status = Outcome.OK, 200
+            resp = json_response(orjson.dumps({"input_tokens": count}), 200, exchange.response_headers)
+            await resp.prepare(request)
+            await resp.write_eof()
+            return resp
+        except GatewayError as exc:
+            return await self._reject(request, exchange, exc)
+        except (asyncio.CancelledError, ConnectionError):
+            exchange.outcome, exchange.status = Outcome.CLIENT_DISCONNECT, 499
+            raise
+        finally:
+            exchange.ended = time.monotonic()
+            await self._exchange_done(exchange)
+
+
+def _body_error(exc: Exception) -> GatewayError:
+    """The client's error for a body aiohttp could not hand over: over the size limit (413), or a broken chunked
+    encoding or a body its Content-Encoding cannot decode (400)."""
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return GatewayError(413, "Request body is larger than the configured limit (server.max_request_size).",
+                            code="request_too_large")
+    return GatewayError(400, "The request body could not be read: its chunked encoding is malformed or its "
+                        "Content-Encoding does not decode.", code="invalid_request_body")
 
 
 def _close_if_body_unread(request: web.Request) -> None:

@@ -9,7 +9,8 @@ import orjson
 from .errors import bad_request
 from .exchange import Exchange
 
-__all__ = ["validate", "models_body", "model_body", "model_object", "translate_anthropic_ingress"]
+__all__ = ["validate", "models_body", "model_body", "model_object", "translate_anthropic_ingress",
+           "anthropic_count_tokens_body"]
 
 
 def _invalid(message: str, param: str) -> Exception:
@@ -113,26 +114,59 @@ def model_body(name: str) -> bytes:
     return orjson.dumps(model_object(name, int(time.time())))
 
 
-def translate_anthropic_ingress(exchange: Exchange) -> None:
-    """``/v1/messages``: check the Anthropic-format body, then replace it by its OpenAI translation, so the
-    pipeline and every plugin see one format. The answer is translated back on the way out."""
-    from .anthropic_format import from_anthropic_request
-
+def _anthropic_body(raw: bytes, require_max_tokens: bool) -> dict[str, Any]:
+    """Parse and check an Anthropic Messages body (``max_tokens`` required by ``/v1/messages``, not by
+    ``count_tokens``). Raises GatewayError 400."""
     try:
-        body = orjson.loads(exchange.body) if exchange.body else None
+        body = orjson.loads(raw) if raw else None
     except orjson.JSONDecodeError as exc:
         raise bad_request(f"We could not parse the JSON body of your request: {exc}") from None
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
-    for key, kind in (("model", str), ("max_tokens", int), ("messages", list)):
+    required = (("model", str), ("max_tokens", int), ("messages", list)) if require_max_tokens else (
+        ("model", str), ("messages", list))
+    for key, kind in required:
         if body.get(key) is None:
             raise bad_request(f"{key}: Field required", param=key, code="missing_required_parameter")
         if not isinstance(body[key], kind) or isinstance(body[key], bool):
             raise _invalid(f"{key}: invalid type", key)
-    if body["max_tokens"] < 1:
+    if require_max_tokens and body["max_tokens"] < 1:
         raise _invalid("max_tokens: must be at least 1", "max_tokens")
-    translated = from_anthropic_request(body)
+    if not body["model"]:
+        raise _invalid("model: must be a non-empty string", "model")
+    if not body["messages"]:
+        raise _invalid("messages: at least one message is required", "messages")
+    for i, m in enumerate(body["messages"]):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise _invalid(f"messages.{i}: must be an object with a string 'role'", f"messages.{i}")
+    for key, kinds in (("system", (str, list)), ("tools", (list,))):
+        if body.get(key) is not None and not isinstance(body[key], kinds):
+            raise _invalid(f"{key}: invalid type", key)
+    return body
+
+
+def _from_anthropic(body: dict[str, Any]) -> dict[str, Any]:
+    from .anthropic_format import from_anthropic_request
+
+    try:
+        return from_anthropic_request(body)
+    except (AttributeError, TypeError):  # a block or tool that is not an object, deeper than the checks above
+        raise _invalid("messages or tools: a content block or tool is not a valid object", "messages") from None
+
+
+def translate_anthropic_ingress(exchange: Exchange) -> None:
+    """``/v1/messages``: check the Anthropic-format body, then replace it by its OpenAI translation, so the
+    pipeline and every plugin see one format. The answer is translated back on the way out."""
+    translated = _from_anthropic(_anthropic_body(exchange.body, require_max_tokens=True))
     if translated.get("stream"):
         # The Anthropic stream reports usage at the end: ask for the usage chunk, the egress consumes it.
         translated["stream_options"] = {"include_usage": True}
     exchange.body = orjson.dumps(translated)
+
+
+def anthropic_count_tokens_body(raw: bytes) -> dict[str, Any]:
+    """``/v1/messages/count_tokens``: check the Anthropic-format body as ``/v1/messages`` does, less
+    ``max_tokens`` (count_tokens takes none), and return the OpenAI translation of its prompt (system, messages,
+    tools): what :func:`proxy.tokens.estimate_prompt_tokens` counts. Raises GatewayError 400."""
+    body = _anthropic_body(raw, require_max_tokens=False)
+    return _from_anthropic({key: body[key] for key in ("model", "system", "messages", "tools") if key in body})

@@ -5,9 +5,11 @@ import hmac
 from ipaddress import ip_address
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
+import orjson
 from aiohttp import web
 
 from . import health
+from .anthropic_format import anthropic_error_body
 from .app_keys import GATEWAY, RELOADER, GatewayHolder
 from .errors import GatewayError
 from .exchange import Exchange
@@ -96,6 +98,30 @@ API_ENDPOINTS = (
 )
 
 
+def _counting(holder: GatewayHolder) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The handler of ``POST /v1/messages/count_tokens`` (the anthropic SDK's ``messages.count_tokens``): the
+    gateway's estimate of the prompt's tokens (:meth:`Gateway.handle_count_tokens`: a rule of thumb, no tokenizer,
+    no upstream called; authenticated, not rate-limited as a completion). Answers in Anthropic's format."""
+    async def messages_count_tokens(request: web.Request) -> web.StreamResponse:
+        request_id, trace_id = begin(request)
+        gateway = holder.current
+        exchange = Exchange(request_id=request_id, endpoint="messages.count_tokens", headers=request.headers,
+                            client_ip=client_ip(request, gateway.trusted_proxies), ingress="anthropic",
+                            trace_id=trace_id, response_headers={REQUEST_ID_HEADER: request_id})
+        try:
+            return await gateway.handle_count_tokens(request, exchange)
+        except ConnectionError:
+            return _client_gone()
+        except Exception as exc:  # handle_count_tokens answers every GatewayError itself: this is a bug
+            error_for(request, exc)  # logs it
+            response = web.Response(body=orjson.dumps(anthropic_error_body(500, "Internal server error")),
+                                    status=500, content_type="application/json")
+            response.headers[REQUEST_ID_HEADER] = request_id
+            return response
+
+    return messages_count_tokens
+
+
 def api_routes(holder: GatewayHolder) -> list[web.RouteDef]:
     """The POST routes of the API, their handlers bound to ``holder``."""
     handlers: dict[tuple[str, str], Callable[[web.Request], Awaitable[web.StreamResponse]]] = {}
@@ -105,6 +131,7 @@ def api_routes(holder: GatewayHolder) -> list[web.RouteDef]:
         if handler is None:
             handler = handlers[(endpoint, ingress)] = _serving(holder, endpoint, ingress)
         defs.append(web.post(path, handler))
+    defs.append(web.post("/v1/messages/count_tokens", _counting(holder)))
     return defs
 
 

@@ -121,11 +121,33 @@ def edge(handler: Handler) -> Handler:
 
 
 def unmatched_route(known: dict[str, set[str]]) -> Handler:
-    """The catch-all handler: 405 (with ``Allow``) for a known path and another method, else 404."""
+    """The catch-all handler: 405 (with ``Allow``) for a known path and another method, else 404.
+
+    Under ``/v1/messages`` (the Anthropic ingress) the error body is Anthropic's (``not_found_error``, and
+    ``invalid_request_error`` for 405), so an Anthropic client reads it as it reads the API's other errors."""
+    from .anthropic_format import anthropic_error_body
+
+    def anthropic_error(status: int, message: str, allow: list[str] | None = None) -> web.Response:
+        body = anthropic_error_body(status, message)
+        if status == 405:
+            body["error"]["type"] = "invalid_request_error"  # Anthropic has no type of its own for 405
+        response = web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+        if allow is not None:
+            response.headers["Allow"] = ", ".join(allow)
+        return response
+
     async def unmatched(request: web.Request) -> web.StreamResponse:
-        methods = known.get(request.path)
+        path = request.path
+        methods = known.get(path)
+        anthropic = path == "/v1/messages" or path.startswith("/v1/messages/")
         if methods and request.method not in methods:
+            if anthropic:
+                allow = sorted(methods)
+                return anthropic_error(405, f"Method {request.method} is not allowed on {path} "
+                                            f"(allowed: {', '.join(allow)}).", allow)
             raise web.HTTPMethodNotAllowed(request.method, sorted(methods))
+        if anthropic:
+            return anthropic_error(404, "Unknown request URL. Please check the URL and method.")
         raise web.HTTPNotFound()
 
     return unmatched

@@ -244,3 +244,18 @@ async def test_messages_ingress_midstream_error_is_an_anthropic_error_event(upst
     events = [line[7:] for line in text.splitlines() if line.startswith("event: ")]
     assert events[0] == "message_start" and events[-1] == "error"
     assert "message_stop" not in events
+
+
+@pytest.mark.parametrize("messages", [["hi"], [{"role": "user", "content": ["not a block"]}], []],
+                         ids=["message-not-an-object", "block-not-an-object", "no-messages"])
+async def test_messages_ingress_malformed_messages_are_a_400_not_a_crash(upstream, gateway_factory, messages):
+    import aiohttp
+
+    gw = await gateway_factory(config_for(upstream))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + "/v1/messages", data=orjson.dumps({
+                "model": "m", "max_tokens": 5, "messages": messages})) as resp:
+            assert resp.status == 400
+            body = await resp.json()
+    assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+    assert upstream.requests == []
