@@ -9,7 +9,7 @@ import asyncio
 import time
 from fnmatch import fnmatchcase
 from ipaddress import ip_network
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import orjson
 import structlog
@@ -306,24 +306,34 @@ class Gateway:
         _close_if_body_unread(request)
         return resp
 
-    async def handle_models(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
-        """``GET /v1/models``: authenticate, then list the union of the providers' models."""
+    async def _answer_json(self, request: web.Request, exchange: Exchange,
+                           answer: Callable[[], Awaitable[bytes]]) -> web.StreamResponse:
+        """A small JSON endpoint (the model list, one model, a token count): ``answer`` authenticates and builds
+        the body, or raises GatewayError; the 200 or the rejection, and ``exchange_done`` (once), are done here."""
         try:
-            await self.pipeline.authenticate(exchange)
+            body = await answer()
             exchange.outcome, exchange.status = Outcome.OK, 200
-            names = self.models()
-            allowed = exchange.principal.allowed_models if exchange.principal is not None else None
-            if allowed is not None:
-                names = [n for n in names if any(fnmatchcase(n, pattern) for pattern in allowed)]
-            resp = json_response(models_body(names), 200, exchange.response_headers)
+            resp = json_response(body, 200, exchange.response_headers)
             await resp.prepare(request)
             await resp.write_eof()
             return resp
         except GatewayError as exc:
             return await self._reject(request, exchange, exc)
+        except (asyncio.CancelledError, ConnectionError):
+            exchange.outcome, exchange.status = Outcome.CLIENT_DISCONNECT, 499
+            raise
         finally:
             exchange.ended = time.monotonic()
             await self._exchange_done(exchange)
+
+    async def handle_models(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+        """``GET /v1/models``: authenticate, then list the union of the providers' models (those the caller's
+        key may use)."""
+        async def answer() -> bytes:
+            await self.pipeline.authenticate(exchange)
+            return models_body([name for name in self.models() if _may_use(exchange, name)])
+
+        return await self._answer_json(request, exchange, answer)
 
     async def handle_model(self, request: web.Request, exchange: Exchange, model: str) -> web.StreamResponse:
         """``GET /v1/models/{model}`` (the OpenAI SDK's ``models.retrieve``): authenticate, then answer the model's
@@ -339,27 +349,18 @@ class Gateway:
         A model the principal's ``allowed_models`` excludes is answered as unknown (404, not 403), so that a key
         does not learn what it may not use; ``/v1/models`` leaves it out the same way.
         """
-        try:
+        async def answer() -> bytes:
             exchange.model = model
             await self.pipeline.authenticate(exchange)
-            allowed = exchange.principal.allowed_models if exchange.principal is not None else None
             served = model in self.models() or any(
                 fnmatchcase(model, pattern)
                 for provider in self.providers.values() if provider.config.enabled
                 for pattern in provider.config.models)
-            if not served or (allowed is not None and not any(fnmatchcase(model, p) for p in allowed)):
-                raise GatewayError(404, f"The model `{model}` does not exist or you do not have access to it.",
-                                   param="model", code="model_not_found")
-            exchange.outcome, exchange.status = Outcome.OK, 200
-            resp = json_response(model_body(model), 200, exchange.response_headers)
-            await resp.prepare(request)
-            await resp.write_eof()
-            return resp
-        except GatewayError as exc:
-            return await self._reject(request, exchange, exc)
-        finally:
-            exchange.ended = time.monotonic()
-            await self._exchange_done(exchange)
+            if not served or not _may_use(exchange, model):
+                raise _model_not_found(model)
+            return model_body(model)
+
+        return await self._answer_json(request, exchange, answer)
 
     async def handle_count_tokens(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
         """``POST /v1/messages/count_tokens`` (the anthropic SDK's ``messages.count_tokens``): answer
@@ -378,31 +379,28 @@ class Gateway:
         ``cached_response`` nor routing is involved. Errors are Anthropic error bodies; ``exchange_done`` runs
         once (endpoint ``messages.count_tokens``, ingress ``anthropic``; no usage is recorded).
         """
-        try:
+        async def answer() -> bytes:
             exchange.body = await self._read_body(request)
             body = anthropic_count_tokens_body(exchange.body)
             exchange.json = body  # as on /v1/messages, plugins (an auth hook, the access log) see the translation
             exchange.model = model = body["model"]
             await self.pipeline.authenticate(exchange)
-            allowed = exchange.principal.allowed_models if exchange.principal is not None else None
-            if allowed is not None and not any(fnmatchcase(model, p) for p in allowed):
-                raise GatewayError(404, f"The model `{model}` does not exist or you do not have access to it.",
-                                   param="model", code="model_not_found")
-            count = estimate_prompt_tokens("chat.completions", body)
-            exchange.outcome, exchange.status = Outcome.OK, 200
-            resp = json_response(orjson.dumps({"input_tokens": count}), 200, exchange.response_headers)
-            await resp.prepare(request)
-            await resp.write_eof()
-            return resp
-        except GatewayError as exc:
-            return await self._reject(request, exchange, exc)
-        except (asyncio.CancelledError, ConnectionError):
-            exchange.outcome, exchange.status = Outcome.CLIENT_DISCONNECT, 499
-            raise
-        finally:
-            exchange.ended = time.monotonic()
-            await self._exchange_done(exchange)
+            if not _may_use(exchange, model):
+                raise _model_not_found(model)
+            return orjson.dumps({"input_tokens": estimate_prompt_tokens("chat.completions", body)})
 
+        return await self._answer_json(request, exchange, answer)
+
+
+def _may_use(exchange: Exchange, model: str) -> bool:
+    """Whether the caller's key may use ``model`` (its principal's ``allowed_models``; no principal: yes)."""
+    allowed = exchange.principal.allowed_models if exchange.principal is not None else None
+    return allowed is None or any(fnmatchcase(model, pattern) for pattern in allowed)
+
+
+def _model_not_found(model: str) -> GatewayError:
+    return GatewayError(404, f"The model `{model}` does not exist or you do not have access to it.", param="model",
+                        code="model_not_found")
 
 def _body_error(exc: Exception) -> GatewayError:
     """The client's error for a body aiohttp could not hand over: over the size limit (413), or a broken chunked
