@@ -166,11 +166,12 @@ class Forwarder:
                     except MidStreamFailure as failure:
                         breaker.failure()
                         attempt["error"], attempt["status"] = "midstream", failure.error.status
-                        if getattr(failure.error, "detail", None) is not None:
-                            attempt["detail"] = failure.error.detail  # type: ignore[attr-defined]
+                        detail = getattr(failure.error, "detail", None)  # (an UpstreamError's; a timeout has none)
+                        if detail is not None:
+                            attempt["detail"] = detail
                         midstream_error = last_error = failure.error
                         log.warning("stream_failed_midway", provider=provider.name, error=failure.error.message,
-                                    detail=getattr(failure.error, "detail", None), continuing=transcript is not None)
+                                    detail=detail, continuing=transcript is not None)
                         final = isinstance(failure.error, UpstreamError) and not failure.error.retryable
                         if transcript is None or final:
                             return await self._end_with_error(out, exchange, failure.error)  # type: ignore[arg-type]
