@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import attrs
 import orjson
 import pytest
 
@@ -520,3 +521,43 @@ async def test_a_long_request_with_stream_options_in_its_text_still_asks_for_usa
     gw = await gateway_factory(config_for(upstream))
     await _post_raw(gw.base_url + "/chat/completions", raw)
     assert upstream.raw_requests[-1] == b"{" + USAGE_MEMBER + raw[1:]
+
+
+class _Weakly:
+    """Keeps only weak references to the exchanges that end."""
+
+    def __init__(self) -> None:
+        self.refs: list = []
+
+    @hookimpl
+    def exchange_done(self, exchange):
+        import weakref
+
+        self.refs.append(weakref.ref(exchange))
+
+
+@pytest.mark.parametrize("keepalive", [True, False])
+async def test_a_finished_stream_is_freed_without_the_cycle_collector(upstream, gateway_factory, keepalive):
+    """Reference counting alone frees a finished stream's exchange (no cycle through its guard and client
+    stream): the gateway collects the oldest generation rarely, so garbage cycles of long streams piled up."""
+    import gc
+
+    weakly = _Weakly()
+    config = config_for(upstream, pipeline=["weakly", "router"])
+    if not keepalive:
+        config = attrs.evolve(config, streaming=attrs.evolve(config.streaming, keepalive=False))
+    gw = await gateway_factory(config, plugins={"weakly": weakly})
+    await read_stream(gw.base_url + "/chat/completions", STREAM)  # a first one: lazily built state settles
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(3):
+            status, _, events = await read_stream(gw.base_url + "/chat/completions", STREAM)
+            assert status == 200 and data_events(events)[-1] == "[DONE]"
+        for _ in range(50):  # the handlers' tasks end just after the last byte
+            if all(ref() is None for ref in weakly.refs[1:]):
+                break
+            await asyncio.sleep(0.01)
+        assert [ref() for ref in weakly.refs[1:]] == [None, None, None]
+    finally:
+        gc.enable()
