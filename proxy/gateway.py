@@ -339,9 +339,10 @@ class Gateway:
         """``GET /v1/models/{model}`` (the OpenAI SDK's ``models.retrieve``): authenticate, then answer the model's
         object, as ``/v1/models`` lists it, or 404 ``model_not_found``.
 
-        A model is served when a request for it would be routed, not only when ``/v1/models`` lists it: when an
-        enabled provider lists it (:meth:`models`) or matches it by one of its ``models`` patterns, the test the
-        router makes (``plugins/router.py``). A provider configured with ``models: ["gpt-4*"]`` cannot list
+        A model is served when a request for it would be routed and answered, not only when ``/v1/models`` lists
+        it: when an enabled provider lists it or matches it by one of its ``models`` patterns, the test the
+        router makes (``plugins/router.py``), and the provider's adapter does not know better
+        (:meth:`proxy.upstream.Provider.serves`: the simulated provider also asks its simulator). A provider configured with ``models: ["gpt-4*"]`` cannot list
         ``gpt-4o``, yet answers it, and a client that retrieves a model before using it must not be told it does
         not exist. Router aliases and ``provider/model`` names are not looked at: they belong to the router
         plugin (another router may have neither), and ``/v1/models`` does not list them either.
@@ -352,10 +353,7 @@ class Gateway:
         async def answer() -> bytes:
             exchange.model = model
             await self.pipeline.authenticate(exchange)
-            served = model in self.models() or any(
-                fnmatchcase(model, pattern)
-                for provider in self.providers.values() if provider.config.enabled
-                for pattern in provider.config.models)
+            served = any(provider.serves(model) for provider in self.providers.values())
             if not served or not _may_use(exchange, model):
                 raise _model_not_found(model)
             return model_body(model)

@@ -6,6 +6,8 @@ relay writes and flushes each read at once and never buffers more.
 """
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
+
 from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping
 
 import orjson
@@ -181,6 +183,14 @@ class Provider:
     def list_models(self) -> list[str]:
         """Concrete model names for ``/v1/models`` (wildcard patterns are not listed)."""
         return [m for m in self.config.models if "*" not in m and "?" not in m]
+
+    def serves(self, model: str) -> bool:
+        """Whether a request for ``model`` may be answered here, as far as the gateway can tell without asking the
+        upstream (``GET /v1/models/{model}``): the provider is enabled and lists ``model`` or matches it by one of
+        its ``models`` patterns, the test the router makes. An adapter that knows better narrows it."""
+        config = self.config
+        return config.enabled and (model in self.list_models()
+                                   or any(fnmatchcase(model, pattern) for pattern in config.models))
 
     async def send(self, request: UpstreamRequest) -> UpstreamResponse:
         """Send the request; raise :class:`UpstreamError` if no usable answer started."""

@@ -91,6 +91,28 @@ async def test_unknown_model_is_404_model_not_found(upstream, gateway_factory):
             assert_model_not_found(info.value, unknown)
 
 
+async def test_retrieve_agrees_with_chat_on_the_simulated_provider(gateway_factory):
+    """The embedded default's shape: the provider routes every model (``models: ["*"]``) to a simulator that serves
+    only its own ``simulation.models``. What chat would answer 404, ``models.retrieve`` answers 404 too."""
+    from proxy.config.load import load_config
+
+    gw = await gateway_factory(load_config(env={}))
+    messages = [{"role": "user", "content": "hi"}]
+    async with openai_client(gw.base_url) as client:
+        listed = [m.id async for m in client.models.list()]
+        assert "gpt-4o-mini" in listed
+        for model in listed:  # every listed model is retrieved, and answered
+            assert (await client.models.retrieve(model)).id == model
+        answer = await client.chat.completions.create(model="gpt-4o-mini", messages=messages, max_tokens=2)
+        assert answer.choices[0].message.content
+        with pytest.raises(openai.NotFoundError) as chat_info:
+            await client.chat.completions.create(model="llama-3", messages=messages)
+        with pytest.raises(openai.NotFoundError) as retrieve_info:
+            await client.models.retrieve("llama-3")
+    assert chat_info.value.code == "model_not_found"
+    assert_model_not_found(retrieve_info.value, "llama-3")
+
+
 async def test_disabled_provider_serves_nothing(upstream, gateway_factory):
     gw = await start(upstream, gateway_factory, enabled=False)
     async with openai_client(gw.base_url) as client:

@@ -768,7 +768,8 @@ def _checks_past_unknown_keys(data: Any, origins: Origins) -> list[ConfigProblem
 
 
 def default_config_data() -> dict[str, Any]:
-    """The configuration used without a file: one in-process simulated provider answering every model."""
+    """The configuration used without a file: one in-process simulated provider, every model routed to it; its
+    simulator answers the models it simulates (``simulation.models``) and 404 ``model_not_found`` for others."""
     return {"providers": [{"name": "simulated", "type": "simulated", "models": ["*"]}]}
 
 

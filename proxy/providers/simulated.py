@@ -42,6 +42,11 @@ class SimulatedProvider(Provider):
     def list_models(self) -> list[str]:
         return [m["id"] for m in self.simulator.models()]
 
+    def serves(self, model: str) -> bool:
+        """Routed here by the provider's ``models`` patterns and answered by the simulator (its ``simulation.models``:
+        a model the simulator does not serve gets its 404, so ``models.retrieve`` must not say it exists)."""
+        return super().serves(model) and self.simulator.serves(model)
+
     async def send(self, request: UpstreamRequest) -> UpstreamResponse:
         endpoint = request.exchange.endpoint
         body: Any = request.payload
