@@ -146,11 +146,22 @@ def to_anthropic_request(body: dict[str, Any], max_tokens_default: int) -> dict[
 
 # -- Anthropic answer -> OpenAI answer -----------------------------------------------------------------------
 
-def _usage(usage: dict[str, Any]) -> dict[str, int]:
-    prompt = int(usage.get("input_tokens") or 0) + int(usage.get("cache_read_input_tokens") or 0) + int(
-        usage.get("cache_creation_input_tokens") or 0)
+#: Anthropic's three parts of the prompt count.
+_PROMPT_COUNTS = frozenset({"input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"})
+
+
+def _usage(usage: dict[str, Any]) -> dict[str, Any]:
+    """Anthropic's usage in OpenAI's shape. Anthropic counts the prompt in three parts (``input_tokens`` excludes
+    what was read from or written to the prompt cache); OpenAI's ``prompt_tokens`` is all of it, with the part
+    read from the cache in ``prompt_tokens_details.cached_tokens``."""
+    read = int(usage.get("cache_read_input_tokens") or 0)
+    prompt = int(usage.get("input_tokens") or 0) + read + int(usage.get("cache_creation_input_tokens") or 0)
     completion = int(usage.get("output_tokens") or 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    out: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                           "total_tokens": prompt + completion}
+    if "cache_read_input_tokens" in usage or "cache_creation_input_tokens" in usage:
+        out["prompt_tokens_details"] = {"cached_tokens": read}
+    return out
 
 
 def from_anthropic_message(msg: dict[str, Any]) -> dict[str, Any]:
@@ -232,6 +243,10 @@ class AnthropicStreamToOpenAI:
             usage = obj.get("usage") or {}
             if usage.get("output_tokens") is not None:
                 self.output_tokens = int(usage["output_tokens"])
+            # Its counts are cumulative; the prompt's (input, cache read, cache creation) may come only here.
+            prompt = {k: v for k, v in usage.items() if k in _PROMPT_COUNTS and v is not None}
+            if prompt:
+                self.input_usage = {**self.input_usage, **prompt}
             stop = (obj.get("delta") or {}).get("stop_reason")
             if stop:
                 self.finish = FINISH_FROM_ANTHROPIC.get(stop, "stop")
@@ -316,10 +331,21 @@ def from_anthropic_request(body: dict[str, Any]) -> dict[str, Any]:
 
 # -- OpenAI answer -> Anthropic answer (ingress egress) --------------------------------------------------------
 
+def _prompt_counts(usage: dict[str, Any]) -> dict[str, int]:
+    """OpenAI's prompt count as Anthropic splits it: the tokens read from the prompt cache
+    (``prompt_tokens_details.cached_tokens``) become ``cache_read_input_tokens``, and ``input_tokens`` the rest."""
+    prompt = int(usage.get("prompt_tokens") or 0)
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    if cached is None:
+        return {"input_tokens": prompt}
+    cached = min(int(cached), prompt)
+    return {"input_tokens": prompt - cached, "cache_read_input_tokens": cached}
+
+
 def _anthropic_usage(usage: dict[str, Any] | None) -> dict[str, int]:
     usage = usage or {}
-    return {"input_tokens": int(usage.get("prompt_tokens") or 0), "output_tokens": int(usage.get(
-        "completion_tokens") or 0)}
+    return {**_prompt_counts(usage), "output_tokens": int(usage.get("completion_tokens") or 0)}
 
 
 def to_anthropic_message(body: dict[str, Any]) -> dict[str, Any]:
@@ -432,8 +458,8 @@ class OpenAIStreamToAnthropic:
         delta_usage = {"output_tokens": int(usage.get("completion_tokens") or 0)}
         if usage.get("prompt_tokens") is not None:
             # message_delta counts are cumulative: the prompt count, unknown at message_start, goes here
-            # (the anthropic SDK's final message takes input_tokens from it).
-            delta_usage["input_tokens"] = int(usage["prompt_tokens"])
+            # (the anthropic SDK's final message takes input_tokens and the cache counts from it).
+            delta_usage.update(_prompt_counts(usage))
         out.append(_event("message_delta", {"type": "message_delta", "delta": {
             "stop_reason": self.stop_reason or "end_turn", "stop_sequence": None}, "usage": delta_usage}))
         out.append(_event("message_stop", {"type": "message_stop"}))

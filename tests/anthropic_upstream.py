@@ -20,6 +20,10 @@ class AnthropicUpstream:
         self.error: tuple[int, str, str] | None = None  # (status, type, message)
         self.error_event_at: int | None = None  # send an `error` event in place of this text delta
         self.delay = 0.0
+        #: Prompt-cache counts added to the usage (``cache_read_input_tokens``, ...); ``cache_in_delta`` sends them
+        #: (and ``input_tokens``) in the stream's message_delta only, as its cumulative counts.
+        self.cache_usage: dict[str, int] = {}
+        self.cache_in_delta = False
         self.port = 0
         self._runner: web.AppRunner | None = None
 
@@ -53,12 +57,12 @@ class AnthropicUpstream:
         if self.error is not None:
             status, kind, message = self.error
             return web.json_response({"type": "error", "error": {"type": kind, "message": message}}, status=status)
-        usage_in = {"input_tokens": 25, "output_tokens": 1}
+        usage_in = {"input_tokens": 25, "output_tokens": 1, **({} if self.cache_in_delta else self.cache_usage)}
         if not body.get("stream"):
             return web.json_response({
                 "id": "msg_01XYZ", "type": "message", "role": "assistant", "model": body["model"],
                 "content": self._content(), "stop_reason": "tool_use" if self.tool else self.stop_reason,
-                "stop_sequence": None, "usage": {"input_tokens": 25, "output_tokens": 15}})
+                "stop_sequence": None, "usage": {"input_tokens": 25, "output_tokens": 15, **self.cache_usage}})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
 
@@ -90,7 +94,7 @@ class AnthropicUpstream:
             await send("content_block_stop", {"type": "content_block_stop", "index": 1})
         await send("message_delta", {"type": "message_delta", "delta": {
             "stop_reason": "tool_use" if self.tool else self.stop_reason, "stop_sequence": None},
-            "usage": {"output_tokens": 15}})
+            "usage": {"output_tokens": 15, **({"input_tokens": 25, **self.cache_usage} if self.cache_in_delta else {})}})
         await send("message_stop", {"type": "message_stop"})
         await resp.write_eof()
         return resp

@@ -118,6 +118,42 @@ async def test_anthropic_stream_becomes_openai_chunks(claude, gateway_factory):
     assert {c.id for c in chunks} == {"msg_01XYZ"}
 
 
+@pytest.mark.parametrize("in_delta", [False, True], ids=["message_start", "message_delta"])
+async def test_anthropic_prompt_cache_counts_become_openai_cached_tokens(claude, gateway_factory, in_delta):
+    """Anthropic's input_tokens leaves out the prompt-cache reads and writes; OpenAI's prompt_tokens is the whole
+    prompt, with the cache reads in prompt_tokens_details.cached_tokens. Streams may give the counts at
+    message_start or (cumulatively) in message_delta."""
+    claude.cache_usage = {"cache_read_input_tokens": 1000, "cache_creation_input_tokens": 200}
+    claude.cache_in_delta = in_delta
+    gw = await gateway_factory(anthropic_config(claude))
+    client = openai_client(gw.base_url)
+    messages = [{"role": "user", "content": "Hi"}]
+    answer = await client.chat.completions.create(model="claude-3-haiku", messages=messages)
+    stream = await client.chat.completions.create(model="claude-3-haiku", messages=messages, stream=True,
+                                                  stream_options={"include_usage": True})
+    chunks = [c async for c in stream]
+    await client.close()
+    for usage in (answer.usage, chunks[-1].usage):
+        assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (1225, 15, 1240)
+        assert usage.prompt_tokens_details.cached_tokens == 1000
+
+
+async def test_messages_ingress_reports_openai_cached_tokens_as_cache_reads(upstream, gateway_factory):
+    """The other way: an OpenAI upstream's cached_tokens become the anthropic SDK's cache_read_input_tokens, and
+    input_tokens the rest of the prompt, in non-stream answers and at the end of streams."""
+    upstream.script = Script(usage={"prompt_tokens": 1200, "completion_tokens": 4, "total_tokens": 1204,
+                                    "prompt_tokens_details": {"cached_tokens": 1024}})
+    gw = await gateway_factory(config_for(upstream))
+    client = anthropic_client(gw)
+    messages = [{"role": "user", "content": "Hi"}]
+    message = await client.messages.create(model="m", max_tokens=50, messages=messages)
+    async with client.messages.stream(model="m", max_tokens=50, messages=messages) as stream:
+        final = await stream.get_final_message()
+    await client.close()
+    for usage in (message.usage, final.usage):
+        assert (usage.input_tokens, usage.cache_read_input_tokens, usage.output_tokens) == (176, 1024, 4)
+
+
 async def test_anthropic_errors_become_openai_errors_and_529_falls_back(claude, upstream, gateway_factory):
     claude.error = (400, "invalid_request_error", "messages: roles must alternate")
     gw = await gateway_factory(anthropic_config(claude))
