@@ -25,7 +25,7 @@ from .breaker import CircuitBreaker
 from .continuation import Transcript, continuation_messages
 from .errors import GatewayError, StopStream
 from .exchange import Exchange, Outcome, Route, Usage
-from .openai_format import NOT_TRAILING, trailing_usage
+from .openai_format import NOT_TRAILING, stopped_answer, trailing_usage
 from .ids import span_id
 from .relay import PROVIDER_HEADER, ClientStream, StreamBroken, answer_body, json_response, relay_stream
 from .upstream import ENDPOINT_PATHS, Provider, UpstreamError, UpstreamRequest, broken_answer
@@ -286,6 +286,7 @@ class Forwarder:
             provider.in_flight -= 1
             guard.pause()
         has_on_response = self.pipeline.has_on_response
+        outcome = Outcome.OK
         # The usual answer, an object whose last member is its usage, is read from its end; any other (no usage,
         # not an object, an on_response hook to feed) is parsed whole, which also turns a 200 that is not an
         # answer into an error before the client sees it.
@@ -298,8 +299,12 @@ class Forwarder:
             parsed = _answer_object(body, provider)
             exchange.usage = Usage.from_dict(parsed.get("usage"))
             if has_on_response:
-                body = orjson.dumps(await self.pipeline.on_response(exchange, parsed))
-        exchange.outcome = Outcome.OK
+                try:
+                    body = orjson.dumps(await self.pipeline.on_response(exchange, parsed))
+                except StopStream as stop:  # a hook refused the answer: no content, the upstream's usage kept
+                    body = orjson.dumps(stopped_answer(exchange.endpoint, parsed, stop.finish_reason))
+                    outcome = Outcome.STOPPED
+        exchange.outcome = outcome
         exchange.status = 200
         exchange.first_byte_at = time.monotonic()
         provider.observe_ttft(exchange.first_byte_at - started)

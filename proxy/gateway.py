@@ -19,7 +19,7 @@ from .config.load import ConfigError, Origins
 from .config.schema import Config, PipelineEntry
 from .errors import GatewayError, StopStream
 from .exchange import Exchange, Outcome, Route
-from .openai_format import finish_chunk
+from .openai_format import stopped_answer
 from .pipeline import Pipeline, PluginError
 from .plugin_manager import load_plugins, new_plugin_manager
 from .providers import create_provider
@@ -225,10 +225,9 @@ class Gateway:
             return resp
         except StopStream as stop:  # an on_response hook refused a non-stream answer
             exchange.outcome = Outcome.STOPPED
-            body = finish_chunk(None, stop.finish_reason)
-            body["object"] = "chat.completion"
-            body["choices"][0]["message"] = {"role": "assistant", "content": None}
-            del body["choices"][0]["delta"]
+            # (a plugin's Reply; an upstream's answer is stopped in forwarding, where its id and usage are known)
+            body = stopped_answer(exchange.endpoint, {"model": exchange.upstream_model or exchange.model},
+                                  stop.finish_reason)
             exchange.status = 200
             resp = json_response(answer_body(exchange, orjson.dumps(body)), 200, exchange.response_headers)
             await resp.prepare(request)

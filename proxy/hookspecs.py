@@ -140,6 +140,10 @@ def on_chunk(exchange: "Exchange", chunk: "Chunk") -> "list[Chunk] | None":
     returned later with another chunk), ``[held, chunk]`` releases held chunks. The next plugin in the pipeline
     sees each returned chunk. Raise :class:`proxy.StopStream` to end the stream cleanly with a final
     ``finish_reason`` and ``[DONE]``. ``chunk.json`` is parsed only if a plugin reads it.
+
+    ``[DONE]`` is the gateway's to write: whatever the hooks return for it (``[]``, held chunks, added ones),
+    ``[DONE]`` follows them, and a ``[DONE]`` returned in place of another event is dropped. Anything else than
+    None or a list of :class:`proxy.Chunk` fails the stream closed (an error event naming the plugin).
     """
 
 

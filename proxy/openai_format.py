@@ -133,3 +133,28 @@ def finish_chunk(template: dict[str, Any] | None, finish_reason: str) -> dict[st
         "model": template.get("model"),
         "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason}],
     }
+
+
+def stopped_answer(endpoint: str, answer: Any, finish_reason: str) -> dict[str, Any]:
+    """A non-stream answer an ``on_response`` hook stopped (``StopStream``): no content, ``finish_reason`` given,
+    in the endpoint's shape (``chat.completion``, or ``text_completion`` for ``/v1/completions``). ``answer`` is
+    the upstream's answer when there is one: its id, creation time, model, fingerprint and usage are kept (the
+    tokens were spent)."""
+    answer = answer if isinstance(answer, dict) else {}
+    completions = endpoint == "completions"
+    choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
+    if completions:
+        choice["text"] = ""
+    else:
+        choice["message"] = {"role": "assistant", "content": None}
+    out: dict[str, Any] = {
+        "id": answer.get("id") or new_id("cmpl" if completions else "chatcmpl"),
+        "object": "text_completion" if completions else "chat.completion",
+        "created": answer.get("created") or int(time.time()),
+        "model": answer.get("model"),
+        "choices": [choice],
+    }
+    for key in ("system_fingerprint", "usage"):
+        if answer.get(key) is not None:
+            out[key] = answer[key]
+    return out

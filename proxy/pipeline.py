@@ -30,6 +30,24 @@ class PluginError(GatewayError):
         self.plugin, self.hook, self.original = plugin, hook, exc
 
 
+#: What a first-result hook may return besides None (``select_route``'s list is checked by ``_routes``).
+_RESULT_TYPES: dict[str, type] = {"authenticate": Principal, "check_request": Reply, "cached_response": Reply}
+
+
+def _wrong_result(impl: "_Impl", result: Any, expected: str) -> TypeError:
+    return TypeError(f"{impl.hook} returned {type(result).__name__}, not {expected} or None")
+
+
+def _routes(impl: "_Impl", result: Any) -> list[Route]:
+    """``select_route``'s result as the list the gateway keeps, checked: a list (or tuple) of Route."""
+    if not isinstance(result, (list, tuple)):
+        raise _wrong_result(impl, result, "a list of Route")
+    for route in result:
+        if not isinstance(route, Route):
+            raise TypeError(f"select_route returned a list holding {type(route).__name__}, not Route")
+    return list(result)  # the gateway's own list, whatever the plugin keeps of the one it returned
+
+
 class _Impl:
     __slots__ = ("plugin", "hook", "call", "is_async")
 
@@ -159,6 +177,13 @@ class Pipeline:
             except Exception as exc:
                 raise self._failed(impl, exc) from exc
             if result is not None:
+                try:
+                    if hook == "select_route":
+                        return _routes(impl, result)
+                    if not isinstance(result, _RESULT_TYPES[hook]):
+                        raise _wrong_result(impl, result, _RESULT_TYPES[hook].__name__)
+                except TypeError as exc:  # fail closed, naming the plugin (not an anonymous error later on)
+                    raise self._failed(impl, exc) from None
                 return result
         return None
 
@@ -182,9 +207,8 @@ class Pipeline:
     async def select_route(self, exchange: Exchange) -> list[Route] | None:
         result = await self._first_result("select_route", exchange)
         if result is not None:
-            exchange.routes = list(result)
-            return exchange.routes
-        return None
+            exchange.routes = result
+        return result  # type: ignore[no-any-return]
 
     def select_route_now(self, exchange: Exchange) -> list[Route] | None:
         """``select_route`` when no implementation awaits (``not select_route_awaits``): no coroutine."""
@@ -196,7 +220,18 @@ class Pipeline:
             except Exception as exc:
                 raise self._failed(impl, exc) from exc
             if result is not None:
-                exchange.routes = routes = list(result)
+                routes = list(result) if type(result) is list else None
+                if routes is not None:  # the usual list of Route, checked inline (no call per request)
+                    for route in routes:
+                        if type(route) is not Route:
+                            routes = None
+                            break
+                if routes is None:
+                    try:
+                        routes = _routes(impl, result)
+                    except TypeError as exc:
+                        raise self._failed(impl, exc) from None
+                exchange.routes = routes
                 return routes
         return None
 
@@ -245,8 +280,15 @@ class Pipeline:
                         raise PluginError(plugin, "on_chunk", exc) from exc
                     if result is None:
                         out.append(c)
-                    else:
+                    elif type(result) is list and all(type(r) is Chunk or isinstance(r, Chunk) for r in result):
                         out.extend(result)
+                    else:  # fail closed, naming the plugin: not a broken answer blamed on the provider
+                        exc = TypeError(f"on_chunk returned {type(result).__name__}, not a list of Chunk or None"
+                                        if type(result) is not list else "on_chunk returned a list holding "
+                                        + ", ".join(sorted({type(r).__name__ for r in result if not isinstance(r, Chunk)}))
+                                        + ", not Chunk")
+                        log.error("plugin_failed", plugin=plugin, hook="on_chunk", error=repr(exc))
+                        raise PluginError(plugin, "on_chunk", exc)
                 chunks = out
                 if not chunks:
                     break

@@ -195,6 +195,19 @@ def _event_json(ev: bytes) -> Any:
         return None
 
 
+def _hooked(on_chunk: Callable[[Exchange, Chunk], list[Chunk]], exchange: Exchange, ev: bytes) -> list[bytes]:
+    """The events the ``on_chunk`` chain makes of one event. ``[DONE]`` is the stream's end and the gateway's to
+    write, once and last: a hook may drop it, hold chunks back until it or add chunks before it, but ``[DONE]``
+    is still written after them, and a ``[DONE]`` a hook returns in place of another event is dropped (a hook
+    ends a stream early by raising ``StopStream``)."""
+    raws = [chunk.raw for chunk in on_chunk(exchange, Chunk(ev))]
+    if DONE in raws:
+        raws = [raw for raw in raws if raw != DONE]
+    if ev == DONE:
+        raws.append(DONE)
+    return raws
+
+
 async def _flush(out: ClientStream, exchange: Exchange, batch: list[bytes]) -> None:
     if not out.content_sent:
         out.content_sent = True
@@ -306,8 +319,7 @@ async def relay_stream(out: ClientStream, upstream: UpstreamResponse, exchange: 
                 if on_chunk is None:
                     batch.append(ev)
                 else:
-                    for chunk in on_chunk(exchange, Chunk(ev)):
-                        batch.append(chunk.raw)
+                    batch += _hooked(on_chunk, exchange, ev)
         except (StopStream, StreamBroken, GatewayError) as exc:
             if held:
                 batch[:0] = held
@@ -374,7 +386,7 @@ async def send_reply(request: web.Request, exchange: Exchange, reply: Reply, pip
                 await asyncio.sleep(delays[i])
             if raw != DONE:
                 out.last_template = raw
-            batch = [c.raw for c in on_chunk(exchange, Chunk(raw))] if on_chunk is not None else [raw]
+            batch = _hooked(on_chunk, exchange, raw) if on_chunk is not None else [raw]
             if batch:
                 if not out.content_sent:
                     out.content_sent = True
