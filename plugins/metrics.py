@@ -286,8 +286,8 @@ class MetricsPlugin:
         self._process()
         gateway = self.gateway
         if gateway is not None:
-            self.active_streams.set({}, gateway.active_streams)
-            self.in_flight.set({}, gateway.in_flight)
+            self.active_streams.set({}, gateway.process_active_streams)
+            self.in_flight.set({}, gateway.process_in_flight)
             for name, breaker in gateway.breakers.items():
                 self.circuit.set({"provider": name}, _CIRCUIT_VALUE[breaker.current()])
 
@@ -357,7 +357,7 @@ class MetricsPlugin:
             "tokens": {"completion": tokens, "per_second": round(tokens / busy, 3) if busy else None},
             "errors": {"total": sum(errors.values()), "rate": round(sum(errors.values()) / len(recent), 4)
                        if recent else 0.0, "by_class": errors},
-            "active_streams": gateway.active_streams if gateway is not None else 0,
+            "active_streams": gateway.process_active_streams if gateway is not None else 0,
             "cache": {"hits": sum(cached), "lookups": len(cached),
                       "hit_rate": round(sum(cached) / len(cached), 4) if cached else None},
         }

@@ -31,6 +31,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import attrs
 
     from .config import ConfigError
+    from .errors import GatewayError
     from .gateway import Gateway
     from .log import configure_logging
     from .web_app import create_app, serve
@@ -53,7 +54,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         return run_workers(config.server.workers, sys.argv)
     app = create_app(gateway, path, configure_logs=True, server_overrides=overrides)
-    _run(serve(app, config.server.host, config.server.port, reuse_port=bool(os.environ.get("SSEGATE_REUSE_PORT"))))
+    host, port = config.server.host, config.server.port
+    try:
+        _run(serve(app, host, port, reuse_port=bool(os.environ.get("SSEGATE_REUSE_PORT"))))
+    except OSError as exc:  # binding failed (what had started is stopped again by then)
+        print(f"ssegate: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except GatewayError as exc:  # a provider or plugin that cannot start
+        print(f"ssegate: cannot start: {exc.message}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -42,6 +42,9 @@ log = structlog.get_logger("ssegate.gateway")
 #: its bytes; kept, it would stay alive until the answer ends (a whole stream) and crowd the CPU cache.
 RELEASE_PARSED_FROM = 8192
 
+#: The ``process_state`` key of the set of live Gateways (see :meth:`Gateway.live_gateways`).
+_LIVE_GATEWAYS = "ssegate.live_gateways"
+
 
 class Gateway:
     def __init__(self, config: Config, origins: Origins | None = None,
@@ -94,8 +97,10 @@ class Gateway:
         except BaseException:
             await self.close()
             raise
+        self.process_state.setdefault(_LIVE_GATEWAYS, set()).add(self)
 
     async def close(self) -> None:
+        self.process_state.get(_LIVE_GATEWAYS, set()).discard(self)
         if self._finishing:  # exchange_done walks that outlived their (cancelled) handlers
             await asyncio.wait(set(self._finishing), timeout=10)
         await self.pipeline.shutdown(self)
@@ -146,6 +151,22 @@ class Gateway:
         return list(seen)
 
     # -- draining (reload, shutdown) ------------------------------------------------------------------------
+    def live_gateways(self) -> tuple["Gateway", ...]:
+        """Every started, not yet closed Gateway of the process: this one, and after a reload the ones before it
+        that still finish the requests they took (what the process serves, for gauges and the drain)."""
+        live = self.process_state.get(_LIVE_GATEWAYS)
+        return tuple(live) if live else (self,)
+
+    @property
+    def process_in_flight(self) -> int:
+        """Requests in flight in the process, on this Gateway and on those a reload is retiring."""
+        return sum(g.in_flight for g in self.live_gateways())
+
+    @property
+    def process_active_streams(self) -> int:
+        """Streams being relayed in the process, on this Gateway and on those a reload is retiring."""
+        return sum(g.active_streams for g in self.live_gateways())
+
     async def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no request is in flight on this Gateway; False if ``timeout`` passed first."""
         if self.in_flight == 0:

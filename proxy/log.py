@@ -170,9 +170,14 @@ def configure_logging(config: LoggingConfig, file: TextIO | None = None) -> None
         renderer = structlog.processors.JSONRenderer(serializer=lambda obj, **kw: orjson.dumps(obj, **kw).decode())
     filter_ = level_filter(default, levels)
     flush_lines()
+    previous, previous_source = _json_target.get("stream"), _json_target.get("source")
     _json_target.clear()
     if binary:
-        _json_target.update(stream=_buffered(out.buffer), threshold=filter_.threshold)  # type: ignore[attr-defined]
+        source = out.buffer
+        # The same output keeps its writer (a reload reconfigures logging): a new one per call would leave the
+        # old one, still held by access-log plugins, unflushed (lines lost) and its descriptor open.
+        stream = previous if previous is not None and previous_source is source else _buffered(source)
+        _json_target.update(stream=stream, source=source, threshold=filter_.threshold)  # type: ignore[attr-defined]
     structlog.configure(
         processors=[
             filter_,

@@ -19,6 +19,18 @@ __all__ = ["Reloader"]
 log = structlog.get_logger("ssegate.reload")
 
 
+#: Settings read once, when the process starts listening (the rest of the config applies on reload).
+RESTART_SETTINGS = (("server", "host"), ("server", "port"), ("server", "workers"), ("server", "max_request_size"),
+                    ("server", "config_watch_interval"), ("server", "gc_gen0_threshold"),
+                    ("observability", "metrics_port"))
+
+
+def _needs_restart(old: Any, new: Any) -> list[str]:
+    """The keys of :data:`RESTART_SETTINGS` that differ between two configs."""
+    return [f"{section}.{key}" for section, key in RESTART_SETTINGS
+            if getattr(getattr(old, section), key) != getattr(getattr(new, section), key)]
+
+
 class Reloader:
     def __init__(self, holder: GatewayHolder, config_path: str | None, configure_logs: bool = True,
                  server_overrides: dict[str, Any] | None = None) -> None:
@@ -86,18 +98,22 @@ class Reloader:
                 problems = [str(p) for p in exc.problems]
                 log.error("config_reload_refused", path=self.config_path, problems=problems)
                 return False, problems
-            if config.server != old.config.server:
-                log.warning("config_reload_server_unchanged",
-                            detail="the server section (bind address, workers, body limit) needs a restart")
+            pending = _needs_restart(old.config, config)
+            if pending:
+                log.warning("config_reload_needs_restart", keys=pending,
+                            detail="these settings apply at the next start; the rest of the config applies now")
+            # Logging first: plugins take their loggers' levels (and the access log its line writer) at startup.
+            if self.configure_logs:
+                configure_logging(config.logging)
             try:
                 await new.start()
             except Exception as exc:  # a plugin or provider that cannot start: keep the old config
+                if self.configure_logs:
+                    configure_logging(old.config.logging)
                 log.error("config_reload_refused", path=self.config_path, error=str(exc))
                 return False, [str(exc)]  # new.start() closed what it had opened
             self.holder.current = new
             self.reloads += 1
-            if self.configure_logs:
-                configure_logging(config.logging)
             task = asyncio.get_running_loop().create_task(self._retire(old))
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)

@@ -67,12 +67,16 @@ async def start_server(app: web.Application, host: str, port: int, *, reuse_port
     disconnect cancels the upstream request at once, before the first byte and for non-stream requests too.
     """
     runner = GatewayRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
-    await runner.setup()
-    if sock is not None:
-        site: web.BaseSite = web.SockSite(runner, sock)
-    else:
-        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
-    await site.start()
+    await runner.setup()  # starts the Gateway (providers, plugins, their background tasks)
+    try:
+        if sock is not None:
+            site: web.BaseSite = web.SockSite(runner, sock)
+        else:
+            site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
+        await site.start()
+    except BaseException:  # the port is taken, say: stop what started, or its tasks keep the process alive
+        await runner.cleanup()
+        raise
     bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     return runner, bound
 
@@ -104,13 +108,25 @@ async def drain(app: web.Application, grace: float) -> None:
     seconds, then live streams end with a final SSE error event and ``[DONE]``."""
     holder = app[GATEWAY]
     holder.draining = True
-    gateway = holder.current
-    log.info("draining", in_flight=gateway.in_flight, grace_seconds=grace)
-    if not await gateway.wait_idle(grace):
-        aborted = gateway.abort_live()
-        log.warning("drain_grace_expired", aborted=aborted, in_flight=gateway.in_flight)
-        await gateway.wait_idle(5.0)
+    current = holder.current
+    # After a reload, requests that started on an earlier config still run on its Gateway: they drain too.
+    gateways = current.live_gateways()
+    log.info("draining", in_flight=current.process_in_flight, gateways=len(gateways), grace_seconds=grace)
+    if not await _all_idle(gateways, grace):
+        aborted = sum(gateway.abort_live() for gateway in gateways)
+        log.warning("drain_grace_expired", aborted=aborted, in_flight=current.process_in_flight)
+        await _all_idle(gateways, 5.0)
     log.info("drained")
+
+
+async def _all_idle(gateways: tuple[Gateway, ...], timeout: float) -> bool:
+    """Wait until none of ``gateways`` has a request in flight; False if ``timeout`` passed first."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    for gateway in gateways:
+        if not await gateway.wait_idle(max(0.0, deadline - loop.time())):
+            return False
+    return True
 
 
 async def serve(app: web.Application, host: str, port: int, *, reuse_port: bool = False,
@@ -120,7 +136,11 @@ async def serve(app: web.Application, host: str, port: int, *, reuse_port: bool 
     metrics_runner = None
     metrics_port = app[GATEWAY].current.config.observability.metrics_port
     if metrics_port:
-        metrics_runner, _ = await start_server(metrics_app(app), host, metrics_port, reuse_port=reuse_port)
+        try:
+            metrics_runner, _ = await start_server(metrics_app(app), host, metrics_port, reuse_port=reuse_port)
+        except BaseException:
+            await runner.cleanup()
+            raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 

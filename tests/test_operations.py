@@ -239,3 +239,123 @@ async def test_config_watch_sees_the_environment_layer_appear(tmp_path, monkeypa
     finally:
         await stop_task(watcher)
         await gw.close()
+
+
+def metric_value(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{}"):
+            return float(line.rsplit(" ", 1)[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+async def test_after_a_reload_the_old_configs_streams_count_and_drain_and_access_lines_are_kept(tmp_path, upstream):
+    """A reload while a stream runs on the old config: the gauges still count it, SIGTERM drains it (it outlasts
+    aiohttp's 5 s shutdown timeout, which cut it when only the new config's Gateway was drained), and every access
+    line reaches stderr with ``PYTHONUNBUFFERED=1``, as the container image runs (the reload used to swap the line
+    writer under the access log, whose lines then stayed in a buffer never flushed, and leak a descriptor)."""
+    upstream.script = Script(texts=[f"t{i} " for i in range(65)], delay=0.1)  # 6.5 s
+    path = tmp_path / "ssegate.yaml"
+    write_config(path, upstream, grace=20)
+    proc, line = spawn([sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port", "0"],
+                       "ssegate listening on", env={"PYTHONUNBUFFERED": "1"})
+    url = line.rsplit(" ", 1)[-1]
+    admin = {"Authorization": "Bearer adm-secret"}
+    try:
+        stream = asyncio.create_task(read_stream(url + "/v1/chat/completions", STREAM))
+        async with aiohttp.ClientSession() as s:
+            await asyncio.sleep(0.5)
+            async with s.post(url + "/v1/chat/completions", json=CHAT) as r:
+                assert r.status == 200
+            fds = []
+            for _ in range(3):
+                async with s.post(url + "/admin/reload", headers=admin) as r:
+                    assert r.status == 200, await r.text()
+                async with s.get(url + "/metrics") as r:
+                    text = await r.text()
+                assert metric_value(text, "ssegate_active_streams") == 1
+                assert metric_value(text, "ssegate_requests_in_flight") == 1
+                fds.append(metric_value(text, "process_open_fds"))
+            assert fds[0] == fds[-1]  # no descriptor per reload
+            async with s.post(url + "/v1/chat/completions", json=CHAT) as r:
+                assert r.status == 200
+        proc.send_signal(signal.SIGTERM)
+        status, _, events = await asyncio.wait_for(stream, 20)
+        assert status == 200 and content_of(events) == "".join(f"t{i} " for i in range(65))
+        assert data_events(events)[-1] == "[DONE]"
+        assert await asyncio.to_thread(proc.wait, 15) == 0
+        stderr = proc.stderr.read()
+    finally:
+        stop(proc)
+    lines = [orjson.loads(x) for x in stderr.splitlines() if x.startswith("{")]
+    draining = [x for x in lines if x["event"] == "draining"]
+    assert [(x["in_flight"], x["gateways"]) for x in draining] == [(1, 2)]  # the stream's Gateway is retiring
+    access = [x for x in lines if x["event"] == "access"]
+    chats = [a for a in access if a["route"] == "chat.completions"]
+    assert sorted(a["stream"] for a in chats) == [False, False, True]
+
+
+async def test_a_reload_names_the_settings_that_need_a_restart_and_applies_the_rest(tmp_path, upstream):
+    from proxy.reload import _needs_restart
+
+    path = tmp_path / "ssegate.yaml"
+    write_config(path, upstream, admin_key="adm-one")
+    before = load_config(str(path))
+    gw = await GatewayServer.start(before, config_path=str(path))
+    try:
+        path.write_text(path.read_text().replace("server: {", "server: {port: 8123, max_request_size: 1000, ")
+                        .replace("adm-one", "adm-two"))
+        async with aiohttp.ClientSession() as s:
+            async with s.post(gw.url + "/admin/reload", headers={"Authorization": "Bearer adm-one"}) as r:
+                assert r.status == 200
+            async with s.post(gw.url + "/admin/reload", headers={"Authorization": "Bearer adm-one"}) as r:
+                assert r.status == 401  # the new admin key applies at once
+            async with s.post(gw.url + "/admin/reload", headers={"Authorization": "Bearer adm-two"}) as r:
+                assert r.status == 200
+        assert _needs_restart(before, load_config(str(path))) == ["server.port", "server.max_request_size"]
+        assert _needs_restart(before, before) == []
+    finally:
+        await gw.close()
+
+
+def test_serve_exits_when_its_port_is_taken(tmp_path, upstream, redis_url):
+    """It used to hang: the Gateway had started (the Redis rate limiter's probe among its tasks) when binding
+    failed, and nothing stopped it. It now exits at once, with one line saying why."""
+    import socket
+    import subprocess
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    path = tmp_path / "ssegate.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        redis: {{url: "{redis_url}"}}
+        providers:
+          - {{name: up, type: openai, base_url: "{upstream.base_url}"}}
+        pipeline: [{{ratelimit: {{backend: redis}}}}, router]
+        """))
+    try:
+        done = subprocess.run([sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port", str(port)],
+                              capture_output=True, text=True, timeout=20)
+    finally:
+        holder.close()
+    assert done.returncode == 1, done.stderr
+    assert f"ssegate: cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert all(line.startswith(("{", "ssegate: ")) for line in done.stderr.splitlines() if line), done.stderr
+
+
+def test_serve_says_in_one_line_which_plugin_cannot_start(tmp_path, upstream):
+    import subprocess
+
+    path = tmp_path / "ssegate.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        providers:
+          - {{name: up, type: openai, base_url: "{upstream.base_url}"}}
+        pipeline: [{{ratelimit: {{backend: redis}}}}, router]
+        """))
+    done = subprocess.run([sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port", "0"],
+                          capture_output=True, text=True, timeout=20)
+    assert done.returncode == 1, done.stderr
+    assert "ssegate: cannot start: plugin 'ratelimit' failed to start" in done.stderr and "redis.url" in done.stderr
+    # JSON log lines (the plugin's failure, its traceback inside) and the one line: no raw traceback
+    assert all(line.startswith(("{", "ssegate: ")) for line in done.stderr.splitlines() if line), done.stderr
