@@ -143,7 +143,7 @@ def on_chunk(exchange: "Exchange", chunk: "Chunk") -> "list[Chunk] | None":
 
     ``[DONE]`` is the gateway's to write: whatever the hooks return for it (``[]``, held chunks, added ones),
     ``[DONE]`` follows them, and a ``[DONE]`` returned in place of another event is dropped. Anything else than
-    None or a list of :class:`proxy.Chunk` fails the stream closed (an error event naming the plugin).
+    None or a list of :class:`proxy.Chunk` fails the request closed, as an exception does (``plugin_error``).
     """
 
 

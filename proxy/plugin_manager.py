@@ -58,7 +58,11 @@ def _resolve(name: str) -> Any:
     if target is None and ":" not in name and "." not in name:
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             if ep.name == name:
-                return ep.load()
+                try:
+                    return ep.load()
+                except Exception as exc:  # a broken installed package: a config problem, not a traceback
+                    raise LookupError(f"cannot load plugin {name!r} of the {ENTRY_POINT_GROUP!r} entry-point group "
+                                      f"({ep.value}): {type(exc).__name__}: {exc}") from exc
         raise LookupError(
             f"no plugin named {name!r}: not a built-in ({', '.join(sorted(BUILTIN_PLUGINS))}), "
             f"not in the {ENTRY_POINT_GROUP!r} entry-point group of an installed package, "
@@ -177,6 +181,12 @@ def load_plugins(entries: tuple[PipelineEntry, ...], pm: pluggy.PluginManager,
                 problems.append(entry_problem(idx, entries[idx], origins,
                                          f"{caller.name}: {what}; the order of the config's pipeline: list is the "
                                          "call order (list the plugin earlier or later instead)"))
+    for impl in pm.hook.on_chunk.get_hookimpls():
+        if inspect.iscoroutinefunction(impl.function) or inspect.isasyncgenfunction(impl.function):
+            idx = next(i for i, e in enumerate(entries) if e.name == impl.plugin_name)
+            problems.append(entry_problem(idx, entries[idx], origins,
+                                          "on_chunk must be synchronous: it runs for every event of every stream "
+                                          "(do I/O in check_request, upstream_request or exchange_done)"))
     if problems:
         raise PluginLoadError(problems)
     return loaded

@@ -30,6 +30,7 @@ def test_builtin_module_and_class_plugins_register_in_order():
     ("tests.sample_plugins.audit:Wrapper", "hook wrappers are not supported"),
     ("tests.sample_plugins.audit:TryFirst", "check_request: tryfirst/trylast have no effect here; the order of the "
                                             "config's pipeline: list is the call order"),
+    ("tests.sample_plugins.audit:AsyncChunk", "on_chunk must be synchronous"),
     ("tests.sample_plugins.audit:Missing", "has no attribute 'Missing'"),
     ("tests.no_such_module:X", "cannot import plugin module 'tests.no_such_module'"),
     ("nothing_by_that_name", "no plugin named 'nothing_by_that_name'"),
@@ -91,3 +92,24 @@ def test_entry_point_plugins_are_found_by_name(tmp_path, monkeypatch):
     pm, loaded = load("acme", "router")
     assert type(loaded[0].obj).__name__ == "Acme"
     assert "acme_plugin" in sys.modules
+
+
+@pytest.mark.parametrize("target,error", [("acme_missing_module:Acme", "ModuleNotFoundError: No module named "
+                                                                      "'acme_missing_module'"),
+                                          ("acme_broken:Nope", "AttributeError")])
+def test_a_broken_entry_point_is_a_config_problem_with_file_line_and_key(tmp_path, monkeypatch, target, error):
+    (tmp_path / "acme_broken.py").write_text("class Acme:\n    pass\n")
+    dist = tmp_path / "acme_broken-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-broken\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(f"[ssegate]\nbroken = {target}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = tmp_path / "ssegate.yaml"
+    path.write_text("providers:\n  - {name: a, base_url: 'http://127.0.0.1:9/v1'}\npipeline:\n  - broken\n  - router\n")
+    data, origins = load_layers(str(path), env={})
+    config = structure(data, Config, origins)
+    with pytest.raises(ConfigError) as info:
+        load_plugins(config.pipeline, new_plugin_manager(), origins)
+    [problem] = info.value.problems
+    assert (problem.file, problem.line, problem.key) == (str(path), 4, "pipeline[0].broken")
+    assert f"cannot load plugin 'broken' of the 'ssegate' entry-point group ({target}): {error}" in problem.message

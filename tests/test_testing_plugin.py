@@ -119,7 +119,7 @@ def test_plugins_are_checked_as_the_gateway_checks_them():
         async def on_chunk(self, chunk):
             return None
 
-    with pytest.raises(GatewayError, match="on_chunk must be synchronous"):
+    with pytest.raises(ConfigError, match="AsyncChunk: on_chunk must be synchronous"):
         feed_chunks(AsyncChunk(), ["a"])
     with pytest.raises(TypeError, match="already configured"):
         build_pipeline((Guard(GuardConfig()), {"word": "x"}))

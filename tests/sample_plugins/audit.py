@@ -73,3 +73,9 @@ class TryFirst:
     @hookimpl(tryfirst=True)
     def check_request(self, exchange):
         pass
+
+
+class AsyncChunk:
+    @hookimpl
+    async def on_chunk(self, chunk):
+        return None
