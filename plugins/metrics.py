@@ -4,8 +4,8 @@
 (every :data:`FOLD_EVERY` exchanges, and before each scrape or summary), one loop with no call per value, and
 the values reach the aioprometheus collectors when ``/metrics`` is scraped (see
 :class:`proxy.metrics.FastCounter`). Label values are bounded: route, provider (from the config), status, error
-kinds, and model names only for models that were actually routed (at most ``MAX_MODELS`` distinct, then
-``other``). The series belong to the process and survive config reloads.
+kinds, and model names only for models an upstream answered (at most ``MAX_MODELS`` distinct; ``other`` beyond,
+and for a model not answered yet). The series belong to the process and survive config reloads.
 """
 from __future__ import annotations
 
@@ -121,11 +121,14 @@ class Series:
         for fast in self.fast:
             fast.sync()
 
-    def model_label(self, model: str | None, routed: bool) -> str:
+    def model_label(self, model: str | None, routed: bool, answered: bool) -> str:
+        """The ``model`` label of a model not labelled yet: it takes one of the ``MAX_MODELS`` slots only once an
+        upstream answered it (``answered``), so names clients make up (a provider with ``models: ["*"]`` routes
+        them all, and the upstream answers 404) cannot fill the slots and push real models into ``other``."""
         if not routed or model is None:
             return "unknown"
         if model not in self.models:
-            if len(self.models) >= MAX_MODELS:
+            if not answered or len(self.models) >= MAX_MODELS:
                 return "other"
             self.models.add(model)
         return model
@@ -151,7 +154,7 @@ class Series:
              completion, tier, tried, attempts, cache, tags, overhead, outcome) in records:
             route = endpoint if ingress == "openai" else f"{endpoint}:{ingress}"
             if model not in models:  # includes None
-                model = self.model_label(model, routed)
+                model = self.model_label(model, routed, status < 400 and outcome != Outcome.REJECTED)
             elif not routed:
                 model = "unknown"
             key = (route, model, provider, status)  # labels become strings at scrape time

@@ -109,6 +109,29 @@ def test_observe_many_fills_the_buckets_observe_would():
     assert one.series[("a",)][:2] == [2, 2]  # "le": 0.005 falls in the 0.005 bucket, 0.0051 in the next
 
 
+async def test_made_up_model_names_cannot_fill_the_model_label_slots(upstream, gateway_factory, monkeypatch):
+    """A provider with ``models: ["*"]`` routes any name a client makes up, and its upstream answers 404: such
+    names are labelled ``other`` and take no slot, so real models keep their own series."""
+    import plugins.metrics
+
+    monkeypatch.setattr(plugins.metrics, "MAX_MODELS", 3)
+    gw = await gateway_factory(config_for(upstream))
+    async with aiohttp.ClientSession() as s:
+        upstream.script = Script(status=404, error="no such model")
+        for i in range(5):
+            async with s.post(gw.base_url + "/chat/completions", json={**CHAT, "model": f"bogus-{i}"}) as r:
+                assert r.status == 404
+        upstream.script = Script()
+        for model in ("gpt-4o", "gpt-4o-mini"):
+            async with s.post(gw.base_url + "/chat/completions", json={**CHAT, "model": model}) as r:
+                assert r.status == 200
+    _, text = await get(gw.url + "/metrics")
+    assert 'model="bogus-' not in text
+    assert sample(text, "ssegate_requests_total", model="other", status="404") == 5
+    assert sample(text, "ssegate_requests_total", model="gpt-4o", status="200") == 1
+    assert sample(text, "ssegate_requests_total", model="gpt-4o-mini", status="200") == 1
+
+
 async def test_counters_survive_a_config_reload(tmp_path, upstream):
     """A reload builds new plugin instances; Prometheus counters must carry on, never go back."""
     path = tmp_path / "ssegate.yaml"
