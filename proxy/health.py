@@ -1,8 +1,10 @@
 """Liveness, readiness and the detailed health report.
 
 - live: the process answers and its event loop is not stalled (the watchdog measures loop lag each tick);
-- ready: not draining, and every required dependency usable: Redis reachable when configured, at least one
-  enabled provider whose circuit is closed or half-open, and no plugin reporting itself failing;
+- ready: not draining, the event loop not stalled, an enabled provider, no plugin reporting itself failing, and
+  the shared dependencies the config requires: a provider whose circuit is closed or half-open
+  (``observability.ready_requires_providers``, on by default), Redis answering (``ready_requires_redis``, off:
+  plugins that need Redis fail readiness themselves when they cannot do without it);
 - detailed (``/health``): healthy / degraded / unhealthy with per-component checks, warnings, version, uptime
   and the metrics summary, as in the FakeAI seed.
 
@@ -84,9 +86,12 @@ async def readiness(gateway: "Gateway", draining: bool) -> tuple[bool, dict[str,
     found = await checks(gateway)
     providers = [c for k, c in found.items() if k.startswith("provider:")]
     reasons = []
-    if not providers or all(c["status"] == "failing" for c in providers):
+    observability = gateway.config.observability
+    if not providers:
+        reasons.append("no enabled provider")
+    elif observability.ready_requires_providers and all(c["status"] == "failing" for c in providers):
         reasons.append("no provider with a closed or half-open circuit")
-    if found.get("redis", {}).get("status") == "failing":
+    if observability.ready_requires_redis and found.get("redis", {}).get("status") == "failing":
         reasons.append("redis unreachable")
     reasons += [f"{k} failing" for k, c in found.items() if k.startswith("plugin:") and c.get("status") == "failing"]
     if found["event_loop"]["status"] != "ok":

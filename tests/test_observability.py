@@ -14,7 +14,7 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
-from proxy.config.schema import CircuitBreakerConfig, CorsConfig, RedisConfig
+from proxy.config.schema import CircuitBreakerConfig, CorsConfig, ObservabilityConfig, RedisConfig
 from proxy.config import load_config
 from proxy.testing import GatewayServer, Script, config_for
 from tests.helpers import CHAT, read_stream
@@ -248,10 +248,65 @@ async def test_readiness_flips_with_all_breakers_open(upstream, gateway_factory)
     assert status == 503 and '"unhealthy"' in text
 
 
+async def test_all_circuits_open_may_leave_the_replica_ready(upstream, gateway_factory):
+    upstream.script = Script(status=500)
+    config = attrs.evolve(config_for(upstream), circuit_breaker=CircuitBreakerConfig(failure_threshold=1,
+                                                                                     recovery_timeout=60),
+                          observability=ObservabilityConfig(ready_requires_providers=False))
+    gw = await gateway_factory(config)
+    await read_stream(gw.base_url + "/chat/completions", CHAT)
+    assert (await get(gw.url + "/health/ready"))[0] == 200
+    async with aiohttp.ClientSession() as s:  # the gateway answers, in OpenAI format
+        async with s.post(gw.base_url + "/chat/completions", json=CHAT) as r:
+            assert r.status == 503 and (await r.json())["error"]["code"] == "provider_unavailable"
+    status, text = await get(gw.url + "/health")
+    assert status == 200 and '"degraded"' in text
+
+
+@pytest.mark.parametrize("on_backend_error,ready_requires_redis,ready_while_down", [
+    ("fail_closed", False, False),  # the rate limiter cannot do without Redis: it fails readiness
+    ("fail_open", False, True),  # it can: the replica stays in the Service, unlimited, degraded
+    ("fail_open", True, False),  # the operator asked for Redis itself
+])
+async def test_readiness_with_redis_down_follows_what_needs_it(upstream, gateway_factory, redis_server,
+                                                                on_backend_error, ready_requires_redis,
+                                                                ready_while_down):
+    from proxy.config.schema import PipelineEntry
+
+    config = attrs.evolve(config_for(upstream, pipeline=[PipelineEntry("ratelimit", {
+        "backend": "redis", "on_backend_error": on_backend_error, "backend_retry_interval": 0.1,
+        "anonymous": {"rpm": 1000}}), "router"]),
+        redis=RedisConfig(url=redis_server.url, socket_timeout=0.3, connect_timeout=0.3),
+        observability=ObservabilityConfig(ready_requires_redis=ready_requires_redis))
+    gw = await gateway_factory(config)
+    assert (await get(gw.url + "/health/ready"))[0] == 200
+    redis_server.stop()
+    try:
+        async with aiohttp.ClientSession() as s:  # a request finds the backend gone
+            async with s.post(gw.base_url + "/chat/completions", json=CHAT) as r:
+                assert r.status == (200 if on_backend_error == "fail_open" else 503)
+        status, text = await get(gw.url + "/health/ready")
+        assert (status == 200) == ready_while_down, text
+        status, text = await get(gw.url + "/health")
+        assert '"degraded"' in text or '"unhealthy"' in text
+    finally:
+        redis_server.start()
+    for _ in range(50):  # bounded: the pool reconnects by itself
+        async with aiohttp.ClientSession() as s:
+            async with s.post(gw.base_url + "/chat/completions", json=CHAT) as r:
+                pass
+        if (await get(gw.url + "/health/ready"))[0] == 200:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        pytest.fail("readiness did not recover after Redis came back")
+
+
 async def test_readiness_flips_with_redis_down_and_back(upstream, gateway_factory, redis_server):
     gw = await gateway_factory(attrs.evolve(config_for(upstream), redis=RedisConfig(url=redis_server.url,
                                                                                     socket_timeout=0.3,
-                                                                                    connect_timeout=0.3)))
+                                                                                    connect_timeout=0.3),
+                                            observability=ObservabilityConfig(ready_requires_redis=True)))
     assert (await get(gw.url + "/health/ready"))[0] == 200
     for _ in range(20):  # the metrics plugin's probe has pinged once
         if sample((await get(gw.url + "/metrics"))[1], "ssegate_redis_up") == 1:

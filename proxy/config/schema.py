@@ -165,6 +165,18 @@ class ObservabilityConfig:
     loop_lag_threshold: float = attrs.field(
         default=1.0, metadata=_doc("Event-loop lag (seconds) above which liveness fails.")
     )
+    ready_requires_providers: bool = attrs.field(
+        default=True, metadata=_doc(
+            "Readiness fails while every enabled provider's circuit is open. Every replica sees the same upstreams, "
+            "so with one upstream all replicas leave the Service together; false keeps them in, answering the "
+            "gateway's OpenAI-format 503 `provider_unavailable` instead of the ingress's error page.")
+    )
+    ready_requires_redis: bool = attrs.field(
+        default=False, metadata=_doc(
+            "Readiness fails while the configured Redis does not answer. Off by default: a plugin that cannot work "
+            "without Redis reports itself failing (the rate limiter with `on_backend_error: fail_closed`), which "
+            "fails readiness; with `fail_open`, or for the cache, the replica stays ready.")
+    )
 
 
 @attrs.frozen
