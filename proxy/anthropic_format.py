@@ -6,6 +6,8 @@ Used by the ``anthropic`` provider (OpenAI request in, Anthropic upstream) and b
 """
 from __future__ import annotations
 
+import os
+
 import time
 from typing import Any
 
@@ -26,6 +28,26 @@ STOP_FROM_OPENAI = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "t
 _ERROR_TYPE_BY_STATUS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                          404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
                          500: "api_error", 529: "overloaded_error"}
+#: The error types Anthropic clients know (the SDK picks its exception class by them).
+_ANTHROPIC_ERROR_TYPES = frozenset(_ERROR_TYPE_BY_STATUS.values())
+#: OpenAI error types and codes an in-band error may carry, in Anthropic's words (anything else: ``api_error``).
+_ERROR_TYPE_FROM_OPENAI = {"rate_limit_exceeded": "rate_limit_error", "overloaded": "overloaded_error",
+                           "server_shutting_down": "overloaded_error", "invalid_request_error": "invalid_request_error"}
+#: Text blocks become one string, a line apart (joined with nothing, two blocks ran into one word).
+_BLOCK_SEPARATOR = "\n"
+
+
+def _message_id(openai_id: Any) -> str:
+    """An answer's id as Anthropic spells them (``msg_...``)."""
+    text = str(openai_id or "")
+    return text if text.startswith("msg_") else "msg_" + (text or os.urandom(12).hex())
+
+
+def _in_band_error_type(err: dict[str, Any]) -> str:
+    kind = err.get("type")
+    if kind in _ANTHROPIC_ERROR_TYPES:
+        return str(kind)
+    return _ERROR_TYPE_FROM_OPENAI.get(err.get("code") or "") or _ERROR_TYPE_FROM_OPENAI.get(kind or "") or "api_error"
 
 
 def _event(name: str, obj: Any) -> bytes:
@@ -68,7 +90,8 @@ def _blocks_from_openai_content(content: Any) -> list[dict[str, Any]]:
 def _text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
-    return "".join(p.get("text", "") for p in content or () if isinstance(p, dict) and p.get("type") == "text")
+    return _BLOCK_SEPARATOR.join(p.get("text", "") for p in content or ()
+                                 if isinstance(p, dict) and p.get("type") == "text")
 
 
 def to_anthropic_request(body: dict[str, Any], max_tokens_default: int) -> dict[str, Any]:
@@ -290,7 +313,7 @@ def _openai_parts(blocks: Any) -> tuple[Any, list[dict[str, Any]], list[dict[str
             results.append({"role": "tool", "tool_call_id": block.get("tool_use_id"),
                             "content": content if isinstance(content, str) else _text_of(content)})
     if all(p["type"] == "text" for p in parts):
-        return "".join(p["text"] for p in parts), calls, results
+        return _BLOCK_SEPARATOR.join(p["text"] for p in parts), calls, results
     return parts, calls, results
 
 
@@ -361,7 +384,7 @@ def to_anthropic_message(body: dict[str, Any]) -> dict[str, Any]:
         except orjson.JSONDecodeError:
             arguments = {}
         content.append({"type": "tool_use", "id": call.get("id"), "name": fn.get("name"), "input": arguments})
-    return {"id": body.get("id"), "type": "message", "role": "assistant", "model": body.get("model"),
+    return {"id": _message_id(body.get("id")), "type": "message", "role": "assistant", "model": body.get("model"),
             "content": content, "stop_reason": STOP_FROM_OPENAI.get(choice.get("finish_reason") or "stop",
                                                                     "end_turn"),
             "stop_sequence": None, "usage": _anthropic_usage(body.get("usage"))}
@@ -385,7 +408,7 @@ class OpenAIStreamToAnthropic:
 
     def _start(self, obj: dict[str, Any]) -> list[bytes]:
         self.started = True
-        self.id = obj.get("id")
+        self.id = _message_id(obj.get("id"))
         self.model = obj.get("model")
         # OpenAI sends usage at the end of the stream; a provider that sends it on the first chunk gives the
         # prompt count here already.
@@ -421,7 +444,7 @@ class OpenAIStreamToAnthropic:
         if "error" in obj and isinstance(obj["error"], dict):
             err = obj["error"]
             self.finished = True
-            return [_event("error", {"type": "error", "error": {"type": err.get("type") or "api_error",
+            return [_event("error", {"type": "error", "error": {"type": _in_band_error_type(err),
                                                                 "message": err.get("message", "")}})]
         out = [] if self.started else self._start(obj)
         if obj.get("usage"):

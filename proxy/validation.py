@@ -139,6 +139,9 @@ def _anthropic_body(raw: bytes, require_max_tokens: bool) -> dict[str, Any]:
     for i, m in enumerate(body["messages"]):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise _invalid(f"messages.{i}: must be an object with a string 'role'", f"messages.{i}")
+        if m["role"] not in ("user", "assistant"):  # the system prompt is the top-level "system"
+            raise _invalid(f"messages.{i}.role: must be 'user' or 'assistant' (the system prompt goes in the "
+                           "top-level 'system')", f"messages.{i}.role")
     for key, kinds in (("system", (str, list)), ("tools", (list,))):
         if body.get(key) is not None and not isinstance(body[key], kinds):
             raise _invalid(f"{key}: invalid type", key)

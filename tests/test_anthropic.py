@@ -280,10 +280,31 @@ async def test_messages_ingress_midstream_error_is_an_anthropic_error_event(upst
     events = [line[7:] for line in text.splitlines() if line.startswith("event: ")]
     assert events[0] == "message_start" and events[-1] == "error"
     assert "message_stop" not in events
+    error = orjson.loads(text.strip().splitlines()[-1][len("data: "):])
+    assert error["type"] == "error" and error["error"]["type"] == "api_error"  # a type the anthropic SDK knows
 
 
-@pytest.mark.parametrize("messages", [["hi"], [{"role": "user", "content": ["not a block"]}], []],
-                         ids=["message-not-an-object", "block-not-an-object", "no-messages"])
+async def test_messages_ingress_text_blocks_stay_apart_and_ids_are_anthropic(upstream, gateway_factory):
+    """Several text blocks (a system prompt in parts, a user turn in parts) become one string a line apart, not
+    run together; answers carry ``msg_`` ids, as Anthropic's do."""
+    gw = await gateway_factory(config_for(upstream))
+    client = anthropic_client(gw)
+    kwargs = dict(model="m", max_tokens=50, system=[{"type": "text", "text": "SYS1"}, {"type": "text", "text": "SYS2"}],
+                  messages=[{"role": "user", "content": [{"type": "text", "text": "part one"},
+                                                         {"type": "text", "text": "part two"}]}])
+    message = await client.messages.create(**kwargs)
+    async with client.messages.stream(**kwargs) as stream:
+        final = await stream.get_final_message()
+    await client.close()
+    assert message.id.startswith("msg_") and final.id.startswith("msg_")
+    for sent in upstream.requests:
+        assert sent["messages"] == [{"role": "system", "content": "SYS1\nSYS2"},
+                                    {"role": "user", "content": "part one\npart two"}]
+
+
+@pytest.mark.parametrize("messages", [["hi"], [{"role": "user", "content": ["not a block"]}], [],
+                                      [{"role": "system", "content": "be brief"}, {"role": "user", "content": "x"}]],
+                         ids=["message-not-an-object", "block-not-an-object", "no-messages", "system-role"])
 async def test_messages_ingress_malformed_messages_are_a_400_not_a_crash(upstream, gateway_factory, messages):
     import aiohttp
 
