@@ -3,6 +3,7 @@ the stack it describes, its ssegate config), Prometheus config and alert rules (
 from __future__ import annotations
 
 import re
+import os
 import shlex
 import shutil
 import subprocess
@@ -42,6 +43,22 @@ def _dockerfile_instructions() -> list[tuple[str, str]]:
     return [(ln.split(None, 1)[0].upper(), ln.split(None, 1)[1] if " " in ln else "") for ln in lines]
 
 
+def _dockerfile_env() -> dict[str, str]:
+    """The runtime stage's ENV, as a mapping."""
+    env: dict[str, str] = {}
+    for op, args in _dockerfile_instructions():
+        if op == "ENV":
+            env.update(pair.split("=", 1) for pair in shlex.split(args))
+    return env
+
+
+def _healthcheck_command() -> list[str]:
+    (args,) = [args for op, args in _dockerfile_instructions() if op == "HEALTHCHECK"]
+    command = yaml.safe_load(args[args.index("CMD ") + 4:])
+    assert isinstance(command, list), "exec-form HEALTHCHECK"
+    return command
+
+
 # --- Dockerfile -----------------------------------------------------------------------------------------------
 
 def test_dockerfile_is_hadolint_clean() -> None:
@@ -62,18 +79,51 @@ def test_dockerfile_runtime_contract() -> None:
     user = ops["USER"].split(":")[0]
     assert user not in ("root", "0"), "runs as a non-root user"
     assert ops["STOPSIGNAL"] == "SIGTERM"
-    assert "/health/live" in ops["HEALTHCHECK"] and ":8000" in ops["HEALTHCHECK"]
+    assert "/health/live" in ops["HEALTHCHECK"] and "8000" in ops["HEALTHCHECK"]
     entry = yaml.safe_load(ops["ENTRYPOINT"])
     assert isinstance(entry, list), "exec-form entrypoint"
-    assert entry[:2] == ["ssegate", "serve"]
-    assert entry[entry.index("--host") + 1] == "0.0.0.0" and entry[entry.index("--port") + 1] == "8000"
+    # no --host/--port: they would override server.host/port of the config and SSEGATE_SERVER__* silently
+    assert entry == ["ssegate", "serve"]
     assert '"/etc/ssegate"' in ops["VOLUME"]
-    assert "SSEGATE_CONFIG=/etc/ssegate/ssegate.yaml" in ops["ENV"]
+    env = _dockerfile_env()
+    assert env["SSEGATE_CONFIG"] == "/etc/ssegate/ssegate.yaml"
+    assert env["SSEGATE_SERVER__HOST"] == "0.0.0.0"  # listen on the container's interfaces, whatever the config
     # the runtime stage installs only the wheels built by the build stage (offline), nothing else
     runs = [args for op, args in runtime if op == "RUN"]
     pip_installs = [r for r in runs if "pip install" in r]
     assert len(pip_installs) == 1 and "--no-index" in pip_installs[0] and "/wheels/ssegate-*.whl" in pip_installs[0]
     assert not any(re.search(r"apt-get|apk ", r) for r in runs)
+
+
+@pytest.mark.parametrize("how", ["config file", "environment"])
+def test_the_entrypoint_serves_on_the_configured_port_and_the_healthcheck_finds_it(how: str, tmp_path: Path) -> None:
+    """The image's ENTRYPOINT, ENV and HEALTHCHECK, run here: server.port set in the config file, or by
+    SSEGATE_SERVER__PORT (conf/README.md's example), is the port the gateway listens on and the port the
+    HEALTHCHECK calls. The image's host (0.0.0.0) is swapped for 127.0.0.1 to stay on the loopback."""
+    from tests.conftest import spawn, stop
+    from tests.redis_server import free_port
+
+    port = free_port()
+    config = tmp_path / "ssegate.yaml"
+    config.write_text(f"server: {{port: {port if how == 'config file' else 8000}}}\n"
+                      "providers: [{name: simulated, type: simulated, models: ['*']}]\npipeline: [router]\n")
+    env = {**_dockerfile_env(), "SSEGATE_CONFIG": str(config), "SSEGATE_SERVER__HOST": "127.0.0.1"}
+    if how == "environment":
+        env["SSEGATE_SERVER__PORT"] = str(port)
+    entry = yaml.safe_load(dict(_dockerfile_instructions())["ENTRYPOINT"])
+    assert entry[0] == "ssegate"
+    proc, line = spawn([sys.executable, "-m", "proxy", *entry[1:]], "ssegate listening on", env=env)
+    try:
+        assert line.endswith(f"http://127.0.0.1:{port}"), line
+        check = subprocess.run(_healthcheck_command(), env={**os.environ, **env}, cwd=tmp_path,
+                               capture_output=True, text=True, timeout=30)
+        assert check.returncode == 0, check.stdout + check.stderr
+    finally:
+        stop(proc)
+    # the HEALTHCHECK fails once the gateway is gone (it really calls the port)
+    check = subprocess.run(_healthcheck_command(), env={**os.environ, **env}, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=30)
+    assert check.returncode != 0
 
 
 def test_dockerfile_install_step_is_the_readme_install_step() -> None:

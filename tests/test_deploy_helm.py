@@ -134,6 +134,10 @@ def test_deployment_hardening_and_drain(all_on_objects) -> None:
     assert pod["terminationGracePeriodSeconds"] > pre_stop + config["server"]["shutdown_grace_seconds"]
     assert {c["topologyKey"] for c in pod["topologySpreadConstraints"]} >= {"kubernetes.io/hostname"}
     assert "--workers" in container["args"] and config["server"]["host"] == "0.0.0.0"
+    # the image's entrypoint (`ssegate serve`) pins no port: the chart pins the one its ports and probes use
+    args = container["args"]
+    assert args[args.index("--port") + 1] == str(container["ports"][0]["containerPort"]) == "8000"
+    assert args[args.index("--host") + 1] == "0.0.0.0" and config["server"]["port"] == 8000
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     assert "replicas" not in deployment["spec"]  # the HPA owns it
     env_from = container["envFrom"][0]["secretRef"]["name"]
@@ -226,6 +230,107 @@ def test_ingress_disables_buffering_and_allows_long_streams(all_on_objects) -> N
     assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 600
 
 
+def _covered(path: str, prefixes: list[str]) -> bool:
+    """Whether an Ingress Prefix path list routes ``path`` (Kubernetes matches Prefix element by element)."""
+    return any(p == "/" or path == p.rstrip("/") or path.startswith(p.rstrip("/") + "/") for p in prefixes)
+
+
+def test_ingress_routes_the_api_only(all_on_objects) -> None:
+    """By default the Ingress routes the /v1 API and nothing else: /metrics, /metrics/summary, /health (key-file
+    path, provider names, errors) and /admin/reload stay inside the cluster; ingress.paths widens it."""
+    from proxy.web_handlers import API_ENDPOINTS
+
+    def prefixes(objects: dict[str, list[dict]]) -> list[str]:
+        (rule,) = the(objects, "Ingress")["spec"]["rules"]
+        paths = rule["http"]["paths"]
+        assert {p["pathType"] for p in paths} == {"Prefix"}
+        assert {p["backend"]["service"]["port"]["name"] for p in paths} == {"http"}
+        return [p["path"] for p in paths]
+
+    default = prefixes(all_on_objects)
+    v1_api = [path for path, _, _ in API_ENDPOINTS if path.startswith("/v1/")]
+    for path in v1_api + ["/v1/models", "/v1/models/gpt-4o", "/v1/messages/count_tokens"]:
+        assert _covered(path, default), path
+    for private in ("/metrics", "/metrics/summary", "/health", "/health/ready", "/health/live", "/admin/reload"):
+        assert not _covered(private, default), private
+    assert default == ["/v1"]
+    wider = prefixes(render({**ALL_ON, "ingress": {**ALL_ON["ingress"], "paths": ["/v1", "/chat/completions"]}}))
+    assert wider == ["/v1", "/chat/completions"] and not _covered("/metrics", wider)
+
+
+def _policy_rules(objects: dict[str, list[dict]]) -> list[tuple[set[str], list[dict]]]:
+    """The NetworkPolicy's ingress rules as (ports, peers); every rule must name its peers (a rule without
+    `from` admits every source)."""
+    policy = the(objects, "NetworkPolicy")
+    kubernetes_validate.validate(policy, KUBE_VERSION, strict=True)
+    rules = []
+    for rule in policy["spec"]["ingress"]:
+        assert rule.get("from"), f"a rule without peers admits everyone: {rule}"
+        rules.append(({str(p["port"]) for p in rule["ports"]}, rule["from"]))
+    return rules
+
+
+def _namespace(name: str) -> dict:
+    return {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": name}}}
+
+
+def test_network_policy_admits_the_namespace_the_ingress_controller_and_prometheus(all_on_objects) -> None:
+    rules = _policy_rules(all_on_objects)
+    api = [peer for ports, peers in rules if ports == {"http"} for peer in peers]
+    assert {"podSelector": {}} in api and _namespace("ingress-nginx") in api
+    assert _namespace("monitoring") in api  # Prometheus scrapes /metrics on the API port (no metrics_port)
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["networkPolicy"]
+    assert (values["ingressControllerNamespace"], values["monitoringNamespace"]) == ("ingress-nginx", "monitoring")
+    # other namespaces, extra peers, and none at all
+    custom = render({**ALL_ON, "networkPolicy": {"enabled": True, "allowSameNamespace": False,
+                                                 "ingressControllerNamespace": "traefik",
+                                                 "monitoringNamespace": "observability",
+                                                 "from": [{"ipBlock": {"cidr": "10.20.0.0/16"}}]}})
+    peers = [peer for _, rule_peers in _policy_rules(custom) for peer in rule_peers]
+    assert peers == [_namespace("traefik"), {"ipBlock": {"cidr": "10.20.0.0/16"}}, _namespace("observability")]
+    closed = render({**ALL_ON, "networkPolicy": {"enabled": True, "allowSameNamespace": False,
+                                                 "ingressControllerNamespace": "", "monitoringNamespace": ""}})
+    assert _policy_rules(closed) == [] and the(closed, "NetworkPolicy")["spec"]["ingress"] == []
+
+
+def test_metrics_port_is_scraped_when_set(tmp_path: Path) -> None:
+    """config.observability.metrics_port: the container, the Service, the ServiceMonitor and the NetworkPolicy's
+    monitoring rule use it, and a gateway running the rendered config serves /metrics on it."""
+    from tests.redis_server import free_port
+
+    port = free_port()
+    objects = render({**ALL_ON, "config": {**ALL_ON["config"], "observability": {"metrics_port": port}}})
+    for kind in ("Deployment", "Service", "NetworkPolicy"):
+        for obj in objects[kind]:
+            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+    container = objects["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "metrics", "containerPort": port, "protocol": "TCP"} in container["ports"]
+    service = next(s for s in objects["Service"] if s["metadata"]["name"] == "rel-ssegate")
+    assert {"name": "metrics", "port": port, "targetPort": "metrics", "protocol": "TCP"} in service["spec"]["ports"]
+    (endpoint,) = the(objects, "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+    assert ({"metrics"}, [_namespace("monitoring")]) in _policy_rules(objects)
+    # without it, the ServiceMonitor scrapes the API port, which the Service has
+    default = render(ALL_ON)
+    assert the(default, "ServiceMonitor")["spec"]["endpoints"][0]["port"] == "http"
+    assert [p["name"] for p in default["Service"][-1]["spec"]["ports"]] == ["http"]
+    with pytest.raises(helm.HelmError, match="metrics_port must differ from 8000"):
+        render({"config": {**ALL_ON["config"], "observability": {"metrics_port": 8000}}})
+    # the rendered config really serves /metrics there
+    config = yaml.safe_load(the(render({"config": {"providers": ALL_ON["config"]["providers"][1:],
+                                                   "pipeline": ["router"], "observability": {"metrics_port": port}}}),
+                                "ConfigMap")["data"]["ssegate.yaml"])
+    config["server"].update(host="127.0.0.1", port=0)
+    (tmp_path / "ssegate.yaml").write_text(yaml.safe_dump(config))
+    proc, _ = spawn([sys.executable, "-m", "proxy", "serve", "--config", str(tmp_path / "ssegate.yaml")],
+                    "ssegate listening on")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            assert b"ssegate_active_streams" in response.read()
+    finally:
+        stop(proc)
+
+
 def test_hpa_scales_on_cpu_and_active_streams(all_on_objects) -> None:
     metrics = the(all_on_objects, "HorizontalPodAutoscaler")["spec"]["metrics"]
     assert {m["type"] for m in metrics} == {"Resource", "Pods"}
@@ -239,6 +344,11 @@ def test_hpa_scales_on_cpu_and_active_streams(all_on_objects) -> None:
     ({"service": {"port": 70000}}, "port"),                 # out of range
     ({"ssegate": {"configChange": "restart"}}, "configChange"),
     ({"redis": {"url": "localhost:6379"}}, "url"),
+    ({"ingress": {"paths": ["v1"]}}, "paths"),
+    ({"ingress": {"paths": []}}, "paths"),
+    ({"networkPolicy": {"ingressControllerNamespace": "Ingress_Nginx"}}, "ingressControllerNamespace"),
+    ({"config": {"providers": [{"name": "s", "type": "simulated"}], "pipeline": [],
+                 "observability": {"metrics_port": 70000}}}, "metrics_port"),
 ])
 def test_schema_rejects_bad_values_with_a_clear_error(values: dict, key: str) -> None:
     chart = helm.Chart.load(str(CHART))

@@ -66,3 +66,14 @@ app.kubernetes.io/component: gateway
 {{- end }}
 {{- toYaml $config }}
 {{- end }}
+
+{{/* config.observability.metrics_port (ssegate's second listener, serving only /metrics), or empty. */}}
+{{- define "ssegate.metricsPort" -}}
+{{- $port := dig "observability" "metrics_port" nil (.Values.config | default dict) }}
+{{- if $port }}
+{{- if eq (int $port) 8000 }}
+{{- fail "config.observability.metrics_port must differ from 8000, the port of the API (server.port, set by the chart)" }}
+{{- end }}
+{{- int $port }}
+{{- end }}
+{{- end }}
