@@ -79,6 +79,7 @@ class Gateway:
         self.in_flight = 0
         self._idle: asyncio.Event | None = None
         self._finishing: set[asyncio.Task[None]] = set()
+        self._discovery: asyncio.Task[None] | None = None  # the upstreams' model lists being asked for
         self.forwarder = Forwarder(self)
         self.breakers = self.forwarder.breakers
         self.body_timeout = config.server.request_body_timeout
@@ -101,6 +102,8 @@ class Gateway:
 
     async def close(self) -> None:
         self.process_state.get(_LIVE_GATEWAYS, set()).discard(self)
+        if self._discovery is not None:
+            self._discovery.cancel()
         if self._finishing:  # exchange_done walks that outlived their (cancelled) handlers
             await asyncio.wait(set(self._finishing), timeout=10)
         await self.pipeline.shutdown(self)
@@ -149,6 +152,29 @@ class Gateway:
                 for model in provider.list_models():
                     seen.setdefault(model, None)
         return list(seen)
+
+    async def discover_models(self) -> None:
+        """Ask the upstreams whose ``models`` have a pattern for their own model lists, those due
+        (``discover_models_ttl``), all at once; concurrent callers share one round. A failure is logged and the
+        provider keeps the list it had (it is asked again after the TTL)."""
+        if self._discovery is None or self._discovery.done():
+            now = asyncio.get_running_loop().time()
+            due = [p for p in self.providers.values() if p.wants_discovery() and p.discovered_until <= now]
+            if not due:
+                return
+            self._discovery = asyncio.get_running_loop().create_task(self._discover(due, now))
+        await asyncio.shield(self._discovery)
+
+    @staticmethod
+    async def _discover(providers: list[Provider], now: float) -> None:
+        results = await asyncio.gather(*(p.discover_models() for p in providers), return_exceptions=True)
+        for provider, result in zip(providers, results):
+            provider.discovered_until = now + provider.config.discover_models_ttl
+            if isinstance(result, BaseException):
+                log.warning("models_discovery_failed", provider=provider.name,
+                            error=f"{type(result).__name__}: {result}", kept=len(provider.discovered))
+            elif result is not None:
+                provider.set_discovered(result)
 
     # -- draining (reload, shutdown) ------------------------------------------------------------------------
     def live_gateways(self) -> tuple["Gateway", ...]:
@@ -351,6 +377,7 @@ class Gateway:
         key may use)."""
         async def answer() -> bytes:
             await self.pipeline.authenticate(exchange)
+            await self.discover_models()
             return models_body([name for name in self.models() if _may_use(exchange, name)])
 
         return await self._answer_json(request, exchange, answer)

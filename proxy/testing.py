@@ -163,6 +163,9 @@ class ScriptedUpstream:
         self.completed = 0
         self.in_flight = 0
         self.cancel_event = asyncio.Event()
+        #: What ``GET /v1/models`` lists (None: it answers 404, as servers without the route do).
+        self.model_list: list[str] | None = None
+        self.model_list_requests = 0
         self.port = 0
         self._runner: web.AppRunner | None = None
 
@@ -179,8 +182,18 @@ class ScriptedUpstream:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._chat)
         app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_get("/v1/models", self._models)
         self._runner, self.port = await start_server(app, "127.0.0.1", 0)
         return self
+
+    async def _models(self, request: web.Request) -> web.Response:
+        self.model_list_requests += 1
+        self.headers.append(dict(request.headers))
+        if self.model_list is None:
+            return web.json_response({"error": {"message": "not found", "type": "invalid_request_error"}},
+                                     status=404)
+        return web.json_response({"object": "list", "data": [
+            {"id": m, "object": "model", "created": 1700000000, "owned_by": "upstream"} for m in self.model_list]})
 
     async def close(self) -> None:
         if self._runner is not None:

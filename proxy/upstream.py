@@ -180,9 +180,31 @@ class Provider:
     async def close(self) -> None:
         """Close pools."""
 
+    #: Models the upstream listed itself (see :meth:`discover_models`), those the ``models`` patterns match.
+    discovered: tuple[str, ...] = ()
+    #: When :attr:`discovered` is due to be asked again (``loop.time()``); 0: never asked.
+    discovered_until = 0.0
+
     def list_models(self) -> list[str]:
-        """Concrete model names for ``/v1/models`` (wildcard patterns are not listed)."""
-        return [m for m in self.config.models if "*" not in m and "?" not in m]
+        """Concrete model names for ``/v1/models``: the configured ones (wildcard patterns are not listed), then
+        those the upstream listed that the patterns match."""
+        names = [m for m in self.config.models if "*" not in m and "?" not in m]
+        return names + [m for m in self.discovered if m not in names] if self.discovered else names
+
+    def wants_discovery(self) -> bool:
+        """Whether ``/v1/models`` should ask the upstream for its models: enabled, and ``models`` has a pattern."""
+        config = self.config
+        return config.enabled and config.discover_models and any(
+            "*" in m or "?" in m or "[" in m for m in config.models)
+
+    async def discover_models(self) -> list[str] | None:
+        """The upstream's own model names (``GET /models``), or None when this adapter cannot ask. Raises on a
+        failure to ask (the caller keeps what it had)."""
+        return None
+
+    def set_discovered(self, names: list[str]) -> None:
+        patterns = self.config.models
+        self.discovered = tuple(dict.fromkeys(n for n in names if any(fnmatchcase(n, p) for p in patterns)))
 
     def serves(self, model: str) -> bool:
         """Whether a request for ``model`` may be answered here, as far as the gateway can tell without asking the

@@ -195,3 +195,43 @@ async def test_exchange_done_runs_once_per_request(upstream, gateway_factory):
     assert len({e.request_id for e in rec.done}) == 5 and rec.done[-1].request_id == "no-key-1"
     assert [e.principal.name if e.principal else None for e in rec.done] == ["bob", "bob", "bob", "alice", None]
     assert all(e.ended is not None and e.ended >= e.started for e in rec.done)
+
+
+async def test_models_lists_what_a_wildcard_upstream_serves(upstream, gateway_factory):
+    """A provider with model patterns (``["*"]`` for a vLLM or Ollama server, say) lists the upstream's own models
+    that the patterns match, as chat front ends fill their model menus from ``/v1/models``; asked once per TTL,
+    with the provider's key, concurrent calls sharing one request."""
+    upstream.model_list = ["gpt-4o", "gpt-4o-mini", "llama-3-8b", "gpt-4o"]
+    config = config_for(upstream, models=("gpt-4o-mini", "gpt-4*"), api_key="sk-upstream")
+    gw = await gateway_factory(config)
+    async with openai_client(gw.base_url) as client:
+        lists = await asyncio.gather(*(client.models.list() for _ in range(3)))
+        assert [[m.id async for m in page] for page in lists] == [["gpt-4o-mini", "gpt-4o"]] * 3
+        upstream.model_list = ["gpt-4-turbo"]
+        assert [m.id async for m in await client.models.list()] == ["gpt-4o-mini", "gpt-4o"]  # within the TTL
+    assert upstream.model_list_requests == 1
+    assert upstream.headers[-1]["Authorization"] == "Bearer sk-upstream"
+    gw.current.providers["up0"].discovered_until = 0  # the TTL has passed
+    async with openai_client(gw.base_url) as client:
+        assert [m.id async for m in await client.models.list()] == ["gpt-4o-mini", "gpt-4-turbo"]
+
+
+async def test_models_keeps_its_list_when_the_upstream_cannot_say(upstream, gateway_factory):
+    upstream.model_list = ["llama-3-8b"]
+    gw = await gateway_factory(config_for(upstream, discover_models_ttl=0.0))
+    async with openai_client(gw.base_url) as client:
+        assert [m.id async for m in await client.models.list()] == ["llama-3-8b"]
+        upstream.model_list = None  # now 404
+        assert [m.id async for m in await client.models.list()] == ["llama-3-8b"]
+    assert upstream.model_list_requests == 2
+    dead = await gateway_factory(config_for("http://127.0.0.1:9/v1"))  # nothing listens: answered at once
+    async with openai_client(dead.base_url) as client:
+        assert [m.id async for m in await client.models.list()] == []
+
+
+async def test_discovery_can_be_turned_off(upstream, gateway_factory):
+    upstream.model_list = ["llama-3-8b"]
+    gw = await gateway_factory(config_for(upstream, discover_models=False))
+    async with openai_client(gw.base_url) as client:
+        assert [m.id async for m in await client.models.list()] == []
+    assert upstream.model_list_requests == 0

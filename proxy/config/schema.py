@@ -220,6 +220,15 @@ class ProviderConfig:
         default=("*",), metadata=_doc("Model names served; `*` wildcards allowed (`gpt-4*`).")
     )
     enabled: bool = attrs.field(default=True, metadata=_doc("Disabled providers are never routed to."))
+    discover_models: bool = attrs.field(
+        default=True, metadata=_doc(
+            "When `models` has a pattern, list the upstream's own models (its `GET /models`, those the patterns "
+            "match) in the gateway's `/v1/models`, asked at most every `discover_models_ttl` seconds "
+            "(`openai`-type providers).")
+    )
+    discover_models_ttl: float = attrs.field(
+        default=60.0, metadata=_doc("Seconds an upstream's model list is kept before `/v1/models` asks again.")
+    )
     priority: int = attrs.field(default=1, metadata=_doc("Lower is tried first."))
     weight: float = attrs.field(default=1.0, metadata=_doc("Share of traffic under the `weighted` strategy."))
     timeout: float = attrs.field(default=600.0, metadata=_doc("Total seconds for one upstream request."))

@@ -49,10 +49,15 @@ class AnthropicProvider(OpenAIProvider):
         super().__init__(config)
         base = config.base_url.rstrip("/")
         self._url = base + ("/messages" if base.endswith("/v1") else "/v1/messages")
+        self._models_url = base + ("/models" if base.endswith("/v1") else "/v1/models")
         self._headers["anthropic-version"] = config.api_version or DEFAULT_VERSION
 
     def auth_headers(self, key: str | None) -> dict[str, str]:
         return {"x-api-key": key} if key else {}
+
+    def models_url(self) -> str:
+        """Anthropic's model list (``{"data": [{"id": ...}, ...]}``, its first page)."""
+        return self._models_url
 
     def url(self, request: UpstreamRequest) -> str:
         if request.exchange.endpoint != "chat.completions":

@@ -24,6 +24,10 @@ class AzureOpenAIProvider(OpenAIProvider):
     def auth_headers(self, key: str | None) -> dict[str, str]:
         return {"api-key": key} if key else {}
 
+    async def discover_models(self) -> list[str] | None:
+        """Not asked: Azure serves deployments, named in ``deployments``, not the resource's model catalogue."""
+        return None
+
     def url(self, request: UpstreamRequest) -> str:
         deployment = self.config.deployments.get(request.route.model, request.route.model)
         return (f"{self._base}/openai/deployments/{quote(deployment, safe='')}{request.path}"

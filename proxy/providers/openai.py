@@ -16,6 +16,8 @@ from ..upstream import Provider, UpstreamError, UpstreamRequest, UpstreamRespons
 __all__ = ["OpenAIProvider", "HTTPResponse", "upstream_error_from_body"]
 
 _RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+#: Seconds ``/v1/models`` waits for an upstream's own model list.
+MODELS_TIMEOUT = 3.0
 
 
 class HTTPResponse(UpstreamResponse):
@@ -118,6 +120,25 @@ class OpenAIProvider(Provider):
             connector=connector, auto_decompress=False, timeout=self._timeout, skip_auto_headers=("User-Agent",),
             cookie_jar=aiohttp.DummyCookieJar(),
         )
+
+    def models_url(self) -> str:
+        return self._base + "/models"
+
+    async def discover_models(self) -> list[str] | None:
+        """``GET {base_url}/models`` with the provider's key: the ``id`` of each entry of its ``data``."""
+        assert self._session is not None, "provider not started"
+        headers = {k: v for k, v in self._headers.items() if k != "Content-Type"}
+        timeout = aiohttp.ClientTimeout(total=MODELS_TIMEOUT, connect=self.config.connect_timeout)
+        async with self._session.get(self.models_url(), headers=headers, timeout=timeout) as resp:
+            if resp.status >= 400:
+                raise UpstreamError(502, f"provider {self.name!r} answered HTTP {resp.status} to GET /models",
+                                    kind="status", retryable=True)
+            answer = orjson.loads(await resp.read())
+        data = answer.get("data") if isinstance(answer, dict) else None
+        if not isinstance(data, list):
+            raise UpstreamError(502, f"provider {self.name!r}: GET /models is not a model list", kind="protocol",
+                                retryable=True)
+        return [str(m["id"]) for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
     async def close(self) -> None:
         if self._session is not None:
