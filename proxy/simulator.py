@@ -28,6 +28,7 @@ import orjson
 
 from .config.schema import SimulationConfig
 from .errors import GatewayError
+from .simulated_features import chat_answer, chat_events, wants_features
 from .sse import DONE
 
 __all__ = ["Simulator", "estimate_message_tokens", "estimate_text_tokens"]
@@ -476,6 +477,10 @@ class Simulator:
         plan = self._plan(body, estimate_message_tokens(_messages(body)))
         completion_id = self._new_id("chatcmpl-")
         created = int(time.time())
+        if wants_features(body):  # tool calls, n, logprobs
+            answer = chat_answer(self, body, plan, completion_id, created)
+            await self._wait_whole(max(len(c["message"]["content"] or "") // 4 for c in answer["choices"]))
+            return answer
         await self._wait_whole(plan.n)
         return {
             "id": completion_id,
@@ -503,6 +508,11 @@ class Simulator:
         """
         plan = self._plan(body, estimate_message_tokens(_messages(body)))
         include_usage = _include_usage(body)
+        if wants_features(body):  # tool calls, n, logprobs
+            async for event in chat_events(self, body, plan, self._new_id("chatcmpl-"), int(time.time()),
+                                           include_usage):
+                yield event
+            return
         tail = b',"usage":null}' if include_usage else b"}"
         head = b"".join(
             (
