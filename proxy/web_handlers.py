@@ -6,6 +6,7 @@ from ipaddress import ip_address
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import orjson
+import structlog
 from aiohttp import web
 
 from . import health
@@ -226,6 +227,10 @@ async def admin_reload(request: web.Request) -> web.Response:
         raise GatewayError(403, "The admin API is disabled (server.admin_key is not set).", code="admin_disabled")
     given = request.headers.get("Authorization", "")
     if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        gateway = request.app[GATEWAY].current
+        structlog.get_logger("ssegate.admin").warning(
+            "admin_auth_failed", path=request.path, client_ip=client_ip(request, gateway.trusted_proxies),
+            key_given=bool(given))
         raise GatewayError(401, "Invalid admin key.", code="invalid_admin_key")
     applied, problems = await request.app[RELOADER].reload()
     if not applied:

@@ -10,6 +10,7 @@ import textwrap
 import aiohttp
 import orjson
 import pytest
+from structlog.testing import capture_logs
 
 from proxy.config import load_config
 from proxy.testing import GatewayServer, Script
@@ -70,11 +71,15 @@ async def test_admin_reload_needs_the_admin_key(tmp_path, upstream):
     write_config(path, upstream)
     gw = await GatewayServer.start(load_config(str(path)), config_path=str(path))
     try:
-        async with aiohttp.ClientSession() as s:
-            async with s.post(gw.url + "/admin/reload") as r:
-                assert r.status == 401 and (await r.json())["error"]["code"] == "invalid_admin_key"
-            async with s.post(gw.url + "/admin/reload", headers={"Authorization": "Bearer wrong"}) as r:
-                assert r.status == 401
+        with capture_logs() as logs:
+            async with aiohttp.ClientSession() as s:
+                async with s.post(gw.url + "/admin/reload") as r:
+                    assert r.status == 401 and (await r.json())["error"]["code"] == "invalid_admin_key"
+                async with s.post(gw.url + "/admin/reload", headers={"Authorization": "Bearer wrong"}) as r:
+                    assert r.status == 401
+        failed = [(e["key_given"], e["client_ip"]) for e in logs if e["event"] == "admin_auth_failed"]
+        assert failed == [(False, "127.0.0.1"), (True, "127.0.0.1")]  # logged, the key never
+        assert not any("wrong" in str(e) for e in logs)
     finally:
         await gw.close()
     path.write_text(f"providers:\n  - name: a\n    base_url: {upstream.base_url}\n")
