@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 from typing import Sequence
 
@@ -27,7 +28,23 @@ def _load(path: str | None):  # type: ignore[no-untyped-def]
     return load_config_with_origins(path)
 
 
+def _startup_signals() -> None:
+    """Until the server (or the ``--workers`` supervisor) installs its own handlers: SIGHUP is ignored (a reload
+    of the config being loaded anyway) and SIGTERM/SIGINT exit 0 at once (nothing is serving yet). A supervisor
+    starts its workers with these signals blocked (proxy/workers.py): one sent before this point waits for it."""
+    def stop(_signum: int, _frame: object) -> None:
+        raise SystemExit(0)
+
+    if not hasattr(signal, "SIGHUP"):  # Windows
+        return
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP, signal.SIGTERM, signal.SIGINT})
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    _startup_signals()
     import attrs
 
     from .config import ConfigError

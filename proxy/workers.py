@@ -2,17 +2,99 @@
 
 The supervisor restarts a worker that dies, forwards SIGHUP (reload) and SIGTERM/SIGINT (drain) to all
 workers, and exits once they have exited after a stop signal.
+
+Restarts and giving up
+    A worker that dies after running at least ``early_exit_seconds`` (default 10 s) is restarted at once.
+    One that dies sooner counts as an *early exit*: it is restarted after a back-off that starts at
+    ``restart_delay`` (default 0.5 s) and doubles with each further early exit in a row of the same worker,
+    up to ``restart_delay_max`` (default 30 s). After ``max_early_exits`` (default 5) early exits in a row
+    (a worker that cannot start: the port is taken, the config or a plugin fails in the worker) the supervisor
+    gives up: it prints an ``error:`` line on stderr, stops the other workers and exits 1. With the defaults
+    that is after about 7.5 s of back-off plus five start attempts. A worker that outlives
+    ``early_exit_seconds`` resets its count. The environment overrides the defaults:
+    ``SSEGATE_WORKER_RESTART_DELAY``, ``SSEGATE_WORKER_RESTART_DELAY_MAX``,
+    ``SSEGATE_WORKER_EARLY_EXIT_SECONDS`` (seconds) and ``SSEGATE_WORKER_MAX_EARLY_EXITS`` (a count).
+
+Exit status
+    0 when, after SIGTERM/SIGINT, every worker drained and exited 0; 1 when a worker exited non-zero or was
+    killed by a signal while draining, or when the supervisor gave up; 2 when a setting above is invalid.
+
+Orphans
+    On Linux each worker asks for ``PR_SET_PDEATHSIG`` = SIGTERM right after it is forked (before it runs
+    the gateway), then checks that its parent is still the supervisor, exiting at once if the supervisor
+    died in between. A supervisor killed with SIGKILL thus drains its workers instead of leaving them
+    serving on the port. Elsewhere nothing is done.
+
+Signals during startup
+    The supervisor installs its handlers before it starts any worker; ``ssegate serve`` (``proxy.cli``)
+    ignores SIGHUP and turns SIGTERM/SIGINT into a clean exit from its first line until then. Workers are
+    started with SIGHUP ignored and SIGTERM/SIGINT blocked (both survive ``exec``): a reload forwarded to a
+    worker that is still starting is dropped (it is loading the current config anyway), and a stop reaches
+    it once ``ssegate serve`` has installed its startup handlers, which exit 0 (nothing is serving yet).
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
 import sys
 import time
-from typing import Sequence
+from typing import Callable, ClassVar, Mapping, Sequence
 
-__all__ = ["run_workers"]
+import attrs
+
+__all__ = ["run_workers", "RestartPolicy"]
+
+PR_SET_PDEATHSIG = 1
+#: How often the supervisor looks at its workers and at the signals it received.
+POLL_SECONDS = 0.1
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@attrs.frozen
+class RestartPolicy:
+    """When to restart a dead worker, and when to stop trying (see the module docstring)."""
+
+    restart_delay: float = 0.5
+    restart_delay_max: float = 30.0
+    early_exit_seconds: float = 10.0
+    max_early_exits: int = 5
+
+    ENV: ClassVar[dict[str, str]] = {
+        "restart_delay": "SSEGATE_WORKER_RESTART_DELAY", "restart_delay_max": "SSEGATE_WORKER_RESTART_DELAY_MAX",
+        "early_exit_seconds": "SSEGATE_WORKER_EARLY_EXIT_SECONDS",
+        "max_early_exits": "SSEGATE_WORKER_MAX_EARLY_EXITS"}
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> RestartPolicy:
+        """The defaults overridden by the environment; ValueError names a bad variable."""
+        values: dict[str, float | int] = {}
+        for field, var in cls.ENV.items():
+            raw = env.get(var)
+            if raw is None or raw == "":
+                continue
+            try:
+                value: float | int = int(raw) if field == "max_early_exits" else float(raw)
+            except ValueError:
+                value = -1
+            if value < 0 or value != value or (field == "max_early_exits" and value < 1):
+                expected = "a count >= 1" if field == "max_early_exits" else "a number of seconds >= 0"
+                raise ValueError(f"{var}={raw!r}: expected {expected}")
+            values[field] = value
+        return cls(**values)  # type: ignore[arg-type]
+
+    def backoff(self, early_exits: int) -> float:
+        """The delay before restarting a worker after its ``early_exits``-th early exit in a row (>= 1)."""
+        return float(min(self.restart_delay * 2 ** min(early_exits - 1, 60), self.restart_delay_max))
+
+
+@attrs.define
+class _Slot:
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    early_exits: int = 0
+    restart_at: float = 0.0
 
 
 def _worker_argv(argv: Sequence[str]) -> list[str]:
@@ -32,31 +114,119 @@ def _worker_argv(argv: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "proxy", *out, "--workers", "1"]
 
 
-def run_workers(count: int, argv: Sequence[str]) -> int:
+def _describe(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+def _prctl() -> Callable[..., int] | None:
+    """libc's ``prctl`` on Linux (resolved in the supervisor, so the forked child only calls it), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return prctl
+
+
+def _child_setup(supervisor: int, prctl: Callable[..., int] | None) -> Callable[[], None]:
+    """Runs in each worker right after the fork, before it executes ``ssegate serve``."""
+    def setup() -> None:
+        # Until ``ssegate serve`` has its own handlers: a reload is dropped, a stop waits (see the docstring).
+        signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))  # survives exec
+            if os.getppid() != supervisor:  # the supervisor died before the request: nothing will signal us
+                os._exit(1)
+    return setup
+
+
+def run_workers(count: int, argv: Sequence[str], policy: RestartPolicy | None = None) -> int:
+    received: list[int] = []
+
+    def record(signum: int, _frame: object) -> None:
+        received.append(signum)
+
+    for sig in (*STOP_SIGNALS, signal.SIGHUP):
+        signal.signal(sig, record)
+    if policy is None:
+        try:
+            policy = RestartPolicy.from_env(os.environ)
+        except ValueError as exc:
+            print(f"ssegate supervisor: error: {exc}", file=sys.stderr, flush=True)
+            return 2
     cmd = _worker_argv(argv)
     env = {**os.environ, "SSEGATE_REUSE_PORT": "1"}
-    procs: list[subprocess.Popen[bytes]] = []
+    setup = _child_setup(os.getpid(), _prctl())
+    slots = [_Slot() for _ in range(count)]
     stopping = False
+    failed = False
 
-    def forward(signum: int, _frame: object) -> None:
+    def start(slot: _Slot) -> None:
+        slot.proc = subprocess.Popen(cmd, env=env, preexec_fn=setup)
+        slot.started = time.monotonic()
+
+    def say(message: str, error: bool = False) -> None:
+        print(f"ssegate supervisor: {'error: ' if error else ''}{message}", file=sys.stderr if error else sys.stdout,
+              flush=True)
+
+    def stop_all() -> None:
         nonlocal stopping
-        if signum in (signal.SIGTERM, signal.SIGINT):
-            stopping = True
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signum)
+        stopping = True
+        for slot in slots:
+            if slot.proc is not None and slot.proc.returncode is None:
+                slot.proc.send_signal(signal.SIGTERM)
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
-    procs.extend(subprocess.Popen(cmd, env=env) for _ in range(count))
-    print(f"ssegate supervisor: {count} workers (pids {', '.join(str(p.pid) for p in procs)})", flush=True)
+    if any(sig in STOP_SIGNALS for sig in received):
+        return 0  # stopped before any worker was started
+    received.clear()  # a reload before the workers start: they load the current config anyway
+    for slot in slots:
+        start(slot)
+    say(f"{count} workers (pids {', '.join(str(s.proc.pid) for s in slots if s.proc is not None)})")
     while True:
-        time.sleep(0.2)
-        if stopping:
-            if all(p.poll() is not None for p in procs):
-                return 0
-            continue
-        for i, p in enumerate(procs):
-            if p.poll() is not None:
-                print(f"ssegate supervisor: worker {p.pid} exited with {p.returncode}; restarting", flush=True)
-                procs[i] = subprocess.Popen(cmd, env=env)
+        while received:
+            signum = received.pop(0)
+            if signum in STOP_SIGNALS:
+                stopping = True
+            for slot in slots:
+                if slot.proc is not None and slot.proc.returncode is None:
+                    slot.proc.send_signal(signum)
+        now = time.monotonic()
+        for index, slot in enumerate(slots):
+            proc = slot.proc
+            if proc is not None and proc.poll() is not None:
+                slot.proc = None
+                code, uptime = proc.returncode, now - slot.started
+                if stopping:
+                    if code != 0:
+                        failed = True
+                        say(f"worker {proc.pid} did not drain cleanly: {_describe(code)}", error=True)
+                    continue
+                if uptime >= policy.early_exit_seconds:
+                    slot.early_exits, delay = 0, 0.0
+                else:
+                    slot.early_exits += 1
+                    if slot.early_exits >= policy.max_early_exits:
+                        say(f"worker slot {index} died within {policy.early_exit_seconds:g}s of starting "
+                            f"{slot.early_exits} times in a row (last: pid {proc.pid}, {_describe(code)}); "
+                            "giving up (see the worker's errors above)", error=True)
+                        failed = True
+                        stop_all()
+                        continue
+                    delay = policy.backoff(slot.early_exits)
+                slot.restart_at = now + delay
+                say(f"worker {proc.pid} exited with {_describe(code)} after {uptime:.1f}s; "
+                    f"restarting in {delay:g}s")
+            if slot.proc is None and not stopping and now >= slot.restart_at:
+                start(slot)
+                assert slot.proc is not None
+                say(f"worker slot {index} restarted (pid {slot.proc.pid})")
+        if stopping and all(slot.proc is None for slot in slots):
+            return 1 if failed else 0
+        time.sleep(POLL_SECONDS)

@@ -1,6 +1,7 @@
 """Small helpers for tests: read a gateway's SSE answer as raw events; record the exchanges that end."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import aiohttp
@@ -54,3 +55,18 @@ def content_of(events: list[bytes]) -> str:
 
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}]}
+
+
+def child_pids(parent: int) -> set[int]:
+    """The live (not zombie) child processes of ``parent``, from /proc."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == parent and fields[0] != "Z":
+                found.add(int(entry))
+    return found

@@ -10,21 +10,8 @@ import openai
 import pytest
 
 from tests.conftest import spawn, stop
+from tests.helpers import child_pids
 from tests.redis_server import free_port
-
-
-def worker_pids(supervisor_pid: int) -> set[int]:
-    children = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == supervisor_pid and fields[0] != "Z":
-                children.add(int(entry))
-    return children
 
 
 def wait_for(predicate, timeout: float = 15.0) -> None:
@@ -41,7 +28,7 @@ def test_killed_worker_is_replaced_and_sigterm_stops_all():
     proc, _ = spawn([sys.executable, "-m", "proxy", "serve", "--port", str(port), "--workers", "2"],
                     "ssegate supervisor: 2 workers")
     try:
-        wait_for(lambda: len(worker_pids(proc.pid)) == 2)
+        wait_for(lambda: len(child_pids(proc.pid)) == 2)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=3)
 
         def answers() -> bool:
@@ -52,14 +39,14 @@ def test_killed_worker_is_replaced_and_sigterm_stops_all():
                 return False
 
         wait_for(answers)
-        first = worker_pids(proc.pid)
+        first = child_pids(proc.pid)
         victim = min(first)
         os.kill(victim, signal.SIGKILL)
-        wait_for(lambda: len(worker_pids(proc.pid)) == 2 and victim not in worker_pids(proc.pid))
+        wait_for(lambda: len(child_pids(proc.pid)) == 2 and victim not in child_pids(proc.pid))
         wait_for(answers)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
-        assert worker_pids(proc.pid) == set()
+        assert child_pids(proc.pid) == set()
     finally:
         stop(proc)
 
