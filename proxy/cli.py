@@ -6,7 +6,7 @@ import asyncio
 import os
 import signal
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from ._version import __version__
 
@@ -43,6 +43,23 @@ def _startup_signals() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP, signal.SIGTERM, signal.SIGINT})
 
 
+def _log_config(path: str | None, config: Any) -> None:
+    """One line saying what runs (version, files, providers, pipeline), and a warning for each thing of the
+    environment the load left aside (``environment_notes``)."""
+    import structlog
+
+    from ._version import __version__
+    from .config import environment_notes, layer_files
+
+    log = structlog.get_logger("ssegate.config")
+    files = [f for f in layer_files(path) if os.path.exists(f)] if path is not None else []
+    log.info("config_loaded", version=__version__, files=files or ["<built-in default>"],
+             environment=os.environ.get("SSEGATE_ENVIRONMENT") or None,
+             providers=[p.name for p in config.providers], pipeline=[e.name for e in config.pipeline])
+    for note in environment_notes(path):
+        log.warning("config_environment_note", note=note)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     _startup_signals()
     import attrs
@@ -66,6 +83,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"ssegate: invalid configuration\n{exc}", file=sys.stderr)
         return 2
+    _log_config(path, config)
     if config.server.workers > 1:
         from .workers import run_workers
 
@@ -85,7 +103,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Report every problem at once: the config's own, and those of each plugin's settings."""
-    from .config import ConfigError, load_layers, structure
+    from .config import ConfigError, environment_notes, load_layers, structure
     from .config.schema import PipelineEntry
     from .plugin_manager import load_plugins, new_plugin_manager
 
@@ -110,6 +128,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print("\n".join(str(p) for p in problems), file=sys.stderr)
         return 1
     print(f"{args.file}: OK ({len(config.providers)} providers, {len(config.pipeline)} plugins)")
+    for note in environment_notes(args.file):
+        print(f"warning: {note}", file=sys.stderr)
     return 0
 
 

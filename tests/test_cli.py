@@ -140,3 +140,19 @@ def test_serve_embedded_default_streams_with_the_openai_sdk(embedded_gateway):
     assert len(emb.data) == 2 and len(emb.data[0].embedding) == 16
     legacy = client.completions.create(model="gpt-4o-mini", prompt="Once", max_tokens=4)
     assert legacy.usage.completion_tokens == 4
+
+
+def test_check_config_warns_of_what_the_environment_leaves_aside(tmp_path):
+    """A layer name with no file and a variable with ``_`` for ``__`` would run the base config silently."""
+    path = tmp_path / "ssegate.yaml"
+    path.write_text("providers:\n  - {name: a, type: simulated}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SSEGATE_")}
+    result = run("check-config", str(path), env={**env, "SSEGATE_ENVIRONMENT": "prodution",
+                                                 "SSEGATE_SERVER_PORT": "9001", "SSEGATE_WORKER_RESTART_DELAY": "1"})
+    assert result.returncode == 0 and "OK" in result.stdout
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert warnings == [
+        f"warning: SSEGATE_ENVIRONMENT=prodution: no layer file {tmp_path}/ssegate.prodution.yaml; the base config "
+        "applies alone",
+        "warning: SSEGATE_SERVER_PORT is not a setting (settings are SSEGATE_<SECTION>__<KEY>): did you mean "
+        "SSEGATE_SERVER__PORT? (Not if the config uses it as ${SSEGATE_SERVER_PORT}.)"]

@@ -292,6 +292,8 @@ async def test_after_a_reload_the_old_configs_streams_count_and_drain_and_access
     finally:
         stop(proc)
     lines = [orjson.loads(x) for x in stderr.splitlines() if x.startswith("{")]
+    [loaded] = [x for x in lines if x["event"] == "config_loaded"]  # what runs, said once at startup
+    assert loaded["files"] == [str(path)] and loaded["providers"] == [f"p{upstream.port}"] and loaded["version"]
     draining = [x for x in lines if x["event"] == "draining"]
     assert [(x["in_flight"], x["gateways"]) for x in draining] == [(1, 2)]  # the stream's Gateway is retiring
     access = [x for x in lines if x["event"] == "access"]

@@ -409,6 +409,33 @@ def layer_files(path: str | os.PathLike[str], environment: str | None = None,
     return (path, _overlay_path(path, environment)) if environment else (path,)
 
 
+def environment_notes(path: str | os.PathLike[str] | None, env: Mapping[str, str] = os.environ) -> list[str]:
+    """What in the environment a load of ``path`` silently leaves aside, said once at startup (warnings, not
+    errors: each may be intended):
+
+    - ``SSEGATE_ENVIRONMENT`` names a layer whose file does not exist (a typo runs the base config);
+    - an ``SSEGATE_*`` variable that is not a setting but looks like one with ``_`` for ``__``
+      (``SSEGATE_SERVER_PORT``): it may be a variable the config interpolates (``${SSEGATE_REDIS_URL}``).
+    """
+    notes = []
+    environment = env.get("SSEGATE_ENVIRONMENT") or None
+    if environment and path is not None:
+        overlay = _overlay_path(os.fspath(path), environment)
+        if not os.path.exists(overlay):
+            notes.append(f"SSEGATE_ENVIRONMENT={environment}: no layer file {overlay}; the base config applies "
+                         "alone")
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX) or name in RESERVED_ENV or "__" in name:
+            continue
+        tail = name[len(ENV_PREFIX):].lower()
+        section = next((s for s in CONFIG_SECTIONS if tail.startswith(s + "_")), None)
+        if section is not None:
+            suggestion = f"{ENV_PREFIX}{section.upper()}__{name[len(ENV_PREFIX) + len(section) + 1:]}"
+            notes.append(f"{name} is not a setting (settings are {ENV_PREFIX}<SECTION>__<KEY>): did you mean "
+                         f"{suggestion}? (Not if the config uses it as ${{{name}}}.)")
+    return notes
+
+
 def load_layers(
     path: str | os.PathLike[str] | None,
     environment: str | None = None,
