@@ -19,7 +19,7 @@ import structlog
 
 from .config.schema import LoggingConfig
 
-__all__ = ["configure_logging", "level_filter", "line_sink", "LINE_OPTIONS", "flush_lines",
+__all__ = ["configure_logging", "restore_output", "level_filter", "line_sink", "LINE_OPTIONS", "flush_lines",
            "request_context", "add_request_context"]
 
 #: ``(request_id, trace_id)`` of the request the current task serves (set once per request by the handler:
@@ -56,32 +56,91 @@ class _NamedBytesLogger(structlog.BytesLogger):
         self.name = name
 
 
+class _Output:
+    """Where loggers write: the stream of the latest :func:`configure_logging`. structlog keeps the logger it made
+    for a name at its first use (``cache_logger_on_first_use``); writing through this object, such a logger
+    follows a reload's reconfiguration (and a test's output) instead of the stream of its first use."""
+
+    def __init__(self) -> None:
+        self.text: TextIO = sys.stderr
+        self.binary: Any = getattr(sys.stderr, "buffer", None)
+
+    def point_at(self, file: TextIO) -> None:
+        self.text, self.binary = file, getattr(file, "buffer", None)
+
+
+_OUTPUT = _Output()
+
+
+class _TextOut:
+    """A text file for :class:`structlog.PrintLogger` that writes to the current output."""
+
+    def write(self, text: str) -> int:
+        return _OUTPUT.text.write(text)
+
+    def flush(self) -> None:
+        _OUTPUT.text.flush()
+
+
+class _BinaryOut:
+    """A binary file for :class:`structlog.BytesLogger` that writes to the current output (as text when the current
+    output has no binary side)."""
+
+    def write(self, data: bytes) -> int:
+        binary = _OUTPUT.binary
+        if binary is None:
+            return _OUTPUT.text.write(data.decode("utf-8", "replace"))
+        return int(binary.write(data))
+
+    def flush(self) -> None:
+        (_OUTPUT.binary or _OUTPUT.text).flush()
+
+
+_TEXT_OUT, _BINARY_OUT = _TextOut(), _BinaryOut()
+
+
+def restore_output() -> None:
+    """Point every logger back at ``sys.stderr`` (tests, after logging to a file they close)."""
+    _OUTPUT.point_at(sys.stderr)
+
+
 def _factory(file: TextIO, json: bool) -> Any:
-    if json:
-        binary = getattr(file, "buffer", None)
-        if binary is not None:
-            def create_bytes(*args: Any) -> _NamedBytesLogger:
-                return _NamedBytesLogger(binary, str(args[0]) if args else "")
-            return create_bytes
+    if json and getattr(file, "buffer", None) is not None:
+        def create_bytes(*args: Any) -> _NamedBytesLogger:
+            return _NamedBytesLogger(_BINARY_OUT, str(args[0]) if args else "")
+        return create_bytes
 
     def create(*args: Any) -> _NamedPrintLogger:
-        return _NamedPrintLogger(file, str(args[0]) if args else "")
+        return _NamedPrintLogger(_TEXT_OUT, str(args[0]) if args else "")  # type: ignore[arg-type]
     return create
 
 
-def level_filter(default: int, levels: dict[str, int]) -> Any:
-    """A processor adding ``logger`` to each event and dropping events below their logger's level."""
-    resolved: dict[str, int] = {}
+class _Levels:
+    """The level of each logger name: ``default``, or that of its longest prefix in ``levels``."""
 
-    def threshold(name: str) -> int:
-        found = resolved.get(name)
+    def __init__(self, default: int, levels: dict[str, int]) -> None:
+        self.set(default, levels)
+
+    def set(self, default: int, levels: dict[str, int]) -> None:
+        self.default, self.levels = default, dict(levels)
+        self.resolved: dict[str, int] = {}
+
+    def threshold(self, name: str) -> int:
+        found = self.resolved.get(name)
         if found is None:
-            found, best = default, -1
-            for prefix, level in levels.items():
+            found, best = self.default, -1
+            for prefix, level in self.levels.items():
                 if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
                     found, best = level, len(prefix)
-            resolved[name] = found
+            self.resolved[name] = found
         return found
+
+
+def level_filter(default: int, levels: dict[str, int], state: _Levels | None = None) -> Any:
+    """A processor adding ``logger`` to each event and dropping events below their logger's level (read from
+    ``state`` at each event, so that changing it reaches loggers structlog has already cached)."""
+    levels_state = state if state is not None else _Levels(default, levels)
+    threshold = levels_state.threshold
 
     def process(logger: Any, method: str, event: Any) -> Any:
         name = getattr(logger, "name", "") or ""
@@ -93,6 +152,12 @@ def level_filter(default: int, levels: dict[str, int]) -> Any:
 
     process.threshold = threshold  # type: ignore[attr-defined]
     return process
+
+
+#: The process's levels. structlog caches each logger's processors on its first use
+#: (``cache_logger_on_first_use``), so a reload changes this object rather than the processors: the levels of
+#: ``logging.levels`` then apply at once to every logger. (Its format and output stay those of the first use.)
+_PROCESS_LEVELS = _Levels(logging.INFO, {})
 
 
 def _timestamper() -> Any:
@@ -168,7 +233,9 @@ def configure_logging(config: LoggingConfig, file: TextIO | None = None) -> None
         renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)
     else:
         renderer = structlog.processors.JSONRenderer(serializer=lambda obj, **kw: orjson.dumps(obj, **kw).decode())
-    filter_ = level_filter(default, levels)
+    _PROCESS_LEVELS.set(default, levels)
+    _OUTPUT.point_at(out)
+    filter_ = level_filter(default, levels, _PROCESS_LEVELS)
     flush_lines()
     previous, previous_source = _json_target.get("stream"), _json_target.get("source")
     _json_target.clear()
@@ -188,7 +255,9 @@ def configure_logging(config: LoggingConfig, file: TextIO | None = None) -> None
             structlog.processors.format_exc_info if fmt == "json" else structlog.dev.set_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(min([default, *levels.values()])),
+        # Every method reaches the processors, where the level filter decides (a cached logger must see a reload's
+        # levels). Debug calls are rare, so letting them through to the filter costs nothing measurable.
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
         logger_factory=_factory(out, fmt == "json"),
         cache_logger_on_first_use=True,
     )

@@ -23,6 +23,7 @@ def json_logging_to(path: Path, **options: object) -> Iterator[None]:
         finally:
             structlog.reset_defaults()
             log_module._json_target.clear()
+            log_module.restore_output()  # loggers structlog cached in the block write to stderr again
 
 
 def test_json_lines_with_levels_per_logger():
@@ -39,11 +40,35 @@ def test_json_lines_with_levels_per_logger():
     finally:
         structlog.contextvars.clear_contextvars()
         structlog.reset_defaults()
+        log_module.restore_output()
     lines = [orjson.loads(line) for line in out.getvalue().splitlines()]
     assert [(e["event"], e["logger"]) for e in lines] == [
         ("access", "ssegate.access"), ("shown", "ssegate.debuggy.sub"), ("shown_too", "ssegate.gateway")]
     assert lines[0]["status"] == 502 and lines[0]["level"] == "warning"
     assert all(e["request_id"] == "r-1" and "timestamp" in e for e in lines)
+
+
+def test_new_levels_reach_loggers_already_used():
+    """A reload reconfigures logging; structlog caches a logger's set-up at its first use, so the levels must
+    reach loggers used before (a module's ``log = structlog.get_logger(...)``), both ways."""
+    out, later = io.StringIO(), io.StringIO()
+    quiet = LoggingConfig(level="info", format="json", levels={"ssegate.thing": "warning"})
+    loud = LoggingConfig(level="info", format="json", levels={"ssegate.thing": "debug"})
+    try:
+        configure_logging(quiet, out)
+        logger = structlog.get_logger("ssegate.thing")
+        logger.info("dropped_1")
+        configure_logging(loud, out)
+        logger.debug("kept_1")
+        logger.info("kept_2")
+        configure_logging(quiet, later)  # the output changes too
+        logger.info("dropped_2")
+        logger.warning("kept_3")
+    finally:
+        structlog.reset_defaults()
+        log_module.restore_output()
+    assert [orjson.loads(line)["event"] for line in out.getvalue().splitlines()] == ["kept_1", "kept_2"]
+    assert [orjson.loads(line)["event"] for line in later.getvalue().splitlines()] == ["kept_3"]
 
 
 async def test_access_lines_take_the_fast_json_path(tmp_path, upstream, gateway_factory):
