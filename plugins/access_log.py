@@ -87,6 +87,8 @@ class AccessLogPlugin:
         }
         if exchange.error is not None:
             fields["error_code"] = exchange.error.code
+        if exchange.endpoint == "unmatched":  # no route: the method and path asked for
+            fields["path"] = exchange.state.get("path")
         if exchange.tags:
             fields["tags"] = sorted(exchange.tags)
         if self.log_prompts:

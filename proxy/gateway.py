@@ -298,6 +298,14 @@ class Gateway:
                 if self.in_flight == 0 and self._idle is not None:
                     self._idle.set()
 
+    async def record_unmatched(self, exchange: Exchange, status: int) -> None:
+        """``exchange_done`` for a request no route matched (404, or 405 for a known path): the access log and
+        the metrics see it (route ``unmatched``; the path in the state's ``"path"``), like every other request."""
+        exchange.status = status
+        exchange.outcome = Outcome.REJECTED
+        exchange.ended = time.monotonic()
+        await self._exchange_done(exchange)
+
     async def _exchange_done(self, exchange: Exchange) -> None:
         """Run ``exchange_done`` to its end even if the handler is cancelled meanwhile (aiohttp cancels it
         when the client closes the connection, which may happen right after the last byte). Synchronous

@@ -47,7 +47,7 @@ def create_app(gateway: Gateway, config_path: str | None = None, configure_logs:
         path = route.resource.canonical if route.resource is not None else None
         if path is not None:
             known.setdefault(path, set()).add(route.method)
-    app.router.add_route("*", "/{tail:.*}", edge(unmatched_route(known)))  # last: unknown paths and methods
+    app.router.add_route("*", "/{tail:.*}", _recorded(holder, edge(unmatched_route(known))))  # last: the rest
 
     async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
         await app[GATEWAY].current.start()
@@ -57,6 +57,28 @@ def create_app(gateway: Gateway, config_path: str | None = None, configure_logs:
 
     app.cleanup_ctx.append(gateway_ctx)
     return app
+
+
+#: Characters of an unmatched request's path kept for its access line.
+UNMATCHED_PATH_CHARS = 256
+
+
+def _recorded(holder: GatewayHolder, handler: Any) -> Any:
+    """The catch-all route's handler, its requests recorded as exchanges (``Gateway.record_unmatched``): scans of
+    unknown paths show in the access log and the metrics."""
+    from .exchange import Exchange
+    from .web_handlers import client_ip
+
+    async def recorded(request: web.Request) -> web.StreamResponse:
+        response: web.StreamResponse = await handler(request)
+        gateway = holder.current
+        exchange = Exchange(request_id=request["request_id"], endpoint="unmatched", headers=request.headers,
+                            client_ip=client_ip(request, gateway.trusted_proxies), trace_id=request["trace_id"])
+        exchange.state["path"] = f"{request.method} {request.path[:UNMATCHED_PATH_CHARS]}"
+        await gateway.record_unmatched(exchange, response.status)
+        return response
+
+    return recorded
 
 
 async def start_server(app: web.Application, host: str, port: int, *, reuse_port: bool = False,

@@ -14,10 +14,11 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
+from proxy import Outcome
 from proxy.config.schema import CircuitBreakerConfig, CorsConfig, ObservabilityConfig, RedisConfig
 from proxy.config import load_config
 from proxy.testing import GatewayServer, Script, config_for
-from tests.helpers import CHAT, read_stream
+from tests.helpers import CHAT, Recorder, read_stream
 
 STREAM = {**CHAT, "stream": True}
 
@@ -364,6 +365,28 @@ async def test_access_line_per_exchange(upstream, gateway_factory):
     assert "sk-secret" not in repr(logs) and "Say hello" not in repr(logs)
     sent = upstream.headers[0]["traceparent"]
     assert re.fullmatch(f"00-{trace}-[0-9a-f]{{16}}-01", sent) and sent != f"00-{trace}-00f067aa0ba902b7-01"
+
+
+async def test_requests_no_route_matches_are_logged_and_counted(upstream, gateway_factory):
+    """Scans of unknown paths, and wrong methods on known ones, show in the access log and the metrics."""
+    rec = Recorder()
+    gw = await gateway_factory(config_for(upstream, pipeline=["rec", "router"]), plugins={"rec": rec})
+    with capture_logs() as logs:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(gw.url + "/wp-admin/setup.php?x=1") as r:
+                assert r.status == 404
+            async with s.get(gw.base_url + "/chat/completions") as r:
+                assert r.status == 405
+    assert [(e.endpoint, e.status, e.outcome, e.state["path"]) for e in rec.done] == [
+        ("unmatched", 404, Outcome.REJECTED, "GET /wp-admin/setup.php"),
+        ("unmatched", 405, Outcome.REJECTED, "GET /v1/chat/completions")]
+    assert all(e.request_id and e.client_ip == "127.0.0.1" for e in rec.done)
+    access = [e for e in logs if e["event"] == "access"]
+    assert [(a["route"], a["status"], a["path"]) for a in access] == [
+        ("unmatched", 404, "GET /wp-admin/setup.php"), ("unmatched", 405, "GET /v1/chat/completions")]
+    _, text = await get(gw.url + "/metrics")
+    assert sample(text, "ssegate_requests_total", route="unmatched", status="404") == 1
+    assert sample(text, "ssegate_requests_total", route="unmatched", status="405") == 1
 
 
 async def test_cors_preflight_and_headers(upstream, gateway_factory):
