@@ -90,7 +90,9 @@ class Exchange:
     """
 
     request_id: str
-    endpoint: str  #: "chat.completions", "completions", "embeddings", "models", ...
+    #: "chat.completions", "completions", "embeddings", "models", "messages.count_tokens", or "unmatched" (no route
+    #: matched the request: only ``exchange_done`` sees it, with the method and path in ``state["path"]``)
+    endpoint: str
     ingress: str = "openai"  #: the client's wire format: "openai", or "anthropic" for ``/v1/messages``
     body: bytes = b""
     headers: Any = None  #: the client's request headers (case-insensitive mapping)
