@@ -408,12 +408,14 @@ class RateLimitPlugin:
 
     # -- reconcile ----------------------------------------------------------------------------------------
     @staticmethod
-    def actual_tokens(exchange: "Exchange", prompt_estimate: int) -> int:
+    def actual_tokens(exchange: "Exchange", prompt_estimate: int, reserved: int | None = None) -> int:
         """Tokens an exchange consumed: nothing for an answer given by a plugin (cache hit, refusal); else the
-        upstream's usage; else, if the request reached an upstream and output reached the client (a stream cut
-        by a disconnect, timeout or error), the prompt estimate plus one token per event sent; if it reached an
-        upstream and the client left or it timed out before any output, the prompt estimate; otherwise
-        (refused later in the pipeline, no route, upstream error) nothing."""
+        upstream's usage; else, if the request reached an upstream and output reached the client (a stream
+        without usage, or cut by a disconnect, timeout or error), the prompt estimate plus one token per event
+        sent; a whole answer without usage (servers that leave it out), what was reserved for it (``reserved``:
+        the prompt estimate and the completion allowance), never nothing; if it reached an upstream and the
+        client left or it timed out before any output, the prompt estimate; otherwise (refused later in the
+        pipeline, no route, upstream error) nothing."""
         if exchange.outcome == Outcome.SHORT_CIRCUIT:
             return 0
         usage = exchange.usage
@@ -423,6 +425,8 @@ class RateLimitPlugin:
             return 0
         if exchange.chunks_sent:
             return prompt_estimate + exchange.chunks_sent
+        if exchange.outcome in (Outcome.OK, Outcome.STOPPED) and exchange.status < 400:
+            return reserved if reserved is not None else prompt_estimate
         if exchange.outcome in (Outcome.CLIENT_DISCONNECT, Outcome.TIMEOUT):
             return prompt_estimate
         return 0
@@ -433,7 +437,7 @@ class RateLimitPlugin:
         if state is None or state.plan is None or state.plan.token_index < 0:
             return
         plan = state.plan
-        delta = state.reserved - self.actual_tokens(exchange, state.prompt)
+        delta = state.reserved - self.actual_tokens(exchange, state.prompt, state.reserved)
         if delta == 0:
             return
         i = plan.token_index

@@ -241,6 +241,21 @@ async def test_a_request_larger_than_the_token_burst_is_refused_outright(upstrea
     assert (await post(gw, {**CHAT, "max_tokens": 900}))[0] == 200
 
 
+async def test_a_whole_answer_without_usage_is_charged_its_reservation(upstream, gateway_factory, backend):
+    """Servers that leave usage out of a non-stream answer must not make it free: the reservation stands."""
+    upstream.script = Script(usage=None)
+    gw, done = await start(upstream, gateway_factory, backend, keys=[f"{ALICE} rpm=1000 tpm=1 tpm_burst=10000"])
+    body = {**CHAT, "max_tokens": 1500}
+    for n in (1, 2):
+        status, headers, answer = await post(gw, body)
+        assert status == 200 and "usage" not in answer or answer["usage"] is None
+        exchange = await settled(gw, done, n)
+        assert exchange.usage is None
+    status, headers, _ = await post(gw, {**CHAT, "max_tokens": 10})
+    assert headers["x-ratelimit-remaining-tokens"] == str(10_000 - 2 * reservation(body) - reservation(
+        {**CHAT, "max_tokens": 10}))
+
+
 async def test_tokens_reconcile_with_streamed_usage(upstream, gateway_factory, backend):
     upstream.script = Script(usage={"prompt_tokens": 30, "completion_tokens": 70, "total_tokens": 100})
     gw, done = await start(upstream, gateway_factory, backend, keys=[f"{ALICE} rpm=1000 tpm=1 tpm_burst=10000"])
