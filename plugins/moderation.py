@@ -236,6 +236,8 @@ class ModerationPlugin:
         self._session: Any = None
         self._watcher: asyncio.Task[None] | None = None
         self._failed_mtimes: tuple[float | None, ...] | None = None
+        #: Why the rule files last failed to reload (None: the rules on disk are the rules in use).
+        self.reload_error: str | None = None
         #: The compiled rules in use. Replaced, never mutated: a reload is one assignment.
         self.rules: RuleSet = self._compile()
 
@@ -273,13 +275,22 @@ class ModerationPlugin:
             new = self._compile()
         except (ConfigError, ValueError) as exc:
             self.stats.reload_errors += 1
+            self.reload_error = str(exc)
             log.error("moderation_reload_failed", error=str(exc), files=list(self.config.rule_files))
             raise
         self.rules = new
+        self.reload_error = None
         self.stats.reloads += 1
         log.info("moderation_rules_reloaded", files=list(new.files), input_rules=len(new.input.rules),
                  output_rules=len(new.output.rules))
         return new
+
+    def health(self) -> dict[str, Any]:
+        """``degraded`` while the rule files on disk failed to load (the rules before them still apply)."""
+        if self.reload_error is None:
+            return {"status": "ok", "reloads": self.stats.reloads}
+        return {"status": "degraded", "error": self.reload_error,
+                "detail": "the rule files on disk do not load; the rules loaded before still apply"}
 
     async def _watch(self, interval: float) -> None:
         """Reload when a rule file's modification time changes (a failed version is not retried)."""

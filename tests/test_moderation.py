@@ -487,11 +487,25 @@ async def test_rule_files_are_watched_when_asked(upstream, gateway_factory, tmp_
     write_rules(rules, "delta")
     await until(lambda: mod.stats.reloads == 1)
     assert (await read_stream(gw.base_url + "/chat/completions", ask("delta")))[0] == 400
+    async with aiohttp.ClientSession() as s:
+        async with s.get(gw.url + "/health") as r:
+            assert (await r.json())["checks"]["plugin:moderation"]["status"] == "ok"
     write_rules(rules, "omega", pattern="(bad")
     await until(lambda: mod.stats.reload_errors == 1)
     await asyncio.sleep(0.2)
     assert mod.stats.reload_errors == 1  # a broken version is reported once, not at every poll
     assert (await read_stream(gw.base_url + "/chat/completions", ask("delta")))[0] == 400
+    async with aiohttp.ClientSession() as s:  # health says the files on disk are not what runs
+        async with s.get(gw.url + "/health") as r:
+            health = await r.json()
+    assert health["status"] == "degraded" and health["checks"]["plugin:moderation"]["status"] == "degraded"
+    assert "invalid regular expression" in health["checks"]["plugin:moderation"]["error"]
+    write_rules(rules, "omega", pattern="(x+)+y")  # a pattern that can stall the event loop is refused too
+    await until(lambda: mod.stats.reload_errors == 2)
+    assert "exponential time" in mod.reload_error
+    write_rules(rules, "omega")
+    await until(lambda: mod.stats.reloads == 2)
+    assert mod.health()["status"] == "ok"
 
 
 async def test_a_stream_keeps_the_rules_it_started_with(upstream, gateway_factory):
@@ -515,6 +529,9 @@ async def test_a_stream_keeps_the_rules_it_started_with(upstream, gateway_factor
     ({"rules": [{"category": "x", "score": 2, "keywords": ["a"]}]}, "rules[0].score: must be between 0 and 1"),
     ({"rules": [{"category": "x", "patterns": ["(a"]}]}, "rules[0].patterns[0]: invalid regular expression"),
     ({"rules": [{"category": "x", "patterns": ["a*"]}]}, "matches the empty string"),
+    ({"rules": [{"category": "x", "patterns": ["(a+)+b"]}]}, "rules[0].patterns[0]: a quantified group holds a part "
+                                                             "of varying length"),
+    ({"rules": [{"category": "x", "patterns": [r"x(\w+\s?)*$"]}]}, "exponential time"),
     ({"rules": [{"category": "x"}]}, "at least one keyword or pattern"),
     ({"rules": [{"category": "x", "keywords": ["a"], "applies_to": ["both"]}]}, "applies_to"),
     ({"rule_files": ["/nonexistent/rules.yaml"]}, "/nonexistent/rules.yaml: file not found"),
@@ -637,3 +654,15 @@ async def test_a_config_reload_rereads_the_rule_files(tmp_path, upstream):
         assert current.stats.input_flagged == 2  # the counters were handed over too
     finally:
         await gw.close()
+
+
+@pytest.mark.parametrize("pattern,refused", [
+    ("(a+)+b", True), (r"(\w+\s?)*$", True), ("(x|y+)+", True), ("(a*)*", True),
+    ("(?>a+)+b", False), ("a++b", False), (r"(\d{3}-)+", False), (r"\bkill\s+you\b", False), ("(ab)+", False),
+    (r"\b\d{4}[ -]?\d{4}[ -]?\d{4}[ -]?\d{4}\b", False), (r"[a-z0-9._%+-]+@[a-z0-9.-]+\.[a-z]{2,}", False),
+])
+def test_patterns_that_can_backtrack_exponentially_are_told_apart(pattern, refused):
+    """Such a pattern took 5 s on a 27-character prompt, the event loop stalled all along (liveness failed)."""
+    from plugins._moderation_rules import nested_quantifier
+
+    assert nested_quantifier(pattern) is refused
