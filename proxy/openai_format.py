@@ -123,15 +123,23 @@ def body_to_chunks(body: dict[str, Any], include_usage: bool = False) -> list[di
     return chunks
 
 
-def finish_chunk(template: dict[str, Any] | None, finish_reason: str) -> dict[str, Any]:
-    """A final chunk ending choice 0 with ``finish_reason``, carrying the stream's id/model when known."""
+def finish_chunk(template: dict[str, Any] | None, finish_reason: str, endpoint: str = "chat.completions",
+                 choices: int = 1) -> dict[str, Any]:
+    """A final chunk ending every choice (``choices``, the request's ``n``) with ``finish_reason``, carrying the
+    stream's id/model when known, in the stream's shape: ``chat.completion.chunk``, or ``text_completion`` for
+    ``/v1/completions`` (``endpoint``, or the template's own ``object``)."""
     template = template or {}
+    text = template.get("object") == "text_completion" or (not template and endpoint == "completions")
+    if text:
+        parts = [{"text": "", "index": i, "logprobs": None, "finish_reason": finish_reason} for i in range(choices)]
+    else:
+        parts = [{"index": i, "delta": {}, "logprobs": None, "finish_reason": finish_reason} for i in range(choices)]
     return {
-        "id": template.get("id") or new_id(),
-        "object": "chat.completion.chunk",
+        "id": template.get("id") or new_id("cmpl" if text else "chatcmpl"),
+        "object": "text_completion" if text else "chat.completion.chunk",
         "created": template.get("created") or int(time.time()),
         "model": template.get("model"),
-        "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": parts,
     }
 
 

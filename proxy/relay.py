@@ -161,7 +161,10 @@ class ClientStream:
         template = None
         if self.last_template is not None:
             template = Chunk(self.last_template).json
-        final = encode_event(orjson.dumps(finish_chunk(template, stop.finish_reason)))
+        exchange = self.exchange
+        n = exchange.json.get("n") if isinstance(exchange.json, dict) else None
+        choices = n if isinstance(n, int) and not isinstance(n, bool) and 1 < n <= 128 else 1
+        final = encode_event(orjson.dumps(finish_chunk(template, stop.finish_reason, exchange.endpoint, choices)))
         await self.write_events([final, DONE])
         await self.resp.write_eof()
         return self.resp

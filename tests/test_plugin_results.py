@@ -159,3 +159,37 @@ async def test_an_answer_stopped_in_on_response_keeps_its_shape_and_usage(upstre
             assert parsed.choices[0].message.content is None and parsed.usage.total_tokens == 11
     await asyncio.sleep(0.05)
     assert [(e.outcome, e.status, e.usage.total_tokens) for e in rec.done] == [(Outcome.STOPPED, 200, 11)] * 2
+
+
+class StopAfterFirstText:
+    @hookimpl
+    def on_chunk(self, exchange, chunk):
+        if not chunk.is_done and exchange.chunks_sent >= 2:
+            raise StopStream("enough", finish_reason="content_filter")
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat.completions"])
+async def test_a_stopped_stream_ends_in_its_own_shape_for_every_choice(gateway_factory, endpoint):
+    """``/v1/completions`` ends with a ``text_completion`` chunk (the SDK reads ``choice.text``), and every one
+    of ``n`` choices gets its ``finish_reason``."""
+    import attrs
+
+    from proxy.config.load import load_config
+    from proxy.config.schema import PipelineEntry
+
+    config = attrs.evolve(load_config(env={}), pipeline=(PipelineEntry("stop"), PipelineEntry("router")))
+    gw = await gateway_factory(config, plugins={"stop": StopAfterFirstText()})
+    async with openai_client(gw.base_url) as client:
+        if endpoint == "completions":
+            stream = await client.completions.create(model="gpt-4o-mini", prompt="Once", stream=True, n=2,
+                                                     max_tokens=30)
+            chunks = [c async for c in stream]
+            assert all(c.object == "text_completion" for c in chunks)
+            "".join(ch.text for c in chunks for ch in c.choices)  # every choice has its text (a str)
+        else:
+            stream = await client.chat.completions.create(model="gpt-4o-mini", messages=CHAT["messages"],
+                                                          stream=True, n=2, max_tokens=30)
+            chunks = [c async for c in stream]
+    final = chunks[-1]
+    assert sorted((ch.index, ch.finish_reason) for ch in final.choices) == [(0, "content_filter"),
+                                                                            (1, "content_filter")]
