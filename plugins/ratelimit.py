@@ -169,6 +169,8 @@ class RateLimitPlugin:
         self.backend: MemoryBackend | RedisBackend = MemoryBackend() if config.backend == "memory" else RedisBackend()
         self._memory = self.backend if isinstance(self.backend, MemoryBackend) else None
         self._plans: dict[tuple[str, str | None], _Plan] = {}
+        self._aliases: dict[str, tuple[str, ...]] = {}  # the router's (set at startup)
+        self._provider_names: frozenset[str] = frozenset()
         self._fail_open = config.on_backend_error == "fail_open"
         # backend health
         self._failing = False
@@ -182,6 +184,12 @@ class RateLimitPlugin:
     # -- lifecycle ----------------------------------------------------------------------------------------
     @hookimpl
     async def startup(self, gateway: "Gateway") -> None:
+        try:  # per_model buckets are keyed by the model served, whatever name the request used for it
+            aliases = getattr(gateway.plugin_config("router"), "aliases", None)
+        except KeyError:
+            aliases = None
+        self._aliases = dict(aliases) if isinstance(aliases, dict) else {}
+        self._provider_names = frozenset(gateway.providers)
         if isinstance(self.backend, RedisBackend):
             if not gateway.config.redis.url:
                 raise ValueError("the ratelimit backend 'redis' needs the redis.url setting")
@@ -297,9 +305,20 @@ class RateLimitPlugin:
             return None
         return Limits(rpm, tpm, rpm_burst, tpm_burst)
 
+    def bucket_model(self, model: str | None) -> str | None:
+        """The model whose buckets a request uses with ``per_model``: a router alias counts as its first target,
+        and ``provider/model`` as ``model``, so one model reached under several names shares one set of limits."""
+        if model is None:
+            return None
+        targets = self._aliases.get(model)
+        if targets:
+            model = targets[0]
+        provider, slash, bare = model.partition("/")
+        return bare if slash and bare and provider in self._provider_names else model
+
     def _plan_for(self, exchange: "Exchange") -> _Plan | None:
         principal = exchange.principal
-        model = exchange.model if self.config.per_model else None
+        model = self.bucket_model(exchange.model) if self.config.per_model else None
         if principal is None:
             if self.anonymous is None:
                 return None

@@ -411,6 +411,19 @@ async def test_per_model_buckets(upstream, gateway_factory, backend):
     assert (await post(gw2, {**CHAT, "model": "gpt-4o-mini"}))[0] == 429  # one bucket per key
 
 
+async def test_per_model_buckets_count_a_model_under_every_name(upstream, gateway_factory):
+    """A router alias and ``provider/model`` reach the same upstream model as its bare name: one set of buckets,
+    not one per name (a key could multiply its limit by the names it knows)."""
+    pipeline = [PipelineEntry("auth", {"keys": [f"{ALICE} rpm=2"], "keys_env": None}),
+                PipelineEntry("ratelimit", {"per_model": True}),
+                PipelineEntry("router", {"aliases": {"cheap": ["up0/gpt-4o-mini"], "cheap2": ["gpt-4o-mini"]}})]
+    gw = await gateway_factory(config_for(upstream, pipeline=pipeline))
+    statuses = [(await post(gw, {**CHAT, "model": name}))[0]
+                for name in ("gpt-4o-mini", "cheap", "cheap2", "up0/gpt-4o-mini")]
+    assert statuses == [200, 200, 429, 429]
+    assert (await post(gw, {**CHAT, "model": "gpt-4o"}))[0] == 200  # another model, its own buckets
+
+
 async def test_anonymous_callers_are_limited_per_ip_or_not_at_all(upstream, gateway_factory):
     gw, _ = await start(upstream, gateway_factory, auth=False, anonymous={"rpm": 2})
     assert [(await post(gw, key=None))[0] for _ in range(3)] == [200, 200, 429]
