@@ -69,6 +69,10 @@ def _endpoints(_: Any, attribute: attrs.Attribute, value: tuple[str, ...]) -> No
         raise ValueError(f"cache: endpoints: unknown endpoint {unknown[0]!r} (known: {', '.join(_ENDPOINTS)})")
 
 
+#: Request headers that carry a caller's credential, by client kind (``per_key`` without an auth plugin).
+_CREDENTIAL_HEADERS = ("Authorization", "x-api-key", "api-key")
+
+
 @attrs.frozen
 class CacheConfig:
     """Settings of the ``cache`` plugin (every key is documented in docs/cache-and-moderation.md)."""
@@ -296,10 +300,17 @@ class CachePlugin:
 
     @staticmethod
     def _scope(exchange: "Exchange") -> str:
+        """Whose entries (``per_key``): the principal's name, else the caller's credential as sent (OpenAI's
+        ``Authorization``, Anthropic's ``x-api-key``, Azure's ``api-key``), else "anonymous"."""
         if exchange.principal is not None:
             return "p:" + exchange.principal.name
-        auth = exchange.headers.get("Authorization") if exchange.headers is not None else None
-        return "a:" + auth if auth else "anonymous"
+        headers = exchange.headers
+        if headers is not None:
+            for name in _CREDENTIAL_HEADERS:
+                value = headers.get(name)
+                if value:
+                    return f"a:{name}:{value}"
+        return "anonymous"
 
     def _deterministic(self, exchange: "Exchange") -> bool:
         if exchange.endpoint == "embeddings" or not self.config.only_deterministic:

@@ -140,6 +140,11 @@ async def test_per_key_namespace_separates_api_keys(upstream, gateway_factory):
     _, h_a, _ = await read_stream(url, STREAM, headers={"Authorization": "Bearer key-a"})
     assert (h_b["x-cache"], h_a["x-cache"]) == ("MISS", "HIT")
     assert len(upstream.requests) == 2
+    # Anthropic's and Azure's credential headers separate callers too (they were all "anonymous")
+    for header in ("x-api-key", "api-key"):
+        _, h_c, _ = await read_stream(url, STREAM, headers={header: "key-c"})
+        assert h_c["x-cache"] == "MISS", header
+    assert len(upstream.requests) == 4
 
 
 # -- replay -------------------------------------------------------------------------------------------------
