@@ -56,9 +56,17 @@ def merge_chunks(chunks: list[dict[str, Any]]) -> dict[str, Any]:
         for choice in chunk.get("choices") or ():
             idx = choice.get("index", 0)
             acc = choices.setdefault(idx, {"index": idx, "role": None, "content": [], "tool_calls": {},
-                                           "finish_reason": None, "refusal": None})
+                                           "finish_reason": None, "refusal": None, "logprobs": None})
             if choice.get("finish_reason"):
                 acc["finish_reason"] = choice["finish_reason"]
+            logprobs = choice.get("logprobs")
+            if isinstance(logprobs, dict):  # chat: {"content": [...], "refusal": [...]}, each chunk's part in order
+                merged = acc["logprobs"] = acc["logprobs"] or {}
+                for key, items in logprobs.items():
+                    if isinstance(items, list):
+                        merged[key] = (merged.get(key) or []) + items
+                    elif key not in merged:
+                        merged[key] = items
             if not is_chat:
                 acc["content"].append(choice.get("text") or "")
                 continue
@@ -83,10 +91,10 @@ def merge_chunks(chunks: list[dict[str, Any]]) -> dict[str, Any]:
                                        "refusal": acc["refusal"]}
             if acc["tool_calls"]:
                 message["tool_calls"] = [acc["tool_calls"][k] for k in sorted(acc["tool_calls"])]
-            out_choices.append({"index": idx, "message": message, "logprobs": None,
+            out_choices.append({"index": idx, "message": message, "logprobs": acc["logprobs"],
                                 "finish_reason": acc["finish_reason"]})
         else:
-            out_choices.append({"index": idx, "text": "".join(acc["content"]), "logprobs": None,
+            out_choices.append({"index": idx, "text": "".join(acc["content"]), "logprobs": acc["logprobs"],
                                 "finish_reason": acc["finish_reason"]})
     body = {
         "id": first.get("id") or new_id(),
@@ -115,7 +123,10 @@ def body_to_chunks(body: dict[str, Any], include_usage: bool = False) -> list[di
             delta["tool_calls"] = [{**tc, "index": i} for i, tc in enumerate(message["tool_calls"])]
         if message.get("refusal"):
             delta["refusal"] = message["refusal"]
-        chunks.append({**base, "choices": [{"index": idx, "delta": delta, "logprobs": None, "finish_reason": None}]})
+        # The answer's log probabilities ride on the chunk of its content, whole (a stream spreads them over its
+        # chunks; merged back they are the same list).
+        chunks.append({**base, "choices": [{"index": idx, "delta": delta, "logprobs": choice.get("logprobs"),
+                                            "finish_reason": None}]})
         chunks.append({**base, "choices": [{"index": idx, "delta": {}, "logprobs": None,
                                             "finish_reason": choice.get("finish_reason") or "stop"}]})
     if include_usage and body.get("usage"):

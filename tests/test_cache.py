@@ -576,3 +576,31 @@ async def test_memory_entries_and_counters_survive_a_config_reload(tmp_path, ups
         assert new.stats.hits == 1 and len(upstream.requests) == 2
     finally:
         await gw.close()
+
+
+@pytest.mark.parametrize("first_streamed", [True, False], ids=["stream-then-whole", "whole-then-stream"])
+async def test_a_replay_in_the_other_mode_keeps_the_log_probabilities(gateway_factory, first_streamed):
+    from proxy.config.load import load_config
+
+    config = attrs.evolve(load_config(env={}), pipeline=(PipelineEntry("cache", {}), PipelineEntry("router")))
+    gw = await gateway_factory(config)
+    cache = plugin_of(gw)
+    ask = dict(model="gpt-4o-mini", messages=CHAT["messages"], temperature=0, logprobs=True, top_logprobs=2,
+               max_tokens=6)
+    async with openai_client(gw.base_url) as client:
+        async def streamed():
+            raw = await client.chat.completions.with_raw_response.create(stream=True, **ask)
+            chunks = [c async for c in raw.parse()]
+            return raw.headers["x-cache"], [lp for c in chunks if c.choices and c.choices[0].logprobs
+                                            for lp in c.choices[0].logprobs.content]
+
+        async def whole():
+            raw = await client.chat.completions.with_raw_response.create(**ask)
+            return raw.headers["x-cache"], raw.parse().choices[0].logprobs.content
+
+        first, second = (streamed, whole) if first_streamed else (whole, streamed)
+        miss, stored = await first()
+        await until(lambda: cache.stats.stores == 1)
+        hit, replayed = await second()
+    assert (miss, hit) == ("MISS", "HIT")
+    assert len(stored) == 6 and [t.model_dump() for t in replayed] == [t.model_dump() for t in stored]
