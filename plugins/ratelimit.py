@@ -13,6 +13,8 @@ The algorithm and the fleet-exactness argument: ``plugins/_ratelimit_core.py`` a
 from __future__ import annotations
 
 import asyncio
+import functools
+import ipaddress
 import hashlib
 import time
 from datetime import datetime, timezone
@@ -135,6 +137,23 @@ class _Plan:
             caps.append(limits.tpm_burst * UNIT)  # type: ignore[operator]
             rates.append(limits.tpm)
         self.keys, self.caps, self.rates = tuple(keys), tuple(caps), tuple(rates)
+
+
+@functools.lru_cache(maxsize=4096)
+def _client_block(address: str | None) -> str:
+    """The unit anonymous limits count by: an IPv4 address, or the /64 of an IPv6 one (a host is usually given a
+    whole /64, and could otherwise spread its requests over as many addresses as it likes)."""
+    if not address:
+        return "unknown"
+    if ":" not in address:
+        return address
+    try:
+        ip = ipaddress.IPv6Address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if ip.ipv4_mapped is not None:  # an IPv4 client of a dual-stack listener: its own address
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
 
 
 class _Reservation:
@@ -322,7 +341,7 @@ class RateLimitPlugin:
         if principal is None:
             if self.anonymous is None:
                 return None
-            subject, tier, custom, name = f"ip:{exchange.client_ip or 'unknown'}", None, None, "anonymous"
+            subject, tier, custom, name = f"ip:{_client_block(exchange.client_ip)}", None, None, "anonymous"
         else:
             meta = principal.metadata
             subject = meta.get("rate_limit_key") or f"name:{principal.name}"

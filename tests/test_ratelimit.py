@@ -424,6 +424,25 @@ async def test_per_model_buckets_count_a_model_under_every_name(upstream, gatewa
     assert (await post(gw, {**CHAT, "model": "gpt-4o"}))[0] == 200  # another model, its own buckets
 
 
+async def test_anonymous_ipv6_callers_are_limited_per_64(upstream, gateway_factory):
+    """An IPv6 host usually has a whole /64: limited per address, it could rotate through them. (The addresses
+    arrive in X-Forwarded-For from a trusted proxy, the only way to have IPv6 clients on 127.0.0.1.)"""
+    pipeline = [PipelineEntry("ratelimit", {"anonymous": {"rpm": 1}}), "router"]
+    config = config_for(upstream, pipeline=pipeline)
+    config = attrs.evolve(config, server=attrs.evolve(config.server, trusted_proxies=("127.0.0.0/8",)))
+    gw = await gateway_factory(config)
+
+    async def from_(address: str) -> int:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(gw.base_url + "/chat/completions", json=CHAT,
+                              headers={"X-Forwarded-For": address}) as resp:
+                return resp.status
+
+    assert [await from_(a) for a in ("2001:db8::1", "2001:db8::2", "2001:db8:0:1::1")] == [200, 429, 200]
+    # an IPv4 client seen through a dual-stack listener is its IPv4 address, not one /64 shared by all of them
+    assert [await from_(a) for a in ("::ffff:198.51.100.7", "198.51.100.7", "198.51.100.8")] == [200, 429, 200]
+
+
 async def test_anonymous_callers_are_limited_per_ip_or_not_at_all(upstream, gateway_factory):
     gw, _ = await start(upstream, gateway_factory, auth=False, anonymous={"rpm": 2})
     assert [(await post(gw, key=None))[0] for _ in range(3)] == [200, 200, 429]
