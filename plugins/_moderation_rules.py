@@ -278,44 +278,39 @@ def _varies(low: int, high: int) -> bool:
     return high > 1 and low != high
 
 
+def _parts(op: Any, av: Any, into_atomic: bool) -> Any:
+    """The sub-patterns of one parse-tree node (atomic groups and possessive repeats only with ``into_atomic``:
+    backtracking never re-enters them, though they may hold a nesting of their own)."""
+    if op in (_MAX_REPEAT, _MIN_REPEAT):
+        return (av[2],)
+    if op is _SUBPATTERN:
+        return (av[3],)
+    if op is _BRANCH:
+        return av[1]
+    if op in (_ASSERT, _ASSERT_NOT):
+        return (av[1],)
+    if into_atomic and op is _ATOMIC_GROUP:
+        return (av,)
+    if into_atomic and op is _POSSESSIVE_REPEAT:
+        return (av[2],)
+    return ()
+
+
 def _holds_varying_repeat(items: Any) -> bool:
     for op, av in items:
-        if op in (_MAX_REPEAT, _MIN_REPEAT):
-            if _varies(av[0], av[1]) or _holds_varying_repeat(av[2]):
-                return True
-        elif op is _SUBPATTERN:
-            if _holds_varying_repeat(av[3]):
-                return True
-        elif op is _BRANCH:
-            if any(_holds_varying_repeat(branch) for branch in av[1]):
-                return True
-        elif op in (_ASSERT, _ASSERT_NOT):
-            if _holds_varying_repeat(av[1]):
-                return True
-        # an atomic group or a possessive repeat is never backtracked into: it offers no choices
+        if op in (_MAX_REPEAT, _MIN_REPEAT) and _varies(av[0], av[1]):
+            return True
+        if any(_holds_varying_repeat(part) for part in _parts(op, av, into_atomic=False)):
+            return True
     return False
 
 
 def _has_nested_repeat(items: Any) -> bool:
     for op, av in items:
-        if op in (_MAX_REPEAT, _MIN_REPEAT):
-            if (av[1] > 1 and _holds_varying_repeat(av[2])) or _has_nested_repeat(av[2]):
-                return True
-        elif op is _SUBPATTERN:
-            if _has_nested_repeat(av[3]):
-                return True
-        elif op is _BRANCH:
-            if any(_has_nested_repeat(branch) for branch in av[1]):
-                return True
-        elif op in (_ASSERT, _ASSERT_NOT):
-            if _has_nested_repeat(av[1]):
-                return True
-        elif op is _ATOMIC_GROUP:
-            if _has_nested_repeat(av):
-                return True
-        elif op is _POSSESSIVE_REPEAT:
-            if _has_nested_repeat(av[2]):
-                return True
+        if op in (_MAX_REPEAT, _MIN_REPEAT) and av[1] > 1 and _holds_varying_repeat(av[2]):
+            return True
+        if any(_has_nested_repeat(part) for part in _parts(op, av, into_atomic=True)):
+            return True
     return False
 
 
