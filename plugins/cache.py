@@ -239,6 +239,14 @@ class CachePlugin:
         except KeyError:
             aliases = None
         self._router_aliases = dict(aliases) if isinstance(aliases, dict) else {}
+        pipeline = getattr(gateway, "pipeline", None)
+        if self.config.namespace == "shared" and pipeline is not None and pipeline.has_authenticate:
+            # Callers are told apart, but the cache does not: say so once (a logger bound now, not the module's
+            # cached one, so that what tests capture sees it too).
+            structlog.get_logger("ssegate.cache").warning(
+                "cache_shared_across_keys", namespace="shared",
+                detail="callers are authenticated, yet one caller's cached answer is served to another sending "
+                       "the same deterministic request; set namespace: per_key to keep them apart")
         # A config reload builds new plugin instances: hand the memory entries and the counters over.
         state = getattr(gateway, "process_state", None)
         if state is not None:

@@ -131,6 +131,17 @@ async def test_router_alias_and_its_target_share_an_entry(upstream, gateway_fact
     assert len(upstream.requests) == 1
 
 
+@pytest.mark.parametrize("namespace,warned", [("shared", True), ("per_key", False)])
+async def test_a_shared_cache_behind_authentication_is_pointed_out(upstream, gateway_factory, namespace, warned):
+    from structlog.testing import capture_logs
+
+    pipeline = [PipelineEntry("auth", {"keys": ["sk-test-one-4f9a1c0e7b2d"], "keys_env": None}),
+                PipelineEntry("cache", {"namespace": namespace}), "router"]
+    with capture_logs() as logs:
+        await gateway_factory(config_for(upstream, pipeline=pipeline))
+    assert any(e["event"] == "cache_shared_across_keys" for e in logs) is warned
+
+
 async def test_per_key_namespace_separates_api_keys(upstream, gateway_factory):
     gw, cache = await start(upstream, gateway_factory, namespace="per_key")
     url = gw.base_url + "/chat/completions"
