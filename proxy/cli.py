@@ -87,7 +87,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if config.server.workers > 1:
         from .workers import run_workers
 
-        return run_workers(config.server.workers, sys.argv)
+        return run_workers(config.server.workers, sys.argv,
+                           shutdown_grace_seconds=config.server.shutdown_grace_seconds)
     app = create_app(gateway, path, configure_logs=True, server_overrides=overrides)
     host, port = config.server.host, config.server.port
     try:

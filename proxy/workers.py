@@ -15,9 +15,17 @@ Restarts and giving up
     ``SSEGATE_WORKER_RESTART_DELAY``, ``SSEGATE_WORKER_RESTART_DELAY_MAX``,
     ``SSEGATE_WORKER_EARLY_EXIT_SECONDS`` (seconds) and ``SSEGATE_WORKER_MAX_EARLY_EXITS`` (a count).
 
+Stopping
+    SIGTERM/SIGINT is forwarded to every worker, which drains (``server.shutdown_grace_seconds``, then up to
+    10 s more to end what is left). A worker still running ``stop_timeout`` seconds after the stop (default:
+    the grace plus 15 s; ``SSEGATE_WORKER_STOP_TIMEOUT`` overrides it) is stuck: the supervisor kills it with
+    SIGKILL, says so on stderr, and exits 1. Without this a stuck worker kept the supervisor (and the port)
+    until the orchestrator's own kill.
+
 Exit status
     0 when, after SIGTERM/SIGINT, every worker drained and exited 0; 1 when a worker exited non-zero or was
-    killed by a signal while draining, or when the supervisor gave up; 2 when a setting above is invalid.
+    killed by a signal while draining (by the supervisor too), or when the supervisor gave up; 2 when a setting
+    above is invalid.
 
 Orphans
     On Linux each worker asks for ``PR_SET_PDEATHSIG`` = SIGTERM right after it is forked (before it runs
@@ -60,16 +68,18 @@ class RestartPolicy:
     restart_delay_max: float = 30.0
     early_exit_seconds: float = 10.0
     max_early_exits: int = 5
+    #: Seconds after a stop signal before a worker that has not exited is killed (see the module docstring).
+    stop_timeout: float = 45.0
 
     ENV: ClassVar[dict[str, str]] = {
         "restart_delay": "SSEGATE_WORKER_RESTART_DELAY", "restart_delay_max": "SSEGATE_WORKER_RESTART_DELAY_MAX",
         "early_exit_seconds": "SSEGATE_WORKER_EARLY_EXIT_SECONDS",
-        "max_early_exits": "SSEGATE_WORKER_MAX_EARLY_EXITS"}
+        "max_early_exits": "SSEGATE_WORKER_MAX_EARLY_EXITS", "stop_timeout": "SSEGATE_WORKER_STOP_TIMEOUT"}
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> RestartPolicy:
-        """The defaults overridden by the environment; ValueError names a bad variable."""
-        values: dict[str, float | int] = {}
+    def from_env(cls, env: Mapping[str, str], **defaults: float) -> RestartPolicy:
+        """``defaults`` (else the class's) overridden by the environment; ValueError names a bad variable."""
+        values: dict[str, float | int] = dict(defaults)
         for field, var in cls.ENV.items():
             raw = env.get(var)
             if raw is None or raw == "":
@@ -147,7 +157,10 @@ def _child_setup(supervisor: int, prctl: Callable[..., int] | None) -> Callable[
     return setup
 
 
-def run_workers(count: int, argv: Sequence[str], policy: RestartPolicy | None = None) -> int:
+def run_workers(count: int, argv: Sequence[str], policy: RestartPolicy | None = None,
+                shutdown_grace_seconds: float = 30.0) -> int:
+    """Run ``count`` workers of ``argv`` (``ssegate serve ...``) until stopped; returns the exit status.
+    ``shutdown_grace_seconds`` (the config's) sets the default ``stop_timeout``: the grace plus 15 s."""
     received: list[int] = []
 
     def record(signum: int, _frame: object) -> None:
@@ -157,7 +170,7 @@ def run_workers(count: int, argv: Sequence[str], policy: RestartPolicy | None = 
         signal.signal(sig, record)
     if policy is None:
         try:
-            policy = RestartPolicy.from_env(os.environ)
+            policy = RestartPolicy.from_env(os.environ, stop_timeout=shutdown_grace_seconds + 15.0)
         except ValueError as exc:
             print(f"ssegate supervisor: error: {exc}", file=sys.stderr, flush=True)
             return 2
@@ -167,6 +180,7 @@ def run_workers(count: int, argv: Sequence[str], policy: RestartPolicy | None = 
     slots = [_Slot() for _ in range(count)]
     stopping = False
     failed = False
+    kill_at: float | None = None  # when workers still running after a stop are killed
 
     def start(slot: _Slot) -> None:
         slot.proc = subprocess.Popen(cmd, env=env, preexec_fn=setup)
@@ -198,6 +212,16 @@ def run_workers(count: int, argv: Sequence[str], policy: RestartPolicy | None = 
                 if slot.proc is not None and slot.proc.returncode is None:
                     slot.proc.send_signal(signum)
         now = time.monotonic()
+        if stopping and kill_at is None:
+            kill_at = now + policy.stop_timeout
+        elif kill_at is not None and now >= kill_at:
+            for slot in slots:
+                if slot.proc is not None and slot.proc.poll() is None:
+                    say(f"worker {slot.proc.pid} still running {policy.stop_timeout:g}s after the stop; "
+                        "killing it (SIGKILL)", error=True)
+                    slot.proc.kill()
+                    slot.proc.wait()
+            kill_at = float("inf")  # once
         for index, slot in enumerate(slots):
             proc = slot.proc
             if proc is not None and proc.poll() is not None:

@@ -242,6 +242,31 @@ def test_supervisor_exits_non_zero_when_a_worker_does_not_drain_cleanly(start):
     assert any(f"worker {stuck} did not drain cleanly: signal SIGKILL" in x for x in sup.err), sup.err
 
 
+def test_a_worker_stuck_after_the_stop_is_killed_after_the_stop_timeout(start):
+    port = free_port()
+    sup = start("--port", str(port), "--workers", "2", SSEGATE_WORKER_STOP_TIMEOUT="1.5")
+    sup.line("ssegate supervisor: 2 workers")
+    wait_for(lambda: len(sup.current_workers()) == 2 and ready(port), what="two workers serving")
+    stuck, other = sorted(sup.current_workers())
+    os.kill(stuck, signal.SIGSTOP)  # cannot drain, cannot exit
+    stopped = time.monotonic()
+    sup.popen.send_signal(signal.SIGTERM)
+    assert sup.wait(10) == 1  # without the stop timeout it waits for the stuck worker forever
+    assert time.monotonic() - stopped >= 1.4
+    assert not alive(stuck) and not alive(other)
+    assert any(f"worker {stuck} still running 1.5s after the stop; killing it" in x for x in sup.err), sup.err
+    assert any(f"worker {stuck} did not drain cleanly: signal SIGKILL" in x for x in sup.err), sup.err
+
+
+def test_the_stop_timeout_defaults_to_the_grace_plus_15_seconds():
+    from proxy.workers import RestartPolicy
+
+    assert RestartPolicy.from_env({}, stop_timeout=30.0 + 15.0).stop_timeout == 45.0
+    assert RestartPolicy.from_env({"SSEGATE_WORKER_STOP_TIMEOUT": "2"}, stop_timeout=45.0).stop_timeout == 2.0
+    with pytest.raises(ValueError, match="SSEGATE_WORKER_STOP_TIMEOUT"):
+        RestartPolicy.from_env({"SSEGATE_WORKER_STOP_TIMEOUT": "soon"})
+
+
 # -- 3. orphans ---------------------------------------------------------------------------------------------
 
 def test_workers_stop_when_the_supervisor_is_killed(start):
