@@ -40,22 +40,6 @@ _LEVELS = {"debug": 10, "info": 20, "msg": 20, "warning": 30, "warn": 30, "error
            "critical": 50, "fatal": 50}
 
 
-class _NamedPrintLogger(structlog.PrintLogger):
-    """A PrintLogger that remembers the name it was created for (processors read ``logger.name``)."""
-
-    def __init__(self, file: TextIO, name: str) -> None:
-        super().__init__(file)
-        self.name = name
-
-
-class _NamedBytesLogger(structlog.BytesLogger):
-    """The JSON path: orjson renders bytes, written without an encode step."""
-
-    def __init__(self, file: Any, name: str) -> None:
-        super().__init__(file)
-        self.name = name
-
-
 class _Output:
     """Where loggers write: the stream of the latest :func:`configure_logging`. structlog keeps the logger it made
     for a name at its first use (``cache_logger_on_first_use``); writing through this object, such a logger
@@ -72,31 +56,29 @@ class _Output:
 _OUTPUT = _Output()
 
 
-class _TextOut:
-    """A text file for :class:`structlog.PrintLogger` that writes to the current output."""
+class _NamedLogger:
+    """The logger structlog wraps: it remembers its name (processors read ``logger.name``) and writes a rendered
+    line, text (console, JSON to a text stream) or bytes (JSON rendered by orjson), to the current output. One class
+    for both: a logger structlog cached under one ``logging.format`` writes the lines of the next."""
 
-    def write(self, text: str) -> int:
-        return _OUTPUT.text.write(text)
+    __slots__ = ("name",)
 
-    def flush(self) -> None:
-        _OUTPUT.text.flush()
+    def __init__(self, name: str) -> None:
+        self.name = name
 
+    def msg(self, message: str | bytes) -> None:
+        if isinstance(message, bytes):
+            binary = _OUTPUT.binary
+            if binary is not None:
+                binary.write(message + b"\n")
+                binary.flush()
+                return
+            message = message.decode("utf-8", "replace")
+        text = _OUTPUT.text
+        text.write(message + "\n")
+        text.flush()
 
-class _BinaryOut:
-    """A binary file for :class:`structlog.BytesLogger` that writes to the current output (as text when the current
-    output has no binary side)."""
-
-    def write(self, data: bytes) -> int:
-        binary = _OUTPUT.binary
-        if binary is None:
-            return _OUTPUT.text.write(data.decode("utf-8", "replace"))
-        return int(binary.write(data))
-
-    def flush(self) -> None:
-        (_OUTPUT.binary or _OUTPUT.text).flush()
-
-
-_TEXT_OUT, _BINARY_OUT = _TextOut(), _BinaryOut()
+    log = debug = info = warn = warning = error = err = critical = fatal = exception = failure = msg
 
 
 def restore_output() -> None:
@@ -104,15 +86,22 @@ def restore_output() -> None:
     _OUTPUT.point_at(sys.stderr)
 
 
-def _factory(file: TextIO, json: bool) -> Any:
-    if json and getattr(file, "buffer", None) is not None:
-        def create_bytes(*args: Any) -> _NamedBytesLogger:
-            return _NamedBytesLogger(_BINARY_OUT, str(args[0]) if args else "")
-        return create_bytes
+def _create_logger(*args: Any) -> _NamedLogger:
+    return _NamedLogger(str(args[0]) if args else "")
 
-    def create(*args: Any) -> _NamedPrintLogger:
-        return _NamedPrintLogger(_TEXT_OUT, str(args[0]) if args else "")  # type: ignore[arg-type]
-    return create
+
+class _Chain:
+    """The processors of the latest :func:`configure_logging`. structlog gives every logger the processor list of
+    its first use, for good (``cache_logger_on_first_use``); that list holds only :func:`_run_chain`, which runs the
+    current processors: a reload's format, levels and output reach every logger, used before or not."""
+
+    processors: tuple[Any, ...] = ()
+
+
+def _run_chain(logger: Any, method: str, event: Any) -> Any:
+    for processor in _Chain.processors:
+        event = processor(logger, method, event)
+    return event
 
 
 class _Levels:
@@ -154,9 +143,8 @@ def level_filter(default: int, levels: dict[str, int], state: _Levels | None = N
     return process
 
 
-#: The process's levels. structlog caches each logger's processors on its first use
-#: (``cache_logger_on_first_use``), so a reload changes this object rather than the processors: the levels of
-#: ``logging.levels`` then apply at once to every logger. (Its format and output stay those of the first use.)
+#: The process's levels (``logging.level`` and ``logging.levels``), changed in place by each
+#: :func:`configure_logging`; the level filter and the access log's fast path read them.
 _PROCESS_LEVELS = _Levels(logging.INFO, {})
 
 
@@ -228,7 +216,7 @@ def configure_logging(config: LoggingConfig, file: TextIO | None = None) -> None
     levels = {name: getattr(logging, lvl.upper(), logging.INFO) for name, lvl in config.levels.items()}
     binary = fmt == "json" and getattr(out, "buffer", None) is not None
     if fmt == "console":
-        renderer: Any = structlog.dev.ConsoleRenderer()
+        renderer: Any = structlog.dev.ConsoleRenderer(colors=out.isatty())  # no escape codes in a file
     elif binary:
         renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)
     else:
@@ -245,20 +233,21 @@ def configure_logging(config: LoggingConfig, file: TextIO | None = None) -> None
         # old one, still held by access-log plugins, unflushed (lines lost) and its descriptor open.
         stream = previous if previous is not None and previous_source is source else _buffered(source)
         _json_target.update(stream=stream, source=source, threshold=filter_.threshold)  # type: ignore[attr-defined]
+    _Chain.processors = (
+        filter_,
+        structlog.contextvars.merge_contextvars,
+        add_request_context,
+        structlog.processors.add_log_level,
+        _timestamper(),
+        structlog.processors.format_exc_info if fmt == "json" else structlog.dev.set_exc_info,
+        renderer,
+    )
     structlog.configure(
-        processors=[
-            filter_,
-            structlog.contextvars.merge_contextvars,
-            add_request_context,
-            structlog.processors.add_log_level,
-            _timestamper(),
-            structlog.processors.format_exc_info if fmt == "json" else structlog.dev.set_exc_info,
-            renderer,
-        ],
+        processors=[_run_chain],
         # Every method reaches the processors, where the level filter decides (a cached logger must see a reload's
         # levels). Debug calls are rare, so letting them through to the filter costs nothing measurable.
         wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
-        logger_factory=_factory(out, fmt == "json"),
+        logger_factory=_create_logger,
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=default, stream=out, format="%(levelname)s %(name)s %(message)s", force=True)

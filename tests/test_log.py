@@ -71,6 +71,27 @@ def test_new_levels_reach_loggers_already_used():
     assert [orjson.loads(line)["event"] for line in later.getvalue().splitlines()] == ["kept_3"]
 
 
+def test_a_new_format_reaches_loggers_already_used():
+    """A reload from JSON logs to console logs (and back) changes the lines of loggers structlog has cached."""
+    first, second, third = io.StringIO(), io.StringIO(), io.StringIO()
+    try:
+        configure_logging(LoggingConfig(format="json"), first)
+        logger = structlog.get_logger("ssegate.formats")
+        logger.info("as_json", n=1)
+        configure_logging(LoggingConfig(format="console"), second)
+        logger.info("as_console", n=2)
+        configure_logging(LoggingConfig(format="json"), third)
+        logger.warning("as_json_again", n=3)
+    finally:
+        structlog.reset_defaults()
+        log_module.restore_output()
+    assert orjson.loads(first.getvalue())["event"] == "as_json"
+    console = second.getvalue()
+    assert "as_console" in console and "n=2" in console and not console.lstrip().startswith("{")
+    again = orjson.loads(third.getvalue())
+    assert again["event"] == "as_json_again" and again["level"] == "warning" and again["logger"] == "ssegate.formats"
+
+
 async def test_access_lines_take_the_fast_json_path(tmp_path, upstream, gateway_factory):
     from proxy.testing import config_for
     from tests.helpers import CHAT, read_stream
