@@ -77,7 +77,9 @@ class GatewayError(Exception):
 class StopStream(Exception):
     """Raised by an ``on_chunk`` hook to end a live stream cleanly.
 
-    The gateway sends a final chunk with ``finish_reason`` (default ``"content_filter"``) and ``data: [DONE]``.
+    The gateway sends a final chunk with ``finish_reason`` (default ``"content_filter"``), the usage chunk when the
+    client asked for ``stream_options.include_usage`` (estimated when the upstream had not counted yet), and
+    ``data: [DONE]``.
     """
 
     def __init__(self, reason: str, finish_reason: str = "content_filter") -> None:

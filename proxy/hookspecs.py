@@ -139,7 +139,9 @@ def on_chunk(exchange: "Exchange", chunk: "Chunk") -> "list[Chunk] | None":
     :meth:`Chunk.set_json`), or a list of chunks to send in its place: ``[]`` drops it (or holds it back, to be
     returned later with another chunk), ``[held, chunk]`` releases held chunks. The next plugin in the pipeline
     sees each returned chunk. Raise :class:`proxy.StopStream` to end the stream cleanly with a final
-    ``finish_reason`` and ``[DONE]``. ``chunk.json`` is parsed only if a plugin reads it.
+    ``finish_reason``, a usage chunk if the client asked for one, and ``[DONE]`` (the upstream is closed before it
+    counted the answer: ``exchange.usage`` is then an estimate, tagged ``usage_estimated``: the prompt by rule of
+    thumb, a token per event sent). ``chunk.json`` is parsed only if a plugin reads it.
 
     ``[DONE]`` is the gateway's to write: whatever the hooks return for it (``[]``, held chunks, added ones),
     ``[DONE]`` follows them, and a ``[DONE]`` returned in place of another event is dropped. Anything else than

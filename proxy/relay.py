@@ -157,17 +157,45 @@ class ClientStream:
         return self.resp
 
     async def stop(self, stop: StopStream) -> web.StreamResponse:
-        """End a stream cleanly with a final chunk carrying ``finish_reason`` and ``[DONE]``."""
+        """End a stream cleanly with a final chunk carrying ``finish_reason``, the usage chunk when the client asked
+        for one (``stream_options.include_usage``; estimated when the upstream had not counted yet), and
+        ``[DONE]``."""
         template = None
         if self.last_template is not None:
             template = Chunk(self.last_template).json
         exchange = self.exchange
         n = exchange.json.get("n") if isinstance(exchange.json, dict) else None
         choices = n if isinstance(n, int) and not isinstance(n, bool) and 1 < n <= 128 else 1
-        final = encode_event(orjson.dumps(finish_chunk(template, stop.finish_reason, exchange.endpoint, choices)))
-        await self.write_events([final, DONE])
+        last = finish_chunk(template, stop.finish_reason, exchange.endpoint, choices)
+        events = [encode_event(orjson.dumps(last))]
+        usage = exchange.usage or _estimated_usage(exchange)
+        if usage is not None and exchange.include_usage:
+            events.append(encode_event(orjson.dumps({
+                "id": last["id"], "object": last["object"], "created": last["created"], "model": last["model"],
+                "choices": [], "usage": {"prompt_tokens": usage.prompt_tokens,
+                                         "completion_tokens": usage.completion_tokens,
+                                         "total_tokens": usage.total_tokens}})))
+        events.append(DONE)
+        await self.write_events(events)
         await self.resp.write_eof()
         return self.resp
+
+
+def _estimated_usage(exchange: Exchange) -> Usage | None:
+    """The usage of a stream stopped before its upstream counted it (``exchange.usage`` set, tagged
+    ``usage_estimated``): the prompt estimated as the rate limiter estimates it, one completion token per event
+    sent. None when no upstream was asked (a plugin's reply costs nothing)."""
+    if not exchange.attempts:
+        return None
+    from .tokens import estimate_prompt_tokens
+
+    try:
+        prompt = estimate_prompt_tokens(exchange.endpoint, exchange.json)
+    except ValueError:  # (the body parsed before; a plugin may have replaced it)
+        prompt = 0
+    exchange.usage = Usage(prompt, exchange.chunks_sent, prompt + exchange.chunks_sent)
+    exchange.tags.add("usage_estimated")
+    return exchange.usage
 
 
 def _usage_value_is_null(ev: bytes, at: int) -> bool:

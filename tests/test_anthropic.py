@@ -254,6 +254,28 @@ async def test_messages_ingress_stream_reports_the_prompt_tokens(upstream, gatew
     assert final.stop_reason == "end_turn" and final.content[0].text == "Hello, world!"
 
 
+async def test_messages_ingress_stream_stopped_by_a_plugin_counts_what_was_sent(upstream, gateway_factory):
+    """A stream an on_chunk hook stops never gets the upstream's usage: the final message still counts the prompt and
+    the output sent (estimated, as the rate limiter charges it), and ends with ``refusal``."""
+    from proxy import StopStream, hookimpl
+
+    class Stopper:
+        @hookimpl
+        def on_chunk(self, chunk):
+            if chunk.json and "forbidden" in str(chunk.json):
+                raise StopStream("banned word")
+
+    upstream.script = Script(texts=["fine ", "forbidden", " more"])
+    gw = await gateway_factory(config_for(upstream, pipeline=["stop", "router"]), plugins={"stop": Stopper()})
+    client = anthropic_client(gw)
+    async with client.messages.stream(model="m", max_tokens=50,
+                                      messages=[{"role": "user", "content": "Hi there"}]) as stream:
+        final = await stream.get_final_message()
+    await client.close()
+    assert final.stop_reason == "refusal" and final.content[0].text == "fine "
+    assert final.usage.input_tokens > 0 and final.usage.output_tokens >= 2
+
+
 async def test_messages_ingress_errors_use_the_anthropic_format(upstream, gateway_factory):
     gw = await gateway_factory(config_for(upstream))
     client = anthropic_client(gw)

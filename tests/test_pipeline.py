@@ -171,6 +171,36 @@ async def test_stop_stream_ends_cleanly_with_finish_reason(upstream, gateway_fac
     assert rec.done[0].outcome == Outcome.STOPPED
 
 
+@pytest.mark.parametrize("include_usage", [True, False])
+async def test_a_stopped_stream_still_ends_with_the_usage_chunk_asked_for(upstream, gateway_factory, include_usage):
+    """The upstream never counted the stopped answer: the usage is estimated as the rate limiter estimates it (the
+    prompt by rule of thumb, a token per event sent), recorded and tagged ``usage_estimated``, and sent to a client
+    that asked for ``include_usage``, as OpenAI sends a usage chunk after a content filter stops an answer."""
+    upstream.script = Script(texts=["fine ", "forbidden", " more"])
+    rec = Tracer("r", [])
+    gw = await gateway_factory(config_for(upstream, pipeline=["r", "stop", "router"]),
+                               plugins={"stop": Stopper(), "r": rec})
+    client = openai_client(gw.base_url)
+    extra = {"stream_options": {"include_usage": True}} if include_usage else {}
+    stream = await client.chat.completions.create(model="m", messages=CHAT["messages"], stream=True, **extra)
+    chunks = [c async for c in stream]
+    await client.close()
+    await asyncio.sleep(0.05)
+    done = rec.done[0]
+    assert done.outcome == Outcome.STOPPED and "usage_estimated" in done.tags
+    assert done.usage.completion_tokens == done.chunks_sent >= 2  # role + "fine " at least
+    assert done.usage.prompt_tokens > 0
+    assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
+    finish = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish[-1].choices[0].finish_reason == "content_filter"
+    if include_usage:
+        assert chunks[-1].choices == [] and chunks[-1].id == finish[-1].id
+        assert chunks[-1].usage.prompt_tokens == done.usage.prompt_tokens
+        assert chunks[-1].usage.completion_tokens == done.usage.completion_tokens
+    else:
+        assert all(c.usage is None for c in chunks)
+
+
 class Cache:
     def __init__(self, reply: Reply) -> None:
         self.reply = reply
