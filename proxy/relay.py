@@ -16,7 +16,7 @@ from multidict import CIMultiDict
 
 from .errors import GatewayError, StopStream
 from .exchange import Exchange, Outcome, Reply, Usage
-from .anthropic_format import OpenAIStreamToAnthropic, anthropic_error_body, to_anthropic_message
+from .anthropic_format import OpenAIStreamToAnthropic, anthropic_error, to_anthropic_message
 from .openai_format import body_to_chunks, finish_chunk, merge_chunks
 from .sse import DONE, Chunk, SSEParser, encode_event
 from .upstream import UpstreamError, UpstreamResponse
@@ -57,7 +57,7 @@ def answer_body(exchange: Exchange, body: bytes) -> bytes:
 
 def error_payload(exchange: Exchange | None, error: GatewayError) -> bytes:
     if exchange is not None and exchange.ingress == "anthropic":
-        return orjson.dumps(anthropic_error_body(error.status, error.message))
+        return orjson.dumps(anthropic_error(error)[1])
     return orjson.dumps(error.to_dict())
 
 
@@ -74,6 +74,11 @@ def json_response(body: bytes, status: int = 200, headers: dict[str, str] | None
 def error_response(error: GatewayError, headers: dict[str, str] | None = None,
                    exchange: Exchange | None = None) -> web.Response:
     merged = {**error.headers, **headers} if headers else error.headers
+    if exchange is not None and exchange.ingress == "anthropic":
+        # Anthropic's own status for its clients (an overloaded upstream is its 529), recorded as sent
+        status, body = anthropic_error(error)
+        exchange.status = status
+        return json_response(orjson.dumps(body), status, merged)
     return json_response(error_payload(exchange, error), error.status, merged)
 
 
@@ -211,19 +216,88 @@ def _usage_value_is_null(ev: bytes, at: int) -> bool:
 
 _USAGE_NULL_END = b'"usage":null}'
 
-_ROLE_ONLY = (b'"delta":{"role":"assistant","content":""}', b'"delta": {"role": "assistant", "content": ""}')
-
-
-def _is_role_only(ev: bytes) -> bool:
-    return _ROLE_ONLY[0] in ev or _ROLE_ONLY[1] in ev
-
-
 def _event_json(ev: bytes) -> Any:
     data = ev[6:] if ev.startswith(b"data: ") and b"\n" not in ev else Chunk(ev).data.encode()
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
         return None
+
+
+#: Delta members that carry an answer (anything else in a chunk before them is framing: role, refusal null, ...).
+_CONTENT_MEMBERS = ("content", "tool_calls", "function_call", "refusal", "reasoning_content", "reasoning")
+
+
+def _content_free(ev: bytes) -> bool:
+    """Whether an event, seen before any content, carries nothing of the answer: a role-only opening chunk
+    (OpenAI's, vLLM's, with or without ``"refusal": null``) or Azure's prompt-filter chunk (empty ``choices``).
+    Such events are held back, and do not count as the first token, until real content follows."""
+    obj = _event_json(ev)
+    if not isinstance(obj, dict) or "error" in obj:
+        return False
+    choices = obj.get("choices")
+    if not isinstance(choices, list):
+        return False
+    for choice in choices:
+        if not isinstance(choice, dict) or choice.get("finish_reason") or choice.get("text"):
+            return False
+        delta = choice.get("delta")
+        if isinstance(delta, dict) and any(delta.get(key) for key in _CONTENT_MEMBERS):
+            return False
+    return True
+
+
+def _finished(ev: bytes | None) -> bool:
+    """Whether the last chunk relayed ended its choices (``finish_reason`` set): the answer was complete even if
+    the upstream then closed without ``[DONE]``."""
+    if ev is None or b'"finish_reason"' not in ev:
+        return False
+    obj = _event_json(ev)
+    choices = obj.get("choices") if isinstance(obj, dict) else None
+    return bool(choices) and all(isinstance(c, dict) and c.get("finish_reason") for c in choices)  # type: ignore[union-attr]
+
+
+def _not_json(what: str) -> StreamBroken:
+    return StreamBroken(UpstreamError(502, f"the upstream sent {what} in its event stream", kind="protocol",
+                                      retryable=True, code="upstream_protocol_error"))
+
+
+def _canonical(ev: bytes) -> bytes | None:
+    """An event that is not a one-line ``data: {...}`` (rare, so looked at closely): ``[DONE]`` in any spelling
+    (``data:[DONE]``) as :data:`DONE`, JSON data as one ``data: `` line (``data:{...}``, several ``data:`` lines,
+    ``event:`` or ``id:`` fields), None for an event without data; raises :class:`StreamBroken` for data that
+    is not JSON (an OpenAI client's parser would fail on it mid-stream)."""
+    if ev == DONE:
+        return ev
+    data = Chunk(ev).data.strip()
+    if data == "[DONE]":
+        return DONE
+    if not data:
+        return None
+    if data[0] not in "{[":
+        raise _not_json("data that is not JSON")
+    if "\n" in data:  # several data lines: one line, as every client's parser takes it
+        try:
+            return b"data: " + orjson.dumps(orjson.loads(data))
+        except orjson.JSONDecodeError:
+            raise _not_json("data that is not JSON") from None
+    return b"data: " + data.encode()
+
+
+def _stream_error(obj: Any) -> UpstreamError | None:
+    """The error an event carries: OpenAI's ``{"error": {...}}`` (also inside a chunk, as OpenRouter sends it) or
+    the ``{"object": "error", "message": ...}`` of vLLM and other OpenAI-compatible servers; None for a chunk."""
+    if not isinstance(obj, dict):
+        return None
+    err = obj.get("error")
+    if isinstance(err, dict):
+        return UpstreamError(502, str(err.get("message") or "upstream error"), kind="stream_error", retryable=True,
+                             body=obj, code=err.get("code"))
+    if obj.get("object") == "error":
+        code = obj.get("code")
+        return UpstreamError(502, str(obj.get("message") or "upstream error"), kind="stream_error", retryable=True,
+                             code=code if isinstance(code, str) else "upstream_error")
+    return None
 
 
 def _hooked(on_chunk: Callable[[Exchange, Chunk], list[Chunk]], exchange: Exchange, ev: bytes) -> list[bytes]:
@@ -272,17 +346,27 @@ async def relay_stream(out: ClientStream, upstream: UpstreamResponse, exchange: 
     #: The steady state: the stream is live, written by us in the OpenAI format, and no hook or rewrite sees
     #: its events. A read of one ordinary chunk then takes the short lane below.
     steady = False
+    #: Whether this upstream sent some of the answer yet (role-only and filter chunks are not; a continuation's
+    #: upstream starts afresh: its first token is due within the first-token timeout too).
+    answering = False
+    #: The upstream spells events otherwise than ``data: {...}`` (``data:{...}``): each goes through the loop.
+    irregular = False
+    last: bytes | None = None  # the last chunk relayed (did it end the answer?)
     while True:
         try:
             item: Any = await next_item()
         except StopAsyncIteration:
-            if parser is None or ended:
-                break
             # A final event without its blank line: deliver it rather than lose it.
-            ended, tail = True, parser.pending.strip(b"\r\n")
-            if not tail:
+            tail = parser.pending.strip(b"\r\n") if parser is not None and not ended else b""
+            ended = True
+            if tail:
+                events = [tail]
+            elif not saw_done and _finished(last):
+                # The answer ended (finish_reason), then the upstream closed without [DONE], as some servers
+                # do: complete, not cut (and another route must not continue it).
+                events, last = [DONE], None
+            else:
                 break
-            events = [tail]
         else:
             if feed is None:
                 events = item
@@ -292,25 +376,25 @@ async def relay_stream(out: ClientStream, upstream: UpstreamResponse, exchange: 
                     continue
                 if steady and len(events) == 1:
                     ev = events[0]
-                    if (ev.endswith(_USAGE_NULL_END) or b'"usage"' not in ev) and ev != DONE \
-                            and ev.find(b'"error"', 0, 48) < 0:
+                    if (ev.endswith(_USAGE_NULL_END) or b'"usage"' not in ev) and ev.startswith(b"data: {") \
+                            and b'"error"' not in ev:
                         # One ordinary chunk, the usual read of a token stream: what the loop below does with
                         # it, without its per-event bookkeeping (the upstream's first event, held role chunks,
                         # hooks and the final-chunk template only matter before or outside this state). The
-                        # checks are the loop's own; a read of several events, or of any other event, takes
-                        # the loop.
+                        # checks are the loop's own ("data: {": neither [DONE] nor another spelling); a read of
+                        # several events, or of any other event, takes the loop.
                         now = time()
                         if guard is not None:
                             guard.last_event = guard.last_write = now
                         data = ev + b"\n\n"
                         exchange.chunks_sent += 1
                         exchange.bytes_sent += len(data)
+                        last = ev
                         await resp_write(data)
                         continue
         now = time()
         if guard is not None:
             guard.last_event = now
-            guard.got_first = True
         if exchange.upstream_first_at is None:
             exchange.upstream_first_at = monotonic()
         batch: list[bytes] = []
@@ -320,6 +404,13 @@ async def relay_stream(out: ClientStream, upstream: UpstreamResponse, exchange: 
                     if out.content_sent:
                         batch.append(ev)  # upstream comments pass once the stream is live
                     continue
+                if ev[:7] != b"data: {":
+                    canonical = _canonical(ev)
+                    if canonical is None:
+                        continue
+                    if canonical != DONE:
+                        irregular = True
+                    ev = canonical
                 if rewrite is not None and ev != DONE:
                     ev = rewrite(ev)  # type: ignore[assignment]
                     if ev is None:
@@ -333,19 +424,28 @@ async def relay_stream(out: ClientStream, upstream: UpstreamResponse, exchange: 
                     if at >= 0 and not _usage_value_is_null(ev, at):
                         obj = _event_json(ev)
                         if isinstance(obj, dict):
+                            error = _stream_error(obj)
+                            if error is not None:
+                                raise StreamBroken(error)
                             exchange.usage = Usage.from_dict(obj.get("usage"))
-                            if strip_usage:
-                                if not obj.get("choices"):
+                            if not obj.get("choices"):
+                                if strip_usage:
                                     continue
-                                obj.pop("usage", None)
-                                ev = encode_event(orjson.dumps(obj))
-                    elif ev.find(b'"error"', 0, 48) >= 0:  # an error event carries "error" first, not deep in a chunk
-                        obj = _event_json(ev)
-                        if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
-                            err = obj["error"]
-                            raise StreamBroken(UpstreamError(502, str(err.get("message") or "upstream error"),
-                                                             kind="stream_error", retryable=True, body=obj,
-                                                             code=err.get("code")))
+                            else:
+                                last = ev
+                                if strip_usage:
+                                    obj.pop("usage", None)
+                                    ev = encode_event(orjson.dumps(obj))
+                    else:
+                        if b'"error"' in ev:  # (a scan; the event is parsed only when the word is there)
+                            error = _stream_error(_event_json(ev))
+                            if error is not None:
+                                raise StreamBroken(error)
+                        last = ev
+                    if not answering and not _content_free(ev):
+                        answering = True
+                        if guard is not None:
+                            guard.got_first = True  # the first token: the first-token timeout is met
                     out.last_template = ev
                 if on_chunk is None:
                     batch.append(ev)
@@ -354,8 +454,8 @@ async def relay_stream(out: ClientStream, upstream: UpstreamResponse, exchange: 
         except (StopStream, StreamBroken, GatewayError) as exc:
             if held:
                 batch[:0] = held
-            only_role = not out.content_sent and len(batch) == 1 and _is_role_only(batch[0])
-            if batch and not (only_role and isinstance(exc, StreamBroken)):
+            nothing_yet = not out.content_sent and not answering
+            if batch and not (nothing_yet and isinstance(exc, StreamBroken)):
                 await _flush(out, exchange, batch)  # what came before the failing event still reaches the client
             raise
         if batch:
@@ -371,14 +471,15 @@ async def relay_stream(out: ClientStream, upstream: UpstreamResponse, exchange: 
                 await resp_write(data)
                 if guard is not None:
                     guard.last_write = now
-            elif not out.content_sent and len(batch) == 1 and _is_role_only(batch[0]):
-                # Hold the opening role-only chunk until real content follows: if the upstream fails in
-                # between, nothing reached the client and the next route can still answer.
+            elif not out.content_sent and not answering and not saw_done:
+                # Hold what comes before the answer (the opening role-only chunk, Azure's prompt-filter chunk)
+                # until real content follows: if the upstream fails in between, nothing reached the client and
+                # the next route can still answer.
                 held = batch
             else:
                 await _flush(out, exchange, batch)
                 fast_write = out.egress is None and out._prepare is True
-            steady = fast_write and out.content_sent and on_chunk is None and rewrite is None
+            steady = fast_write and out.content_sent and on_chunk is None and rewrite is None and not irregular
         if saw_done:
             return
     raise StreamBroken(UpstreamError(502, "the upstream closed the stream before it was complete",

@@ -6,9 +6,36 @@ from typing import Any
 
 import aiohttp
 import orjson
+from aiohttp import web
 
 from proxy import hookimpl
 from proxy.sse import SSEParser
+
+
+class CatchAllUpstream:
+    """Base of the small upstreams of tests: every POST goes to :meth:`handle`, on 127.0.0.1 (a free port)."""
+
+    runner: web.AppRunner | None = None
+    port = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        raise NotImplementedError
+
+    async def start(self) -> "CatchAllUpstream":
+        from proxy.web_app import start_server
+
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", self.handle)
+        self.runner, self.port = await start_server(app, "127.0.0.1", 0)
+        return self
+
+    async def close(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
 
 
 class Recorder:

@@ -11,10 +11,9 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.web_app import start_server
 from proxy.testing import config_for
 from tests.conftest import openai_client
-from tests.helpers import CHAT, content_of, read_stream
+from tests.helpers import CHAT, CatchAllUpstream, content_of, read_stream
 
 STREAM = {**CHAT, "stream": True}
 WHOLE = {"id": "chatcmpl-whole", "object": "chat.completion", "created": 1700000000, "model": "gpt-4o-mini",
@@ -22,33 +21,24 @@ WHOLE = {"id": "chatcmpl-whole", "object": "chat.completion", "created": 1700000
          "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
 
 
-class OddUpstream:
+class OddUpstream(CatchAllUpstream):
     """Answers every POST with HTTP 200, ``body`` and ``content_type``; counts the requests."""
 
     def __init__(self) -> None:
         self.body = b""
         self.content_type = "application/json"
         self.requests: list[dict[str, Any]] = []
-        self.runner: web.AppRunner | None = None
-        self.port = 0
 
     async def handle(self, request: web.Request) -> web.Response:
         self.requests.append(orjson.loads(await request.read()))
         return web.Response(body=self.body, headers={"Content-Type": self.content_type})
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
 
 @pytest.fixture
 async def odd():
     up = OddUpstream()
-    app = web.Application()
-    app.router.add_post("/{tail:.*}", up.handle)
-    up.runner, up.port = await start_server(app, "127.0.0.1", 0)
-    yield up
-    await up.runner.cleanup()
+    yield await up.start()
+    await up.close()
 
 
 @pytest.mark.parametrize(("body", "content_type"), [
