@@ -4,8 +4,10 @@ Candidates for a requested model, in this order of precedence:
 
 1. an alias (``aliases: {fast: [local/gpt-4o-mini, anthropic/claude-3-haiku]}``): its targets, each
    ``provider/model`` (that provider, that model) or a bare model name (every provider serving it);
-2. ``provider/model`` naming a configured provider directly;
-3. every enabled provider whose ``models`` patterns match (``*`` wildcards, ``gpt-4*``).
+2. ``provider/model`` naming a configured provider directly (unless a provider lists that whole name as a model:
+   ``openai/gpt-oss-20b`` from vLLM);
+3. every enabled provider whose ``models`` patterns match (``*`` wildcards, ``gpt-4*``), less those whose upstream's
+   own model list (``/v1/models`` discovery) is known and lacks the model, when others remain.
 
 The first ``groups`` entry whose ``models`` patterns match the requested name chooses the strategy and the
 mid-stream failure policy; otherwise the top-level ``strategy`` and ``on_midstream_failure`` apply.
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from proxy import Route, hookimpl
+from proxy.upstream import DISCOVERY_GENERATION
 
 if TYPE_CHECKING:
     from proxy import Exchange
@@ -84,6 +87,7 @@ class RouterPlugin:
         self._providers: list["Provider"] = []
         self._by_name: dict[str, "Provider"] = {}
         self._plans: dict[str, _Plan] = {}
+        self._generation = DISCOVERY_GENERATION[0]
         self._rng = random.Random()
 
     @hookimpl
@@ -98,9 +102,25 @@ class RouterPlugin:
             raise ValueError(f"router aliases name unknown providers: {', '.join(unknown)}")
 
     def _serving(self, model: str) -> list[tuple["Provider", str]]:
-        return [(p, model) for p in self._providers if any(fnmatchcase(model, pat) for pat in p.config.models)]
+        """The enabled providers whose ``models`` match ``model``, less those whose upstream listed its models
+        (``/v1/models`` discovery) without it: a ``models: ["*"]`` vLLM does not get the requests for the model an
+        Ollama beside it serves. When that leaves none, every match is kept (the list may be stale)."""
+        matching = [p for p in self._providers if any(fnmatchcase(model, pat) for pat in p.config.models)]
+        if len(matching) > 1:
+            known = [p for p in matching if p.knows(model) is not False]
+            matching = known or matching
+        return [(p, model) for p in matching]
+
+    def _listed_by_name(self, model: str) -> bool:
+        """Whether some provider names ``model`` itself (listed, or discovered): then a ``provider/model``-looking
+        name such as ``openai/gpt-oss-20b`` (vLLM's, Hugging Face's) is that model, not model ``gpt-oss-20b`` of a
+        provider named ``openai``."""
+        return any(p.knows(model) for p in self._providers)
 
     def _plan(self, model: str) -> _Plan:
+        if self._generation != DISCOVERY_GENERATION[0]:  # an upstream's model list changed: plan again
+            self._generation = DISCOVERY_GENERATION[0]
+            self._plans.clear()
         plan = self._plans.get(model)
         if plan is not None:
             return plan
@@ -117,7 +137,7 @@ class RouterPlugin:
                     candidates.extend(self._serving(target))
         else:
             name, sep, rest = model.partition("/")
-            if sep and name in self._by_name:
+            if sep and name in self._by_name and not self._listed_by_name(model):
                 candidates = [(self._by_name[name], rest)]
             else:
                 candidates = self._serving(model)

@@ -3,6 +3,11 @@
 Settings follow the seed's ``circuit_breaker`` block: ``failure_threshold`` consecutive failures open the
 circuit; after ``recovery_timeout`` seconds it is half-open and lets at most ``half_open_max_calls`` trial calls
 run at once; a trial success closes it, a trial failure opens it again for another ``recovery_timeout``.
+
+A provider that answers 429 with ``Retry-After`` has said when it takes calls again: :meth:`cool_down` opens the
+circuit for that long (at most ``recovery_timeout``) whatever the count of failures, so no client is sent to it
+meanwhile; then it is half-open as after any opening. A 429 is not a failure otherwise: a rate limit is not an
+outage.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ log = structlog.get_logger("ssegate.breaker")
 
 
 class CircuitBreaker:
-    __slots__ = ("name", "config", "state", "failures", "opened_at", "trials", "clock", "listeners")
+    __slots__ = ("name", "config", "state", "failures", "opened_at", "open_for", "trials", "clock", "listeners")
 
     def __init__(self, name: str, config: CircuitBreakerConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.name = name
@@ -28,6 +33,8 @@ class CircuitBreaker:
         self.state = CLOSED
         self.failures = 0
         self.opened_at = 0.0
+        #: How long the current opening lasts: ``recovery_timeout``, or a shorter ``Retry-After``.
+        self.open_for = config.recovery_timeout
         self.trials = 0
         self.clock = clock
         #: Called as ``listener(provider_name, old_state, new_state)`` on every change (metrics, health).
@@ -42,9 +49,15 @@ class CircuitBreaker:
 
     def current(self) -> str:
         """The state now (an open circuit past its recovery timeout reads as half-open)."""
-        if self.state == OPEN and self.clock() - self.opened_at >= self.config.recovery_timeout:
+        if self.state == OPEN and self.clock() - self.opened_at >= self.open_for:
             return HALF_OPEN
         return self.state
+
+    def retry_in(self) -> float:
+        """Seconds until an open circuit lets a trial call through (0 when it would now)."""
+        if self.state != OPEN:
+            return 0.0
+        return max(0.0, self.opened_at + self.open_for - self.clock())
 
     def acquire(self) -> bool:
         """May a call go to this provider now? A True in half-open state takes a trial slot: the caller
@@ -52,7 +65,7 @@ class CircuitBreaker:
         if not self.config.enabled or self.state == CLOSED:
             return True
         if self.state == OPEN:
-            if self.clock() - self.opened_at < self.config.recovery_timeout:
+            if self.clock() - self.opened_at < self.open_for:
                 return False
             self._set(HALF_OPEN)
             self.trials = 0
@@ -76,6 +89,20 @@ class CircuitBreaker:
             return
         self.failures += 1
         if self.state == HALF_OPEN or (self.state == CLOSED and self.failures >= self.config.failure_threshold):
-            self.opened_at = self.clock()
-            self.trials = 0
-            self._set(OPEN)
+            self._open(self.config.recovery_timeout)
+
+    def cool_down(self, seconds: float) -> None:
+        """The provider asked for ``seconds`` of quiet (429 with ``Retry-After``): open the circuit that long, at
+        most ``recovery_timeout`` (a trial call after it finds out whether the limit has passed)."""
+        if not self.config.enabled or seconds <= 0:
+            self.release()
+            return
+        if self.state == OPEN and self.opened_at + self.open_for >= self.clock() + seconds:
+            return  # already open for longer
+        self._open(min(seconds, self.config.recovery_timeout))
+
+    def _open(self, seconds: float) -> None:
+        self.opened_at = self.clock()
+        self.open_for = seconds
+        self.trials = 0
+        self._set(OPEN)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import math
 import random
 import time
 from typing import TYPE_CHECKING, Any, Callable
@@ -26,6 +27,7 @@ from .continuation import Transcript, continuation_messages
 from .errors import GatewayError, StopStream
 from .exchange import Exchange, Outcome, Route, Usage
 from .openai_format import NOT_TRAILING, stopped_answer, trailing_usage
+from .providers.openai import decoded
 from .ids import span_id
 from .relay import PROVIDER_HEADER, ClientStream, StreamBroken, answer_body, json_response, relay_stream
 from .upstream import ENDPOINT_PATHS, Provider, UpstreamError, UpstreamRequest, broken_answer
@@ -39,7 +41,7 @@ __all__ = ["Forwarder", "MidStreamFailure"]
 log = structlog.get_logger("ssegate.forward")
 
 #: Failure kinds that say something about the provider's health (a 400 says something about the request).
-_PROVIDER_FAULTS = frozenset({"connect", "timeout", "protocol", "truncated", "stream_error", "circuit_open"})
+_PROVIDER_FAULTS = frozenset({"connect", "timeout", "protocol", "truncated", "stream_error", "circuit_open", "auth"})
 
 
 class MidStreamFailure(Exception):
@@ -51,7 +53,22 @@ class MidStreamFailure(Exception):
 
 
 def _is_provider_fault(exc: UpstreamError) -> bool:
-    return exc.kind in _PROVIDER_FAULTS or exc.status == 429 or exc.status >= 500
+    """Whether a failure counts against the provider's circuit (a 429 does not: see :meth:`CircuitBreaker.cool_down`)."""
+    return exc.kind in _PROVIDER_FAULTS or exc.status >= 500
+
+
+def _not_here(exc: UpstreamError, provider: str) -> UpstreamError:
+    """An upstream's 401, 403 or 404: the next route may answer (no retry here). A 401 or 403 refuses the
+    gateway's own credentials for that provider, not the client's: the client gets a 502 ``upstream_auth_error``
+    (were it passed on, an SDK would tell its user that their key is wrong), and it counts against the circuit,
+    since every request to that provider fails alike. A 404 (a model this provider does not have) is passed on
+    as it is when no other route answers."""
+    if exc.status == 404:
+        exc.fallback = True
+        return exc
+    return UpstreamError(502, f"provider {provider!r} refused the gateway's credentials (HTTP {exc.status}): "
+                         f"{exc.message}", kind="auth", retryable=False, fallback=True, code="upstream_auth_error",
+                         detail=exc.detail)
 
 
 def _retry_after(exc: GatewayError) -> float | None:
@@ -126,7 +143,8 @@ class Forwarder:
                         attempt["error"] = "circuit_open"
                         last_error = last_error or UpstreamError(
                             503, f"provider {provider.name!r} is unavailable (circuit open)", kind="circuit_open",
-                            retryable=True, code="provider_unavailable")
+                            retryable=True, code="provider_unavailable",
+                            headers={"Retry-After": str(max(1, math.ceil(breaker.retry_in())))})
                         break
                     ureq = self._request(exchange, route, prefix)
                     if self.pipeline.has_upstream_request:
@@ -147,14 +165,21 @@ class Forwarder:
                         else:
                             response = await self._body(request, provider, ureq, exchange, guard)
                     except UpstreamError as exc:
+                        if exc.kind == "status" and exc.status in (401, 403, 404):
+                            exc = _not_here(exc, provider.name)
                         attempt["error"], attempt["status"] = exc.kind, exc.status
                         if exc.detail is not None:
                             attempt["detail"] = exc.detail
                         last_error = exc
-                        breaker.failure() if _is_provider_fault(exc) else breaker.release()
+                        if exc.status == 429 and exc.kind == "status":
+                            breaker.cool_down(_retry_after(exc) or 0.0)
+                        else:
+                            breaker.failure() if _is_provider_fault(exc) else breaker.release()
                         log.warning("upstream_failed", provider=provider.name, kind=exc.kind, status=exc.status,
                                     error=exc.message, detail=exc.detail, attempt=try_no + 1)
                         if not exc.retryable:
+                            if exc.fallback:
+                                break  # the next route, without a retry here
                             raise
                         if try_no < provider.config.retry_attempts:
                             delay = self._backoff(try_no, exc, guard, loop.time())
@@ -271,6 +296,8 @@ class Forwarder:
             exchange.upstream_sent_at = started
         try:
             body = await provider.complete(ureq)
+            if body[:2] == b"\x1f\x8b":  # gzip from an upstream that ignored "Accept-Encoding: identity"
+                body = decoded(body)
             if exchange.upstream_first_at is None:
                 exchange.upstream_first_at = time.monotonic()
         except asyncio.CancelledError:

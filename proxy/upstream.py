@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 __all__ = ["UpstreamRequest", "UpstreamResponse", "UpstreamError", "Provider", "ENDPOINT_PATHS", "broken_answer"]
 
+#: Bumped whenever a provider's discovered model list changes (routers cache their plans per model name).
+DISCOVERY_GENERATION = [0]
+
 #: Exchange endpoint name -> path below a provider's base URL.
 ENDPOINT_PATHS = {
     "chat.completions": "/chat/completions",
@@ -31,23 +34,35 @@ ENDPOINT_PATHS = {
 class UpstreamError(GatewayError):
     """A failure talking to a provider before anything of its answer reached the client.
 
-    ``retryable`` failures (connect errors, timeouts, 429, 5xx) let the gateway try the next route.
-    ``kind`` is a short label for logs and metrics: connect, timeout, status, protocol. ``detail`` is for the
-    gateway's log only (an address, a library's exception text): the client's message names the provider, not
-    the network behind it.
+    ``retryable`` failures (connect errors, timeouts, 429, 5xx) are retried on the same provider, then the next
+    route is tried; ``fallback`` failures (default: the retryable ones; also an upstream's 401, 403 and 404) let the
+    next route answer without a retry. ``kind`` is a short label for logs and metrics: connect, timeout, status,
+    auth, protocol, ... ``detail`` is for the gateway's log only (an address, a library's exception text): the
+    client's message names the provider, not the network behind it.
     """
 
     def __init__(self, status: int, message: str, *, kind: str, retryable: bool,
-                 body: dict[str, Any] | None = None, detail: str | None = None, **kw: Any) -> None:
+                 body: dict[str, Any] | None = None, detail: str | None = None, fallback: bool | None = None,
+                 **kw: Any) -> None:
         super().__init__(status, message, **kw)
         self.kind = kind
         self.retryable = retryable
+        self.fallback = retryable if fallback is None else fallback
         self.body = body
         self.detail = detail
 
     def to_dict(self) -> dict[str, Any]:
-        # An upstream's own OpenAI-format error body is passed through unchanged.
-        return self.body if self.body is not None else super().to_dict()
+        """The upstream's own error object when it sent one (its members kept: Azure's ``innererror``, ...),
+        completed to OpenAI's ``message``, ``type``, ``param`` and ``code``; else the gateway's."""
+        err = self.body.get("error") if self.body is not None else None
+        if not isinstance(err, dict):
+            return super().to_dict()
+        merged = dict(err)
+        for key, value in (("message", self.message), ("type", self.type), ("param", self.param),
+                           ("code", self.code)):
+            if merged.get(key) in (None, ""):
+                merged[key] = value
+        return {"error": merged}
 
 
 def broken_answer(provider: str, exc: BaseException) -> UpstreamError:
@@ -204,7 +219,18 @@ class Provider:
 
     def set_discovered(self, names: list[str]) -> None:
         patterns = self.config.models
-        self.discovered = tuple(dict.fromkeys(n for n in names if any(fnmatchcase(n, p) for p in patterns)))
+        discovered = tuple(dict.fromkeys(n for n in names if any(fnmatchcase(n, p) for p in patterns)))
+        if discovered != self.discovered:
+            self.discovered = discovered
+            DISCOVERY_GENERATION[0] += 1
+
+    def knows(self, model: str) -> bool | None:
+        """Whether this provider names ``model`` itself: True when its ``models`` list it by name or the upstream
+        listed it (:attr:`discovered`), False when the upstream's own list is known and lacks it, None when the
+        gateway cannot tell (no list asked for yet, or none to ask: ``models`` patterns only)."""
+        if model in self.config.models or model in self.discovered:
+            return True
+        return False if self.discovered else None
 
     def serves(self, model: str) -> bool:
         """Whether a request for ``model`` may be answered here, as far as the gateway can tell without asking the

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import zlib
 from typing import Any, AsyncIterator, Mapping
 
 import aiohttp
@@ -48,6 +49,42 @@ class HTTPResponse(UpstreamResponse):
         self._resp.close()
 
 
+class DecodedHTTPResponse(HTTPResponse):
+    """An event stream the upstream compressed although the gateway asked for ``identity`` (a proxy in between
+    that compresses anyway): decompressed as it arrives (gzip or zlib ``deflate``)."""
+
+    __slots__ = ()
+
+    def raw_sse(self) -> AsyncIterator[bytes]:
+        return _inflated(self._resp.content.iter_any())
+
+
+async def _inflated(reads: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    inflater = zlib.decompressobj(wbits=47)  # 32 + 15: a gzip or a zlib header, told apart by the data
+    async for data in reads:
+        out = inflater.decompress(data)
+        if out:
+            yield out
+    rest = inflater.flush()
+    if rest:
+        yield rest
+
+
+#: Content-Encodings the gateway decodes when an upstream sends them despite ``Accept-Encoding: identity``.
+DECODED_ENCODINGS = frozenset({"gzip", "x-gzip", "deflate"})
+
+
+def decoded(body: bytes) -> bytes:
+    """A whole answer as sent, or decompressed when it is gzip (by its magic bytes: an upstream that ignores
+    ``Accept-Encoding: identity``). A body that does not decompress is returned as it is."""
+    if body[:2] != b"\x1f\x8b":
+        return body
+    try:
+        return zlib.decompress(body, wbits=31)
+    except zlib.error:
+        return body
+
+
 class WholeAnswerAsStream(UpstreamResponse):
     """A complete answer to a stream request, from an upstream that ignored ``"stream": true``: relayed as the
     chunks a stream of it would carry (a chat answer split into its role-and-content and finish chunks, any
@@ -67,7 +104,10 @@ class WholeAnswerAsStream(UpstreamResponse):
 
 
 def upstream_error_from_body(status: int, body: bytes, provider: str, headers: Mapping[str, str]) -> UpstreamError:
-    """Build the error for a non-2xx upstream answer, keeping an OpenAI-format body as it was."""
+    """Build the error for a non-2xx upstream answer: an OpenAI-format body is kept (and completed to OpenAI's four
+    members by :meth:`UpstreamError.to_dict`); the shapes other servers use (``{"error": "text"}``, vLLM's
+    ``{"object": "error", "message": ...}``, FastAPI's ``{"detail": ...}``, ``{"message": ...}``) give their
+    message, type and code; anything else (an HTML page) is quoted, shortened."""
     parsed: Any = None
     try:
         parsed = orjson.loads(body) if body else None
@@ -76,18 +116,38 @@ def upstream_error_from_body(status: int, body: bytes, provider: str, headers: M
     extra = {}
     if "Retry-After" in headers:
         extra["Retry-After"] = headers["Retry-After"]
+    retryable = status in _RETRYABLE_STATUS
+    out_status = status if retryable or 400 <= status < 500 else 502
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
         err = parsed["error"]
+        code = err.get("code")
         return UpstreamError(
-            status, str(err.get("message") or "upstream error"), kind="status",
-            retryable=status in _RETRYABLE_STATUS, body=parsed, code=err.get("code"), headers=extra,
+            out_status, str(err.get("message") or "upstream error"), kind="status", retryable=retryable,
+            body=parsed, code=code if isinstance(code, str) else None, headers=extra,
         )
-    text = body[:200].decode("utf-8", "replace")
-    return UpstreamError(
-        status if status in _RETRYABLE_STATUS or 400 <= status < 500 else 502,
-        f"provider {provider!r} answered HTTP {status}: {text}",
-        kind="status", retryable=status in _RETRYABLE_STATUS, code="upstream_error", headers=extra,
-    )
+    message, code = _other_error_shape(parsed)
+    if message is None:
+        message = body[:200].decode("utf-8", "replace")
+    return UpstreamError(out_status, f"provider {provider!r} answered HTTP {status}: {message}", kind="status",
+                         retryable=retryable, code=code or "upstream_error", headers=extra)
+
+
+def _other_error_shape(parsed: Any) -> tuple[str | None, str | None]:
+    """(message, code) of the error bodies of OpenAI-compatible servers that are not OpenAI's shape."""
+    if not isinstance(parsed, dict):
+        return None, None
+    message = parsed.get("error") if isinstance(parsed.get("error"), str) else None
+    if message is None:
+        for key in ("message", "detail"):
+            value = parsed.get(key)
+            if isinstance(value, str) and value:
+                message = value
+                break
+            if value is not None and key == "detail":  # FastAPI's validation errors: a list of objects
+                message = orjson.dumps(value)[:300].decode("utf-8", "replace")
+                break
+    code = parsed.get("code")
+    return message, code if isinstance(code, str) else None
 
 
 class OpenAIProvider(Provider):
@@ -133,7 +193,7 @@ class OpenAIProvider(Provider):
             if resp.status >= 400:
                 raise UpstreamError(502, f"provider {self.name!r} answered HTTP {resp.status} to GET /models",
                                     kind="status", retryable=True)
-            answer = orjson.loads(await resp.read())
+            answer = orjson.loads(decoded(await resp.read()))
         data = answer.get("data") if isinstance(answer, dict) else None
         if not isinstance(data, list):
             raise UpstreamError(502, f"provider {self.name!r}: GET /models is not a model list", kind="protocol",
@@ -167,7 +227,7 @@ class OpenAIProvider(Provider):
     async def _status_error(self, resp: aiohttp.ClientResponse) -> UpstreamError:
         """The error for an answer with status >= 400 (its body read, the connection released)."""
         try:
-            body = await resp.read()
+            body = decoded(await resp.read())
         except aiohttp.ClientError:
             body = b""
         finally:
@@ -183,8 +243,13 @@ class OpenAIProvider(Provider):
             raise self._connect_error(exc) from exc
         if resp.status >= 400:
             raise await self._status_error(resp)
-        if request.stream and not resp.headers.get("Content-Type", "").startswith("text/event-stream"):
-            return await self._not_an_event_stream(resp)
+        if request.stream:
+            headers = resp.headers
+            if not headers.get("Content-Type", "").startswith("text/event-stream"):
+                return await self._not_an_event_stream(resp)
+            if "Content-Encoding" in headers and headers["Content-Encoding"].lower() in DECODED_ENCODINGS \
+                    and type(self).wrap is OpenAIProvider.wrap:
+                return DecodedHTTPResponse(resp)
         return self.wrap(resp, request)
 
     async def _not_an_event_stream(self, resp: aiohttp.ClientResponse) -> UpstreamResponse:
@@ -193,7 +258,7 @@ class OpenAIProvider(Provider):
         another route may answer."""
         ctype = resp.headers.get("Content-Type") or "no Content-Type"
         try:
-            body = await resp.read()
+            body = decoded(await resp.read())
         except aiohttp.ClientError as exc:
             raise broken_answer(self.name, exc) from exc
         finally:

@@ -1,0 +1,175 @@
+"""An upstream that refuses a request (401, 403, 404, 429) or answers an error in a shape other than OpenAI's:
+who is tried next, what the client is told, and what the provider's circuit makes of it. Real upstream servers
+on 127.0.0.1; the official ``openai`` SDK as the client."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import attrs
+import openai
+import orjson
+import pytest
+from aiohttp import web
+
+from proxy.config.schema import CircuitBreakerConfig, RetryConfig
+from proxy.testing import Script, config_for
+from tests.conftest import openai_client
+from tests.helpers import CHAT, CatchAllUpstream
+
+MESSAGES = CHAT["messages"]
+
+
+class ErrorUpstream(CatchAllUpstream):
+    """Answers every POST with ``status``, ``body`` (bytes) and ``headers``; counts the requests."""
+
+    def __init__(self) -> None:
+        self.status = 500
+        self.body = b""
+        self.headers: dict[str, str] = {"Content-Type": "application/json"}
+        self.requests = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        await request.read()
+        self.requests += 1
+        return web.Response(status=self.status, body=self.body, headers=self.headers)
+
+
+@pytest.fixture
+async def failing():
+    up = ErrorUpstream()
+    yield await up.start()
+    await up.close()
+
+
+def openai_error(message: str, code: str | None = "invalid_api_key") -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}})
+
+
+@pytest.mark.parametrize("status", [401, 403])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_upstream_refusing_the_gateways_key_falls_back_and_is_no_client_auth_error(
+        failing, upstream, gateway_factory, status, stream):
+    failing.status, failing.body = status, openai_error("Incorrect API key provided: sk-bad")
+    gw = await gateway_factory(config_for(failing.base_url, upstream, retry_attempts=2))
+    client = openai_client(gw.base_url)
+    if stream:
+        chunks = [c async for c in await client.chat.completions.create(model="m", messages=MESSAGES, stream=True)]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    else:
+        text = (await client.chat.completions.create(model="m", messages=MESSAGES)).choices[0].message.content
+    await client.close()
+    assert text == "Hello, world!"
+    assert failing.requests == 1  # no retry on the provider that refused the key
+
+
+async def test_with_no_other_route_the_client_gets_a_502_naming_the_provider_and_the_circuit_opens(
+        failing, gateway_factory):
+    failing.status, failing.body = 401, openai_error("Incorrect API key provided: sk-bad")
+    breaker = CircuitBreakerConfig(failure_threshold=2, recovery_timeout=30)
+    gw = await gateway_factory(attrs.evolve(config_for(failing.base_url), circuit_breaker=breaker))
+    client = openai_client(gw.base_url)
+    for _ in range(2):
+        with pytest.raises(openai.InternalServerError) as info:  # not openai.AuthenticationError
+            await client.chat.completions.create(model="m", messages=MESSAGES)
+        assert info.value.status_code == 502
+        error = info.value.body
+        assert error["code"] == "upstream_auth_error" and "'up0'" in error["message"]
+        assert "credentials" in error["message"] and "HTTP 401" in error["message"]
+    with pytest.raises(openai.APIStatusError) as info:
+        await client.chat.completions.create(model="m", messages=MESSAGES)
+    await client.close()
+    assert info.value.status_code == 503 and failing.requests == 2  # every request fails alike: the circuit opened
+    assert int(info.value.response.headers["Retry-After"]) in range(28, 31)
+
+
+async def test_a_404_from_one_provider_lets_the_next_answer(failing, upstream, gateway_factory):
+    failing.status = 404
+    failing.body = orjson.dumps({"object": "error", "message": "The model `m` does not exist.",
+                                 "type": "NotFoundError", "param": None, "code": 404})
+    gw = await gateway_factory(config_for(failing.base_url, upstream, retry_attempts=2))
+    client = openai_client(gw.base_url)
+    answer = await client.chat.completions.create(model="m", messages=MESSAGES)
+    assert answer.choices[0].message.content == "Hello, world!" and failing.requests == 1
+    # alone, its 404 is the client's answer, in OpenAI's shape, and the circuit is untouched
+    gw2 = await gateway_factory(config_for(failing.base_url))
+    client2 = openai_client(gw2.base_url)
+    for _ in range(6):
+        with pytest.raises(openai.NotFoundError) as info:
+            await client2.chat.completions.create(model="m", messages=MESSAGES)
+    await client.close()
+    await client2.close()
+    assert "The model `m` does not exist." in info.value.body["message"]
+    assert set(info.value.body) >= {"message", "type", "param", "code"}
+    assert gw2.gateway.breakers["up0"].current() == "closed"
+
+
+async def test_a_429_with_retry_after_rests_the_provider_for_that_long_and_is_no_failure(
+        upstream, upstream2, gateway_factory):
+    upstream.script = Script(status=429, error="Rate limit reached", retry_after="1")
+    breaker = CircuitBreakerConfig(failure_threshold=1, recovery_timeout=60)
+    config = attrs.evolve(config_for(upstream, upstream2, retry_attempts=0), circuit_breaker=breaker)
+    gw = await gateway_factory(config)
+    client = openai_client(gw.base_url)
+    for _ in range(4):  # the first meets the 429 and moves on; the next skip the resting provider
+        answer = await client.chat.completions.create(model="m", messages=MESSAGES)
+        assert answer.choices[0].message.content == "Hello, world!"
+    assert len(upstream.requests) == 1 and len(upstream2.requests) == 4
+    assert 0 < gw.gateway.breakers["up0"].retry_in() <= 1.0  # Retry-After, not the 60 s recovery_timeout
+    upstream.script = Script()  # the limit has passed
+    await asyncio.sleep(1.1)
+    await client.chat.completions.create(model="m", messages=MESSAGES)
+    await client.close()
+    assert len(upstream.requests) == 2 and gw.gateway.breakers["up0"].current() == "closed"
+
+
+async def test_429s_without_retry_after_do_not_open_the_circuit(upstream, upstream2, gateway_factory):
+    upstream.script = Script(status=429, error="Rate limit reached")
+    breaker = CircuitBreakerConfig(failure_threshold=2, recovery_timeout=60)
+    gw = await gateway_factory(attrs.evolve(config_for(upstream, upstream2, retry_attempts=0),
+                                            circuit_breaker=breaker))
+    client = openai_client(gw.base_url)
+    for _ in range(5):
+        await client.chat.completions.create(model="m", messages=MESSAGES)
+    await client.close()
+    assert len(upstream.requests) == 5  # asked every time (it may have capacity again), never shut out
+    assert gw.gateway.breakers["up0"].current() == "closed"
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (b'{"error": "model \'m\' not found, try pulling it first"}', "model 'm' not found, try pulling it first"),
+    (b'{"object": "error", "message": "max_tokens is too large", "type": "BadRequestError", "param": null,'
+     b' "code": 400}', "max_tokens is too large"),
+    (b'{"detail": "Invalid request"}', "Invalid request"),
+    (b'{"error": {"message": "Unsupported parameter: \'logit_bias\'"}}', "Unsupported parameter: 'logit_bias'"),
+    (b"<html><body><h1>400 Bad Request</h1></body></html>", "<h1>400 Bad Request</h1>"),
+], ids=["ollama", "vllm", "fastapi", "openai-partial", "html"])
+async def test_error_bodies_of_other_servers_reach_the_client_in_openai_shape(failing, gateway_factory, body,
+                                                                              message):
+    failing.status, failing.body = 400, body
+    gw = await gateway_factory(config_for(failing.base_url))
+    async with aiohttp.ClientSession() as session:
+        async with session.post(gw.base_url + "/chat/completions", json={**CHAT, "model": "m"}) as resp:
+            answer: dict[str, Any] = await resp.json()
+    assert resp.status == 400
+    error = answer["error"]
+    assert set(error) >= {"message", "type", "param", "code"} and set(answer) == {"error"}
+    assert message in error["message"] and error["type"] == "invalid_request_error"
+    if not body.startswith(b"<"):
+        assert '{"' not in error["message"]  # the message, not the upstream's JSON quoted
+    assert error["code"] is None or isinstance(error["code"], str)
+
+
+async def test_the_503_of_an_open_circuit_says_when_to_retry(upstream, gateway_factory):
+    upstream.script = Script(status=500)
+    breaker = CircuitBreakerConfig(failure_threshold=1, recovery_timeout=7)
+    gw = await gateway_factory(attrs.evolve(config_for(upstream, retry_attempts=0), circuit_breaker=breaker,
+                                            retry=RetryConfig(backoff_base=0.01)))
+    async with aiohttp.ClientSession() as session:
+        async with session.post(gw.base_url + "/chat/completions", json=CHAT) as resp:
+            assert resp.status == 500
+        async with session.post(gw.base_url + "/chat/completions", json=CHAT) as resp:
+            body = await resp.json()
+            assert resp.status == 503 and body["error"]["code"] == "provider_unavailable"
+            assert resp.headers["Retry-After"] in ("6", "7")
