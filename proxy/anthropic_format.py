@@ -18,7 +18,7 @@ from .sse import Chunk
 __all__ = [
     "to_anthropic_request", "from_anthropic_message", "AnthropicStreamToOpenAI",
     "from_anthropic_request", "to_anthropic_message", "OpenAIStreamToAnthropic",
-    "FINISH_FROM_ANTHROPIC", "STOP_FROM_OPENAI", "anthropic_error_body",
+    "FINISH_FROM_ANTHROPIC", "STOP_FROM_OPENAI", "anthropic_error_body", "anthropic_error", "unsupported_by_anthropic",
 ]
 
 FINISH_FROM_ANTHROPIC = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
@@ -35,6 +35,10 @@ _ERROR_TYPE_FROM_OPENAI = {"rate_limit_exceeded": "rate_limit_error", "overloade
                            "server_shutting_down": "overloaded_error", "invalid_request_error": "invalid_request_error"}
 #: Text blocks become one string, a line apart (joined with nothing, two blocks ran into one word).
 _BLOCK_SEPARATOR = "\n"
+#: Anthropic's status for ``overloaded_error`` (the anthropic SDK's ``OverloadedError``); OpenAI clients get 503.
+OVERLOADED_STATUS = 529
+#: Error types and codes, Anthropic's, OpenAI's or the gateway's own, that mean "overloaded, retry later".
+_OVERLOADED = frozenset({"overloaded_error", "overloaded", "server_shutting_down"})
 
 
 def _message_id(openai_id: Any) -> str:
@@ -60,6 +64,21 @@ def _chunk(obj: Any) -> bytes:
 
 def anthropic_error_body(status: int, message: str) -> dict[str, Any]:
     return {"type": "error", "error": {"type": _ERROR_TYPE_BY_STATUS.get(status, "api_error"), "message": message}}
+
+
+def anthropic_error(error: Any) -> tuple[int, dict[str, Any]]:
+    """The status and body an Anthropic client (``/v1/messages``) gets for a gateway error (a ``GatewayError``):
+    the error's status and the Anthropic type for it, except that an error meaning "overloaded" (an upstream's
+    ``overloaded_error``, in its body or code, or the gateway's own ``server_shutting_down``) is Anthropic's 529
+    ``overloaded_error``, which the anthropic SDK raises as ``OverloadedError``. OpenAI clients keep the error's
+    own (standard) status: this is for the Anthropic ingress only."""
+    named = {error.code, getattr(error, "type", None)}
+    body = getattr(error, "body", None)
+    upstream = body.get("error") if isinstance(body, dict) else None
+    if isinstance(upstream, dict):
+        named.update((upstream.get("type"), upstream.get("code")))
+    status = OVERLOADED_STATUS if named & _OVERLOADED else error.status
+    return status, anthropic_error_body(status, error.message)
 
 
 # -- OpenAI request -> Anthropic request ----------------------------------------------------------------------
@@ -94,8 +113,31 @@ def _text_of(content: Any) -> str:
                                  if isinstance(p, dict) and p.get("type") == "text")
 
 
+def unsupported_by_anthropic(body: dict[str, Any]) -> tuple[str, str] | None:
+    """What of an OpenAI chat request the Messages API cannot honour, as ``(param, reason)``; None when nothing.
+
+    - ``n`` above 1: a Messages request has one answer; answering one choice to a request for several would
+      pass for a complete answer.
+    - ``response_format`` other than ``{"type": "text"}`` (the default, which needs nothing): the Messages API
+      has no JSON mode. Forcing a tool whose input schema is the requested one would give JSON that usually
+      matches, without the guarantee ``json_schema`` (``strict``) promises, and would clash with the request's
+      own tools and ``tool_choice``; the request is refused instead (another route may serve it).
+    """
+    n = body.get("n")
+    if n is not None and n != 1:
+        return "n", f"answers one choice per request: 'n': {n} is not supported"
+    response_format = body.get("response_format")
+    if response_format is not None:
+        kind = response_format.get("type") if isinstance(response_format, dict) else response_format
+        if kind != "text":
+            return "response_format", (f"has no JSON mode: 'response_format' {kind!r} is not supported (ask for "
+                                       "JSON in the prompt, or route the request to a provider that supports it)")
+    return None
+
+
 def to_anthropic_request(body: dict[str, Any], max_tokens_default: int) -> dict[str, Any]:
-    """An OpenAI chat completion request as an Anthropic Messages request."""
+    """An OpenAI chat completion request as an Anthropic Messages request (what it cannot carry is found by
+    :func:`unsupported_by_anthropic` first; ``response_format`` ``text`` is the default and needs nothing)."""
     system: list[str] = []
     messages: list[dict[str, Any]] = []
 
@@ -187,6 +229,20 @@ def _usage(usage: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _matched_stop(stop_reason: Any, stop_sequence: Any) -> str | None:
+    """The stop sequence an Anthropic answer ended on (None unless ``stop_reason`` is ``stop_sequence``)."""
+    return stop_sequence if stop_reason == "stop_sequence" and isinstance(stop_sequence, str) and stop_sequence \
+        else None
+
+
+def _stop_sequence_of(choice: dict[str, Any]) -> str | None:
+    """The stop sequence an OpenAI-format choice ended on: its ``stop_reason`` when a string and the choice
+    finished with ``stop`` (vLLM's field: the matched stop string, an integer for a stop token id; the
+    ``anthropic`` adapter sets it the same way from Anthropic's ``stop_sequence``)."""
+    seq = choice.get("stop_reason")
+    return seq if choice.get("finish_reason") == "stop" and isinstance(seq, str) and seq else None
+
+
 def from_anthropic_message(msg: dict[str, Any]) -> dict[str, Any]:
     text, calls = [], []
     for block in msg.get("content") or ():
@@ -200,11 +256,16 @@ def from_anthropic_message(msg: dict[str, Any]) -> dict[str, Any]:
                                "refusal": None}
     if calls:
         message["tool_calls"] = calls
+    choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None,
+                              "finish_reason": FINISH_FROM_ANTHROPIC.get(msg.get("stop_reason") or "", "stop")}
+    stop_sequence = _matched_stop(msg.get("stop_reason"), msg.get("stop_sequence"))
+    if stop_sequence is not None:
+        # OpenAI has no field for it: the matched sequence rides as vLLM's ``stop_reason`` (an extra field the
+        # OpenAI SDK keeps), so /v1/messages clients get ``stop_sequence`` back (``to_anthropic_message``).
+        choice["stop_reason"] = stop_sequence
     return {
         "id": msg.get("id"), "object": "chat.completion", "created": int(time.time()), "model": msg.get("model"),
-        "choices": [{"index": 0, "message": message, "logprobs": None,
-                     "finish_reason": FINISH_FROM_ANTHROPIC.get(msg.get("stop_reason") or "", "stop")}],
-        "usage": _usage(msg.get("usage") or {}),
+        "choices": [choice], "usage": _usage(msg.get("usage") or {}),
     }
 
 
@@ -224,10 +285,12 @@ class AnthropicStreamToOpenAI:
         self.block_tools: dict[int, int] = {}
         self.finish: str | None = None
 
-    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None, stop_sequence: str | None = None) -> bytes:
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        if stop_sequence is not None:
+            choice["stop_reason"] = stop_sequence  # (see from_anthropic_message)
         return _chunk({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                       "model": self.model, "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                                         "finish_reason": finish}]})
+                       "model": self.model, "choices": [choice]})
 
     def feed(self, raw: bytes) -> list[bytes]:
         chunk = Chunk(raw)
@@ -270,10 +333,11 @@ class AnthropicStreamToOpenAI:
             prompt = {k: v for k, v in usage.items() if k in _PROMPT_COUNTS and v is not None}
             if prompt:
                 self.input_usage = {**self.input_usage, **prompt}
-            stop = (obj.get("delta") or {}).get("stop_reason")
+            delta = obj.get("delta") or {}
+            stop = delta.get("stop_reason")
             if stop:
                 self.finish = FINISH_FROM_ANTHROPIC.get(stop, "stop")
-                return [self._chunk({}, self.finish)]
+                return [self._chunk({}, self.finish, _matched_stop(stop, delta.get("stop_sequence")))]
             return []
         if kind == "message_stop":
             usage = _usage({**self.input_usage, "output_tokens": self.output_tokens})
@@ -384,16 +448,25 @@ def to_anthropic_message(body: dict[str, Any]) -> dict[str, Any]:
         except orjson.JSONDecodeError:
             arguments = {}
         content.append({"type": "tool_use", "id": call.get("id"), "name": fn.get("name"), "input": arguments})
+    stop_sequence = _stop_sequence_of(choice)
+    stop_reason = "stop_sequence" if stop_sequence is not None else STOP_FROM_OPENAI.get(
+        choice.get("finish_reason") or "stop", "end_turn")
     return {"id": _message_id(body.get("id")), "type": "message", "role": "assistant", "model": body.get("model"),
-            "content": content, "stop_reason": STOP_FROM_OPENAI.get(choice.get("finish_reason") or "stop",
-                                                                    "end_turn"),
-            "stop_sequence": None, "usage": _anthropic_usage(body.get("usage"))}
+            "content": content, "stop_reason": stop_reason, "stop_sequence": stop_sequence,
+            "usage": _anthropic_usage(body.get("usage"))}
 
 
 class OpenAIStreamToAnthropic:
-    """OpenAI chunk events in, Anthropic SSE events out (for ``/v1/messages`` clients)."""
+    """OpenAI chunk events in, Anthropic SSE events out (for ``/v1/messages`` clients).
 
-    __slots__ = ("started", "block", "block_kind", "tools", "stop_reason", "usage", "model", "id", "finished")
+    ``message_start`` carries the answer's id and model, taken from the first chunks that have them: Azure opens
+    its streams with a prompt-filter chunk (``prompt_filter_results``, empty ``choices``, ``id`` and ``model``
+    ``""``), so a chunk with no choices and no id or model yet says nothing and is waited past. ``message_start``
+    goes out with the first chunk that has choices (or has both an id and a model), and at the latest before the
+    stream's end; a stream that never names its id gets a made-up one (``msg_<random>``)."""
+
+    __slots__ = ("started", "block", "block_kind", "tools", "stop_reason", "stop_sequence", "usage", "model", "id",
+                 "finished")
 
     def __init__(self) -> None:
         self.started = False
@@ -401,18 +474,19 @@ class OpenAIStreamToAnthropic:
         self.block_kind: str | None = None
         self.tools: dict[int, int] = {}
         self.stop_reason: str | None = None
+        self.stop_sequence: str | None = None
         self.usage: dict[str, Any] | None = None
+        #: The upstream's model and id (the first non-empty ones), until message_start; then the message's.
         self.model: str | None = None
         self.id: str | None = None
         self.finished = False
 
-    def _start(self, obj: dict[str, Any]) -> list[bytes]:
+    def _start(self) -> list[bytes]:
         self.started = True
-        self.id = _message_id(obj.get("id"))
-        self.model = obj.get("model")
-        # OpenAI sends usage at the end of the stream; a provider that sends it on the first chunk gives the
+        self.id = _message_id(self.id)
+        # OpenAI sends usage at the end of the stream; a provider that sends it before the answer gives the
         # prompt count here already.
-        prompt = (obj.get("usage") or {}).get("prompt_tokens")
+        prompt = (self.usage or {}).get("prompt_tokens")
         return [_event("message_start", {"type": "message_start", "message": {
             "id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
             "stop_reason": None, "stop_sequence": None,
@@ -446,10 +520,19 @@ class OpenAIStreamToAnthropic:
             self.finished = True
             return [_event("error", {"type": "error", "error": {"type": _in_band_error_type(err),
                                                                 "message": err.get("message", "")}})]
-        out = [] if self.started else self._start(obj)
         if obj.get("usage"):
             self.usage = obj["usage"]
-        for choice in obj.get("choices") or ():
+        choices = obj.get("choices")
+        out: list[bytes] = []
+        if not self.started:
+            if not self.id and obj.get("id"):
+                self.id = str(obj["id"])
+            if not self.model and obj.get("model"):
+                self.model = str(obj["model"])
+            if not choices and not (self.id and self.model):
+                return []  # Azure's prompt-filter chunk: no answer, and not who answers yet
+            out = self._start()
+        for choice in choices or ():
             delta = choice.get("delta") or {}
             if delta.get("content"):
                 if self.block_kind != "text":
@@ -468,14 +551,16 @@ class OpenAIStreamToAnthropic:
                         "type": "content_block_delta", "index": self.tools[idx],
                         "delta": {"type": "input_json_delta", "partial_json": fn["arguments"]}}))
             if choice.get("finish_reason"):
-                self.stop_reason = STOP_FROM_OPENAI.get(choice["finish_reason"], "end_turn")
+                self.stop_sequence = _stop_sequence_of(choice)
+                self.stop_reason = "stop_sequence" if self.stop_sequence is not None else STOP_FROM_OPENAI.get(
+                    choice["finish_reason"], "end_turn")
         return out
 
     def finish(self) -> list[bytes]:
         if self.finished:
             return []
         self.finished = True
-        out = [] if self.started else self._start({})
+        out = [] if self.started else self._start()
         out += self._close_block()
         usage = self.usage or {}
         delta_usage = {"output_tokens": int(usage.get("completion_tokens") or 0)}
@@ -484,6 +569,7 @@ class OpenAIStreamToAnthropic:
             # (the anthropic SDK's final message takes input_tokens and the cache counts from it).
             delta_usage.update(_prompt_counts(usage))
         out.append(_event("message_delta", {"type": "message_delta", "delta": {
-            "stop_reason": self.stop_reason or "end_turn", "stop_sequence": None}, "usage": delta_usage}))
+            "stop_reason": self.stop_reason or "end_turn", "stop_sequence": self.stop_sequence},
+            "usage": delta_usage}))
         out.append(_event("message_stop", {"type": "message_stop"}))
         return out

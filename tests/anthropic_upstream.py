@@ -17,6 +17,7 @@ class AnthropicUpstream:
         self.texts = ["Hello", " from", " Claude"]
         self.tool: dict[str, Any] | None = None  # {"name": ..., "input_parts": [...]} to answer with a tool call
         self.stop_reason = "end_turn"
+        self.stop_sequence: str | None = None  # the matched one, sent with stop_reason "stop_sequence"
         self.error: tuple[int, str, str] | None = None  # (status, type, message)
         self.error_event_at: int | None = None  # send an `error` event in place of this text delta
         self.delay = 0.0
@@ -62,7 +63,8 @@ class AnthropicUpstream:
             return web.json_response({
                 "id": "msg_01XYZ", "type": "message", "role": "assistant", "model": body["model"],
                 "content": self._content(), "stop_reason": "tool_use" if self.tool else self.stop_reason,
-                "stop_sequence": None, "usage": {"input_tokens": 25, "output_tokens": 15, **self.cache_usage}})
+                "stop_sequence": self.stop_sequence,
+                "usage": {"input_tokens": 25, "output_tokens": 15, **self.cache_usage}})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
 
@@ -93,7 +95,7 @@ class AnthropicUpstream:
                                                    "delta": {"type": "input_json_delta", "partial_json": part}})
             await send("content_block_stop", {"type": "content_block_stop", "index": 1})
         await send("message_delta", {"type": "message_delta", "delta": {
-            "stop_reason": "tool_use" if self.tool else self.stop_reason, "stop_sequence": None},
+            "stop_reason": "tool_use" if self.tool else self.stop_reason, "stop_sequence": self.stop_sequence},
             "usage": {"output_tokens": 15, **({"input_tokens": 25, **self.cache_usage} if self.cache_in_delta else {})}})
         await send("message_stop", {"type": "message_stop"})
         await resp.write_eof()

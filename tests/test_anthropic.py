@@ -338,3 +338,120 @@ async def test_messages_ingress_malformed_messages_are_a_400_not_a_crash(upstrea
             body = await resp.json()
     assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
     assert upstream.requests == []
+
+
+async def test_anthropic_overloaded_is_529_for_anthropic_clients_and_503_for_openai_clients(claude, gateway_factory):
+    """Anthropic's 529 ``overloaded_error`` reaches /v1/messages clients as it left Anthropic (the anthropic SDK's
+    OverloadedError, streamed or not); OpenAI clients, which know no 529, get a 503 with the upstream's type."""
+    claude.error = (529, "overloaded_error", "Overloaded")
+    gw = await gateway_factory(anthropic_config(claude))
+    client = anthropic_client(gw)
+    messages = [{"role": "user", "content": "x"}]
+    with pytest.raises(anthropic.OverloadedError) as info:
+        await client.messages.create(model="claude-3-haiku", max_tokens=50, messages=messages)
+    assert info.value.status_code == 529
+    assert info.value.body == {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    with pytest.raises(anthropic.OverloadedError) as info:
+        async with client.messages.stream(model="claude-3-haiku", max_tokens=50, messages=messages) as stream:
+            await stream.get_final_message()
+    assert info.value.status_code == 529 and info.value.body["error"]["type"] == "overloaded_error"
+    await client.close()
+    oclient = openai_client(gw.base_url)
+    with pytest.raises(openai.InternalServerError) as oinfo:
+        await oclient.chat.completions.create(model="claude-3-haiku", messages=messages)
+    await oclient.close()
+    assert oinfo.value.status_code == 503
+    assert oinfo.value.body["type"] == "overloaded_error" and oinfo.value.body["message"] == "Overloaded"
+
+
+async def test_stop_sequence_survives_the_anthropic_round_trip(claude, gateway_factory):
+    """An Anthropic answer that stopped on a stop sequence: /v1/messages clients get ``stop_reason:
+    stop_sequence`` and the sequence (non-stream and stream); OpenAI clients get ``finish_reason: stop``, and the
+    sequence as ``stop_reason``, the extra field vLLM uses for it."""
+    claude.stop_reason, claude.stop_sequence = "stop_sequence", "END"
+    gw = await gateway_factory(anthropic_config(claude))
+    client = anthropic_client(gw)
+    kwargs: dict = dict(model="claude-3-haiku", max_tokens=50, stop_sequences=["END"],
+                        messages=[{"role": "user", "content": "Count"}])
+    message = await client.messages.create(**kwargs)
+    async with client.messages.stream(**kwargs) as stream:
+        final = await stream.get_final_message()
+    await client.close()
+    assert claude.requests[0]["stop_sequences"] == ["END"]
+    for answer in (message, final):
+        assert (answer.stop_reason, answer.stop_sequence) == ("stop_sequence", "END")
+        assert answer.content[0].text == "Hello from Claude"
+
+    oclient = openai_client(gw.base_url)
+    messages = [{"role": "user", "content": "Count"}]
+    answer = await oclient.chat.completions.create(model="claude-3-haiku", stop="END", messages=messages)
+    stream = await oclient.chat.completions.create(model="claude-3-haiku", stop="END", messages=messages,
+                                                   stream=True)
+    chunks = [c async for c in stream]
+    await oclient.close()
+    assert answer.choices[0].finish_reason == "stop" and answer.choices[0].to_dict()["stop_reason"] == "END"
+    finishes = [c.choices[0].to_dict() for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert [(f["finish_reason"], f.get("stop_reason")) for f in finishes] == [("stop", "END")]
+
+
+async def test_anthropic_answers_without_a_stop_sequence_carry_none(claude, gateway_factory):
+    """The usual end: ``end_turn`` and ``stop_sequence: null`` for Anthropic clients, and no extra field at all in
+    what OpenAI clients get."""
+    gw = await gateway_factory(anthropic_config(claude))
+    client = anthropic_client(gw)
+    message = await client.messages.create(model="claude-3-haiku", max_tokens=50,
+                                           messages=[{"role": "user", "content": "Hi"}])
+    await client.close()
+    assert (message.stop_reason, message.stop_sequence) == ("end_turn", None)
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.base_url + "/chat/completions", data=orjson.dumps({
+                "model": "claude-3-haiku", "messages": [{"role": "user", "content": "Hi"}]})) as resp:
+            body = await resp.json()
+    assert "stop_reason" not in body["choices"][0]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["non-stream", "stream"])
+async def test_n_above_1_is_refused_for_anthropic_before_any_upstream_call(claude, gateway_factory, stream):
+    """A Messages request has one answer: n=2 is a 400 naming the provider, not one choice passed off as all."""
+    gw = await gateway_factory(anthropic_config(claude))
+    client = openai_client(gw.base_url)
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.chat.completions.create(model="claude-3-haiku", n=2, stream=stream,
+                                             messages=[{"role": "user", "content": "x"}])
+    await client.close()
+    assert info.value.body["param"] == "n" and info.value.body["type"] == "invalid_request_error"
+    assert info.value.body["code"] == "unsupported_value" and "'claude'" in info.value.body["message"]
+    assert claude.requests == []
+
+
+async def test_n_above_1_falls_back_to_a_route_that_serves_it(claude, upstream, gateway_factory):
+    gw = await gateway_factory(with_backup(anthropic_config(claude), upstream))
+    client = openai_client(gw.base_url)
+    answer = await client.chat.completions.create(model="claude-3-haiku", n=2,
+                                                  messages=[{"role": "user", "content": "x"}])
+    await client.close()
+    assert answer.choices[0].message.content == "Hello, world!"
+    assert claude.requests == [] and upstream.requests[0]["n"] == 2
+
+
+async def test_response_format_text_is_served_and_json_modes_are_refused(claude, gateway_factory):
+    """``{"type": "text"}`` is the default and goes through; the Messages API has no JSON mode, so ``json_object``
+    and ``json_schema`` are a 400 (``param: response_format``) rather than an answer that ignored them."""
+    gw = await gateway_factory(anthropic_config(claude))
+    client = openai_client(gw.base_url)
+    messages = [{"role": "user", "content": "x"}]
+    answer = await client.chat.completions.create(model="claude-3-haiku", messages=messages,
+                                                  response_format={"type": "text"})
+    assert answer.choices[0].message.content == "Hello from Claude"
+    assert len(claude.requests) == 1 and "response_format" not in claude.requests[0]
+    schema = {"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "object"}, "strict": True}}
+    for response_format in ({"type": "json_object"}, schema):
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.chat.completions.create(model="claude-3-haiku", messages=messages,
+                                                 response_format=response_format)
+        assert info.value.body["param"] == "response_format" and "'claude'" in info.value.body["message"]
+        assert response_format["type"] in info.value.body["message"]
+    await client.close()
+    assert len(claude.requests) == 1

@@ -1,5 +1,6 @@
 """Anthropic Messages API behind the OpenAI-format pipeline: requests and answers are translated both ways
-(``proxy/anthropic_format.py``), streams event by event, errors into OpenAI error bodies."""
+(``proxy/anthropic_format.py``), streams event by event, errors into OpenAI error bodies. What a Messages request
+cannot carry (``n`` above 1, a JSON ``response_format``) is refused with a 400 before any upstream call."""
 from __future__ import annotations
 
 from typing import Any, AsyncIterator, Mapping
@@ -7,7 +8,13 @@ from typing import Any, AsyncIterator, Mapping
 import aiohttp
 import orjson
 
-from ..anthropic_format import AnthropicStreamToOpenAI, from_anthropic_message, to_anthropic_request
+from ..anthropic_format import (
+    OVERLOADED_STATUS,
+    AnthropicStreamToOpenAI,
+    from_anthropic_message,
+    to_anthropic_request,
+    unsupported_by_anthropic,
+)
 from ..sse import SSEParser
 from ..upstream import UpstreamError, UpstreamRequest, UpstreamResponse
 from .openai import OpenAIProvider, upstream_error_from_body
@@ -62,11 +69,17 @@ class AnthropicProvider(OpenAIProvider):
     def url(self, request: UpstreamRequest) -> str:
         if request.exchange.endpoint != "chat.completions":
             raise UpstreamError(400, f"provider {self.name!r} (anthropic) serves chat completions only",
-                                kind="unsupported", retryable=True, code="unsupported_endpoint")
+                                kind="unsupported", retryable=False, fallback=True, code="unsupported_endpoint")
         return self._url
 
     def body(self, request: UpstreamRequest) -> bytes:
         body: Any = request.payload
+        refused = unsupported_by_anthropic(body)
+        if refused is not None:
+            # (as an unsupported endpoint: another route may serve it, no retry here; else the client gets this 400)
+            param, reason = refused
+            raise UpstreamError(400, f"provider {self.name!r} (anthropic) {reason}", kind="unsupported",
+                                retryable=False, fallback=True, param=param, code="unsupported_value")
         translated = to_anthropic_request({**body, "model": request.route.model}, self.config.max_tokens_default)
         return orjson.dumps(translated)
 
@@ -86,6 +99,17 @@ class AnthropicProvider(OpenAIProvider):
                                  retryable=status in _RETRYABLE, body=openai_body, code=err.get("type"),
                                  headers=extra)
         return upstream_error_from_body(status, body, self.name, headers)
+
+    async def send(self, request: UpstreamRequest) -> UpstreamResponse:
+        """As the OpenAI adapter's; an Anthropic ``overloaded_error`` (529) is a 503 for OpenAI clients, which
+        know no 529, and stays Anthropic's 529 for the Anthropic clients of ``/v1/messages`` (whose error body
+        is built from the status: ``overloaded_error``, the anthropic SDK's ``OverloadedError``)."""
+        try:
+            return await super().send(request)
+        except UpstreamError as exc:
+            if exc.code == "overloaded_error" and exc.kind == "status" and request.exchange.ingress == "anthropic":
+                exc.status = OVERLOADED_STATUS
+            raise
 
     def wrap(self, resp: aiohttp.ClientResponse, request: UpstreamRequest) -> UpstreamResponse:
         return _AnthropicResponse(resp)
