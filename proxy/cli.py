@@ -124,6 +124,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             load_plugins(entries, new_plugin_manager(), origins)
         except ConfigError as exc:
             problems += exc.problems
+    if not problems:
+        # What only the whole config can tell (trusted proxies, the metrics port, a Redis backend without
+        # redis.url): checked by building the Gateway, as `serve` does, without starting it.
+        from .gateway import Gateway
+
+        try:
+            Gateway(config, origins)
+        except ConfigError as exc:
+            problems += exc.problems
     if problems:
         problems.sort(key=lambda p: (p.file or "", p.line or 0))
         print("\n".join(str(p) for p in problems), file=sys.stderr)
@@ -163,13 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check_config)
 
     sim = sub.add_parser("simulate", help="run the OpenAI-compatible simulator over HTTP")
-    sim.add_argument("--host", default="127.0.0.1")
-    sim.add_argument("--port", type=int, default=9100)
-    sim.add_argument("--ttft-ms", type=float)
-    sim.add_argument("--itl-ms", type=float)
-    sim.add_argument("--error-rate", type=float)
-    sim.add_argument("--tokens", type=int, help="completion length when the request sets no max_tokens")
-    sim.add_argument("--seed", type=int)
+    sim.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    sim.add_argument("--port", type=int, default=9100, help="bind port (default 9100)")
+    sim.add_argument("--ttft-ms", type=float, help="mean time to first token, ms (default 20)")
+    sim.add_argument("--itl-ms", type=float, help="mean time between tokens, ms (default 5)")
+    sim.add_argument("--error-rate", type=float,
+                     help="probability (0-1) that a request fails with HTTP 500 (default 0)")
+    sim.add_argument("--tokens", type=int,
+                     help="completion length when the request sets no max_tokens (default 32)")
+    sim.add_argument("--seed", type=int, help="random seed, for reproducible answers (default: random)")
     sim.set_defaults(func=cmd_simulate)
 
     from .keys_cli import add_parser as add_keys_parser

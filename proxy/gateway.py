@@ -63,12 +63,7 @@ class Gateway:
         self.scrape_callbacks: list[Callable[[], None]] = []
         self.active_streams = 0
         self.started_at = time.time()
-        try:
-            self.trusted_proxies = tuple(ip_network(p, strict=False) for p in config.server.trusted_proxies)
-        except ValueError as exc:
-            origins = origins or Origins()
-            raise ConfigError([origins.problem(("server", "trusted_proxies"), f"not an address or CIDR: {exc}")]
-                              ) from None
+        self.trusted_proxies = _check_settings(config, self.plugins, origins or Origins())
         self.pipeline = Pipeline(self.plugin_manager, [p.name for p in self.plugins])
         s = config.streaming
         intervals = [s.keepalive_interval] if s.keepalive else []
@@ -471,6 +466,33 @@ def _close_if_body_unread(request: web.Request) -> None:
     10 s ("lingering"), and a body that cannot be read would raise there again and be logged as a crash."""
     if not request.content.is_eof():
         request.protocol.force_close()  # the transport sends what was written before it closes
+
+
+def _check_settings(config: Config, plugins: list[Any], origins: Origins) -> tuple[Any, ...]:
+    """What the schema cannot check alone, checked before anything starts (``check-config`` builds a Gateway
+    too, so it refuses what ``serve`` would): the trusted proxies parse, the metrics listener has a port of its
+    own, and a plugin with ``backend: redis`` has a ``redis.url``. Returns the trusted networks; raises
+    ConfigError with every problem."""
+    problems = []
+    trusted: list[Any] = []
+    for index, value in enumerate(config.server.trusted_proxies):
+        try:
+            trusted.append(ip_network(value, strict=False))
+        except ValueError as exc:
+            problems.append(origins.problem(("server", "trusted_proxies", index), f"not an address or CIDR: {exc}"))
+    server, metrics_port = config.server, config.observability.metrics_port
+    if metrics_port and metrics_port == server.port:
+        problems.append(origins.problem(("observability", "metrics_port"),
+                                        f"the same port as server.port ({server.port}): give /metrics a port of its "
+                                        "own, or leave metrics_port out to serve /metrics on the main port"))
+    if not config.redis.url:
+        for index, plugin in enumerate(plugins):
+            if getattr(plugin.config, "backend", None) == "redis":
+                problems.append(origins.problem(("pipeline", index, plugin.name, "backend"),
+                                                "backend: redis needs redis.url (the Redis every replica shares)"))
+    if problems:
+        raise ConfigError(problems)
+    return tuple(trusted)
 
 
 def _with_builtins(config: Config) -> tuple[PipelineEntry, ...]:

@@ -48,9 +48,14 @@ def client_ip(request: web.Request, trusted: tuple[Any, ...]) -> str | None:
     return peer
 
 
-def _refuse_while_draining(request_id: str) -> web.Response:
-    err = GatewayError(503, "The gateway is shutting down; retry the request.", code="server_shutting_down")
-    return web.Response(body=err.to_json(), status=503, content_type="application/json",
+def _refuse_while_draining(request_id: str, ingress: str = "openai") -> web.Response:
+    """The 503 of every API request that arrives during a drain (in the ingress's error format)."""
+    message = "The gateway is shutting down; retry the request."
+    if ingress == "anthropic":
+        body = orjson.dumps(anthropic_error_body(503, message))
+    else:
+        body = GatewayError(503, message, code="server_shutting_down").to_json()
+    return web.Response(body=body, status=503, content_type="application/json",
                         headers={"Connection": "close", "Retry-After": "1", REQUEST_ID_HEADER: request_id})
 
 
@@ -68,7 +73,7 @@ def _serving(holder: GatewayHolder, endpoint: str, ingress: str = "openai"
     async def handler(request: web.Request) -> web.StreamResponse:
         request_id, trace_id = begin(request)
         if holder.draining:
-            return _refuse_while_draining(request_id)
+            return _refuse_while_draining(request_id, ingress)
         gateway = holder.current
         exchange = Exchange(request_id=request_id, endpoint=endpoint, headers=request.headers,
                             client_ip=client_ip(request, gateway.trusted_proxies), ingress=ingress,
@@ -105,6 +110,8 @@ def _counting(holder: GatewayHolder) -> Callable[[web.Request], Awaitable[web.St
     no upstream called; authenticated, not rate-limited as a completion). Answers in Anthropic's format."""
     async def messages_count_tokens(request: web.Request) -> web.StreamResponse:
         request_id, trace_id = begin(request)
+        if holder.draining:
+            return _refuse_while_draining(request_id, "anthropic")
         gateway = holder.current
         exchange = Exchange(request_id=request_id, endpoint="messages.count_tokens", headers=request.headers,
                             client_ip=client_ip(request, gateway.trusted_proxies), ingress="anthropic",
@@ -147,7 +154,10 @@ def _models_exchange(request: web.Request, gateway: "Gateway") -> Exchange:
 @routes.get("/models")
 @edge
 async def models(request: web.Request) -> web.StreamResponse:
-    gateway = request.app[GATEWAY].current
+    holder = request.app[GATEWAY]
+    if holder.draining:
+        return _refuse_while_draining(request["request_id"])
+    gateway = holder.current
     return await gateway.handle_models(request, _models_exchange(request, gateway))
 
 
@@ -165,7 +175,10 @@ async def model(request: web.Request) -> web.StreamResponse:
     finds a known path's methods by its exact path, which a path with a variable part never is."""
     if request.method not in _MODEL_METHODS:
         raise web.HTTPMethodNotAllowed(request.method, _MODEL_METHODS)
-    gateway = request.app[GATEWAY].current
+    holder = request.app[GATEWAY]
+    if holder.draining:
+        return _refuse_while_draining(request["request_id"])
+    gateway = holder.current
     return await gateway.handle_model(request, _models_exchange(request, gateway), request.match_info["model"])
 
 

@@ -134,6 +134,19 @@ async def test_sigterm_drains_live_streams_then_exits_0(tmp_path, upstream):
                 assert r.status == 503
             async with s.post(url + "/v1/chat/completions", json=CHAT) as r:
                 assert r.status == 503 and (await r.json())["error"]["code"] == "server_shutting_down"
+            # every API route, not only the completions (a load balancer retries elsewhere)
+            anthropic = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+            for method, path, body in (("GET", "/v1/models", None), ("GET", "/v1/models/gpt-4o-mini", None),
+                                       ("POST", "/v1/messages", anthropic),
+                                       ("POST", "/v1/messages/count_tokens", anthropic)):
+                async with s.request(method, url + path, json=body) as r:
+                    assert r.status == 503, path
+                    error = (await r.json())["error"]
+                    if path.startswith("/v1/messages"):  # the Anthropic ingress answers in Anthropic's format
+                        assert (await r.json())["type"] == "error" and "shutting down" in error["message"]
+                    else:
+                        assert error["code"] == "server_shutting_down"
+                    assert r.headers["Retry-After"] == "1" and "X-Request-ID" in r.headers
         results = await asyncio.wait_for(asyncio.gather(*streams), 20)
         expected = "".join(f"t{i} " for i in range(8))
         assert sum(1 for _, _, ev in results if content_of(ev) == expected and data_events(ev)[-1] == "[DONE]") == 20
@@ -354,15 +367,51 @@ def test_serve_exits_when_its_port_is_taken(tmp_path, upstream, redis_url):
 def test_serve_says_in_one_line_which_plugin_cannot_start(tmp_path, upstream):
     import subprocess
 
+    (tmp_path / "licensed.py").write_text(textwrap.dedent("""\
+        from proxy import hookimpl
+
+        class Plugin:
+            @hookimpl
+            def startup(self, gateway):
+                raise RuntimeError("no licence key found")
+        """))
     path = tmp_path / "ssegate.yaml"
     path.write_text(textwrap.dedent(f"""\
         providers:
           - {{name: up, type: openai, base_url: "{upstream.base_url}"}}
-        pipeline: [{{ratelimit: {{backend: redis}}}}, router]
+        pipeline: ["licensed:Plugin", router]
         """))
     done = subprocess.run([sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port", "0"],
-                          capture_output=True, text=True, timeout=20)
+                          capture_output=True, text=True, timeout=20,
+                          env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
     assert done.returncode == 1, done.stderr
-    assert "ssegate: cannot start: plugin 'ratelimit' failed to start" in done.stderr and "redis.url" in done.stderr
+    assert "ssegate: cannot start: plugin 'licensed:Plugin' failed to start" in done.stderr, done.stderr
+    assert "no licence key found" in done.stderr
     # JSON log lines (the plugin's failure, its traceback inside) and the one line: no raw traceback
     assert all(line.startswith(("{", "ssegate: ")) for line in done.stderr.splitlines() if line), done.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "check-config"])
+def test_what_serve_refuses_check_config_refuses_with_file_line_and_key(tmp_path, upstream, command):
+    """Settings only a whole config can check (a Redis backend without redis.url, /metrics on the main port, a
+    trusted proxy that is no address): ``serve`` exits 2 before anything starts, and ``check-config`` says the same."""
+    import subprocess
+
+    path = tmp_path / "ssegate.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        server: {{port: 8123, trusted_proxies: ["10.0.0.0/8", "not-a-network"]}}
+        observability: {{metrics_port: 8123}}
+        providers:
+          - {{name: up, type: openai, base_url: "{upstream.base_url}"}}
+        pipeline:
+          - ratelimit:
+              backend: redis
+          - router
+        """))
+    args = ["serve", "--config", str(path)] if command == "serve" else ["check-config", str(path)]
+    done = subprocess.run([sys.executable, "-m", "proxy", *args], capture_output=True, text=True, timeout=20)
+    out = done.stdout + done.stderr
+    assert done.returncode == (2 if command == "serve" else 1), out
+    assert f"{path}:7: pipeline[0].ratelimit.backend" in out and "redis.url" in out
+    assert f"{path}:2: observability.metrics_port" in out
+    assert f"{path}:1: server.trusted_proxies[1]" in out and "not-a-network" in out

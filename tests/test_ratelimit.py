@@ -17,6 +17,7 @@ from plugins._ratelimit_core import UNIT, MemoryBackend, RedisBackend, format_du
 from plugins.ratelimit import TIERS, RateLimitPlugin
 from proxy import GatewayError, Outcome, Reply, Usage, hookimpl
 from proxy.config.schema import PipelineEntry, RedisConfig
+from proxy.config.load import ConfigError
 from proxy.gateway import Gateway
 from proxy.plugin_manager import PluginLoadError, load_plugins, new_plugin_manager
 from proxy.testing import Script, config_for
@@ -532,11 +533,10 @@ async def test_health_recovers_without_traffic(upstream, gateway_factory, redis_
 
 
 async def test_redis_backend_needs_redis_url(upstream):
-    gateway = Gateway(config_for(upstream, pipeline=[PipelineEntry("ratelimit", {"backend": "redis"}), "router"]))
-    with pytest.raises(GatewayError) as info:
-        await gateway.start()
-    assert "redis.url" in info.value.message
-    await gateway.close()
+    """Refused as a configuration error (``check-config`` refuses it too), before anything starts."""
+    with pytest.raises(ConfigError) as info:
+        Gateway(config_for(upstream, pipeline=[PipelineEntry("ratelimit", {"backend": "redis"}), "router"]))
+    assert "pipeline[0].ratelimit.backend" in str(info.value) and "redis.url" in str(info.value)
 
 
 # --- configuration -----------------------------------------------------------------------------------------
