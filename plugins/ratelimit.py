@@ -102,7 +102,8 @@ class RateLimitConfig:
     backend: str = attrs.field(default="memory", validator=_one_of(BACKENDS), metadata={
         "doc": "`memory` (this process only) or `redis` (shared by every replica; needs `redis.url`)."})
     default_tier: str | None = attrs.field(default="tier-3", metadata={
-        "doc": "Tier of keys that name neither a tier nor limits; null: such keys are not limited."})
+        "doc": "Tier of keys that name no tier, applied per limit: its rpm and tpm apply where the key sets none; "
+               "null: such keys are limited only by their own rpm/tpm, if any."})
     tiers: dict[str, LimitsConfig] = attrs.field(factory=dict, metadata={
         "doc": "Extra tiers, or replacements of the built-in `tier-1` ... `tier-5`."})
     anonymous: LimitsConfig | None = attrs.field(default=None, metadata={

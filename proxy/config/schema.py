@@ -77,7 +77,9 @@ class StreamingConfig:
 
 @attrs.frozen
 class LoggingConfig:
-    level: str = attrs.field(default="info", metadata=_doc("Root log level: debug, info, warning, error."))
+    level: str = attrs.field(
+        default="info", metadata=_doc("Root log level: debug, info, warning, error, critical.")
+    )
     format: str = attrs.field(
         default="auto", metadata=_doc("`json`, `console`, or `auto` (console on a terminal, JSON otherwise).")
     )
@@ -110,10 +112,14 @@ class CircuitBreakerConfig:
 
     enabled: bool = attrs.field(default=True, metadata=_doc("Use circuit breakers."))
     failure_threshold: int = attrs.field(
-        default=5, metadata=_doc("Consecutive failures that open a provider's circuit.")
+        default=5, metadata=_doc(
+            "Consecutive provider faults (connect errors, timeouts, 5xx, a refused key: 401/403, error events, "
+            "broken streams) that open a provider's circuit; client errors and 429s do not count.")
     )
     recovery_timeout: float = attrs.field(
-        default=60.0, metadata=_doc("Seconds an open circuit skips the provider before trial calls.")
+        default=60.0, metadata=_doc(
+            "Seconds an open circuit skips the provider before trial calls. A 429 with `Retry-After` opens it for "
+            "that long instead, at most this.")
     )
     half_open_max_calls: int = attrs.field(
         default=3, metadata=_doc("Trial calls allowed at once while half-open.")
@@ -242,7 +248,9 @@ class ProviderConfig:
     retry_attempts: int = attrs.field(default=0, metadata=_doc("Extra attempts on this provider before fallback."))
     max_connections: int = attrs.field(default=100, metadata=_doc("Connection pool size."))
     max_keepalive_connections: int = attrs.field(
-        default=100, metadata=_doc("Idle connections kept open (bounded by max_connections).")
+        default=100, metadata=_doc(
+            "Accepted for compatibility; has no effect: aiohttp's connector has no separate idle-pool size, and "
+            "`max_connections` bounds the pool, idle connections included.")
     )
     keepalive_expiry: float = attrs.field(default=30.0, metadata=_doc("Seconds an idle connection is kept."))
     headers: dict[str, str] = attrs.field(factory=dict, metadata=_doc("Extra headers sent upstream."))
