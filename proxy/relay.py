@@ -215,6 +215,7 @@ def _usage_value_is_null(ev: bytes, at: int) -> bool:
 
 
 _USAGE_NULL_END = b'"usage":null}'
+_ERROR_WINDOW, _WHOLE_EVENT = 48, 1 << 62
 
 def _event_json(ev: bytes) -> Any:
     data = ev[6:] if ev.startswith(b"data: ") and b"\n" not in ev else Chunk(ev).data.encode()
@@ -352,6 +353,11 @@ async def relay_stream(out: ClientStream, upstream: UpstreamResponse, exchange: 
     #: The upstream spells events otherwise than ``data: {...}`` (``data:{...}``): each goes through the loop.
     irregular = False
     last: bytes | None = None  # the last chunk relayed (did it end the answer?)
+    #: How far into an event ``"error"`` is looked for: the whole event until the answer starts, then the first
+    #: bytes, where an error event has it (a full scan of every chunk costs ~1k instructions); the whole event
+    #: again for streams of aggregators whose chunks name a ``"provider"`` (OpenRouter), which put an ``"error"``
+    #: member inside a chunk when their upstream fails mid-stream.
+    error_window = _WHOLE_EVENT
     while True:
         try:
             item: Any = await next_item()
@@ -376,13 +382,14 @@ async def relay_stream(out: ClientStream, upstream: UpstreamResponse, exchange: 
                     continue
                 if steady and len(events) == 1:
                     ev = events[0]
-                    if (ev.endswith(_USAGE_NULL_END) or b'"usage"' not in ev) and ev.startswith(b"data: {") \
-                            and b'"error"' not in ev:
+                    if (ev.endswith(_USAGE_NULL_END) or b'"usage"' not in ev and ev[-1] == 125) \
+                            and ev.find(b'"error"', 0, error_window) < 0:
                         # One ordinary chunk, the usual read of a token stream: what the loop below does with
                         # it, without its per-event bookkeeping (the upstream's first event, held role chunks,
                         # hooks and the final-chunk template only matter before or outside this state). The
-                        # checks are the loop's own ("data: {": neither [DONE] nor another spelling); a read of
-                        # several events, or of any other event, takes the loop.
+                        # checks are the loop's own (an object's end: "usage":null} as upstreams asked for usage
+                        # write every chunk, or "}" (125), so neither [DONE] nor other data); a read of several
+                        # events, or of any other event, takes the loop.
                         now = time()
                         if guard is not None:
                             guard.last_event = guard.last_write = now
@@ -437,7 +444,7 @@ async def relay_stream(out: ClientStream, upstream: UpstreamResponse, exchange: 
                                     obj.pop("usage", None)
                                     ev = encode_event(orjson.dumps(obj))
                     else:
-                        if b'"error"' in ev:  # (a scan; the event is parsed only when the word is there)
+                        if ev.find(b'"error"', 0, error_window) >= 0:  # parsed only when the word is there
                             error = _stream_error(_event_json(ev))
                             if error is not None:
                                 raise StreamBroken(error)
@@ -446,6 +453,8 @@ async def relay_stream(out: ClientStream, upstream: UpstreamResponse, exchange: 
                         answering = True
                         if guard is not None:
                             guard.got_first = True  # the first token: the first-token timeout is met
+                        if b'"provider"' not in ev:
+                            error_window = _ERROR_WINDOW
                     out.last_template = ev
                 if on_chunk is None:
                     batch.append(ev)

@@ -171,7 +171,9 @@ async def test_a_cut_before_the_finish_chunk_is_still_a_failure(raw_upstream, ga
      "param": None, "code": 500},
 ], ids=["openrouter-error-chunk", "vllm-error-object"])
 async def test_error_events_of_other_servers_end_the_stream_as_errors(raw_upstream, gateway_factory, error_event):
-    raw_upstream.scripts = [[event(OPENAI_ROLE), event(HELLO[0]), event(error_event), b"data: [DONE]\n\n"]]
+    provider = {"provider": "OpenAI"} if "provider" in error_event else {}  # OpenRouter names it in every chunk
+    raw_upstream.scripts = [[event({**OPENAI_ROLE, **provider}), event({**HELLO[0], **provider}), event(error_event),
+                             b"data: [DONE]\n\n"]]
     rec = Recorder()
     gw = await gateway_factory(config_for(raw_upstream.base_url, pipeline=["rec", "router"]), plugins={"rec": rec})
     status, _, events = await read_stream(gw.base_url + "/chat/completions", STREAM)
