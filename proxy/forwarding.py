@@ -296,8 +296,6 @@ class Forwarder:
             exchange.upstream_sent_at = started
         try:
             body = await provider.complete(ureq)
-            if body[:2] == b"\x1f\x8b":  # gzip from an upstream that ignored "Accept-Encoding: identity"
-                body = decoded(body)
             if exchange.upstream_first_at is None:
                 exchange.upstream_first_at = time.monotonic()
         except asyncio.CancelledError:
@@ -323,6 +321,7 @@ class Forwarder:
             if usage is not None:
                 exchange.usage = Usage.from_dict(usage)
         else:
+            body = decoded(body)  # gzip from an upstream that ignored "Accept-Encoding: identity" (not an object)
             parsed = _answer_object(body, provider)
             exchange.usage = Usage.from_dict(parsed.get("usage"))
             if has_on_response:
