@@ -59,6 +59,8 @@ def merge_chunks(chunks: list[dict[str, Any]]) -> dict[str, Any]:
                                            "finish_reason": None, "refusal": None, "logprobs": None})
             if choice.get("finish_reason"):
                 acc["finish_reason"] = choice["finish_reason"]
+            if choice.get("stop_reason") is not None:  # the matched stop sequence (vLLM's member; Anthropic's)
+                acc["stop_reason"] = choice["stop_reason"]
             logprobs = choice.get("logprobs")
             if isinstance(logprobs, dict):  # chat: {"content": [...], "refusal": [...]}, each chunk's part in order
                 merged = acc["logprobs"] = acc["logprobs"] or {}
@@ -96,6 +98,8 @@ def merge_chunks(chunks: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             out_choices.append({"index": idx, "text": "".join(acc["content"]), "logprobs": acc["logprobs"],
                                 "finish_reason": acc["finish_reason"]})
+        if "stop_reason" in acc:
+            out_choices[-1]["stop_reason"] = acc["stop_reason"]
     body = {
         "id": first.get("id") or new_id(),
         "object": "chat.completion" if is_chat else "text_completion",
@@ -127,8 +131,10 @@ def body_to_chunks(body: dict[str, Any], include_usage: bool = False) -> list[di
         # chunks; merged back they are the same list).
         chunks.append({**base, "choices": [{"index": idx, "delta": delta, "logprobs": choice.get("logprobs"),
                                             "finish_reason": None}]})
-        chunks.append({**base, "choices": [{"index": idx, "delta": {}, "logprobs": None,
-                                            "finish_reason": choice.get("finish_reason") or "stop"}]})
+        finish = {"index": idx, "delta": {}, "logprobs": None, "finish_reason": choice.get("finish_reason") or "stop"}
+        if choice.get("stop_reason") is not None:
+            finish["stop_reason"] = choice["stop_reason"]
+        chunks.append({**base, "choices": [finish]})
     if include_usage and body.get("usage"):
         chunks.append({**base, "choices": [], "usage": body["usage"]})
     return chunks

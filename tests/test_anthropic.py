@@ -394,6 +394,30 @@ async def test_stop_sequence_survives_the_anthropic_round_trip(claude, gateway_f
     assert [(f["finish_reason"], f.get("stop_reason")) for f in finishes] == [("stop", "END")]
 
 
+@pytest.mark.parametrize("first", ["stream", "whole"])
+async def test_a_cached_answer_keeps_its_stop_sequence_in_the_other_mode(claude, gateway_factory, first):
+    """The cache stores a stream's chunks or a whole answer, and replays either as the other (merged, or split):
+    the matched stop sequence rides along both ways."""
+    claude.stop_reason, claude.stop_sequence = "stop_sequence", "END"
+    config = anthropic_config(claude)
+    cache = PipelineEntry("cache", {"only_deterministic": False})
+    gw = await gateway_factory(attrs.evolve(config, pipeline=(cache, PipelineEntry("router"))))
+    client = anthropic_client(gw)
+    kwargs: dict = dict(model="claude-3-haiku", max_tokens=50, stop_sequences=["END"],
+                        messages=[{"role": "user", "content": "Count"}])
+
+    async def streamed():  # type: ignore[no-untyped-def]
+        async with client.messages.stream(**kwargs) as stream:
+            return await stream.get_final_message()
+
+    answers = [await streamed(), await client.messages.create(**kwargs)] if first == "stream" else \
+        [await client.messages.create(**kwargs), await streamed()]
+    await client.close()
+    assert len(claude.requests) == 1  # the second was the cache's
+    for answer in answers:
+        assert (answer.stop_reason, answer.stop_sequence) == ("stop_sequence", "END")
+
+
 async def test_anthropic_answers_without_a_stop_sequence_carry_none(claude, gateway_factory):
     """The usual end: ``end_turn`` and ``stop_sequence: null`` for Anthropic clients, and no extra field at all in
     what OpenAI clients get."""
