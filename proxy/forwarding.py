@@ -53,7 +53,8 @@ class MidStreamFailure(Exception):
 
 
 def _is_provider_fault(exc: UpstreamError) -> bool:
-    """Whether a failure counts against the provider's circuit (a 429 does not: see :meth:`CircuitBreaker.cool_down`)."""
+    """Whether a failure counts against the provider's circuit (a 429 does not: see
+    :meth:`CircuitBreaker.cool_down`)."""
     return exc.kind in _PROVIDER_FAULTS or exc.status >= 500
 
 

@@ -217,6 +217,7 @@ def _usage_value_is_null(ev: bytes, at: int) -> bool:
 _USAGE_NULL_END = b'"usage":null}'
 _ERROR_WINDOW, _WHOLE_EVENT = 48, 1 << 62
 
+
 def _event_json(ev: bytes) -> Any:
     data = ev[6:] if ev.startswith(b"data: ") and b"\n" not in ev else Chunk(ev).data.encode()
     try:
@@ -255,7 +256,9 @@ def _finished(ev: bytes | None) -> bool:
         return False
     obj = _event_json(ev)
     choices = obj.get("choices") if isinstance(obj, dict) else None
-    return bool(choices) and all(isinstance(c, dict) and c.get("finish_reason") for c in choices)  # type: ignore[union-attr]
+    if not isinstance(choices, list) or not choices:
+        return False
+    return all(isinstance(c, dict) and c.get("finish_reason") for c in choices)
 
 
 def _not_json(what: str) -> StreamBroken:
