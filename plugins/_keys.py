@@ -212,6 +212,10 @@ def env_keys(variable: str, keep_raw: bool = False) -> list[KeyRecord]:
     for item in items:
         if any(c.isspace() for c in item):
             raise KeyFileError(f"environment {variable}: keys are comma-separated and contain no spaces")
+        if item.startswith(("/", "./", "../", "~")) or os.path.isfile(item):
+            # (some gateways take a key file's path here: taken as a key, the path itself would let callers in)
+            raise KeyFileError(f"environment {variable}: {item!r} is a file path, not a key; name a key file with "
+                               "auth.key_file")
     return parse_lines(items, f"environment {variable}", keep_raw)
 
 

@@ -137,7 +137,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         problems.sort(key=lambda p: (p.file or "", p.line or 0))
         print("\n".join(str(p) for p in problems), file=sys.stderr)
         return 1
-    print(f"{args.file}: OK ({len(config.providers)} providers, {len(config.pipeline)} plugins)")
+    from .config import layer_files
+
+    layers = [f for f in layer_files(args.file)[1:] if os.path.exists(f)]  # what was merged over the file
+    merged = f"; merged with {', '.join(layers)}" if layers else ""
+    print(f"{args.file}: OK ({len(config.providers)} providers, {len(config.pipeline)} plugins{merged})")
     for note in environment_notes(args.file):
         print(f"warning: {note}", file=sys.stderr)
     return 0

@@ -471,7 +471,7 @@ def _close_if_body_unread(request: web.Request) -> None:
 def _check_settings(config: Config, plugins: list[Any], origins: Origins) -> tuple[Any, ...]:
     """What the schema cannot check alone, checked before anything starts (``check-config`` builds a Gateway
     too, so it refuses what ``serve`` would): the trusted proxies parse, the metrics listener has a port of its
-    own, and a plugin with ``backend: redis`` has a ``redis.url``. Returns the trusted networks; raises
+    own, ``redis.url`` is one server's URL, and a plugin with ``backend: redis`` has one. Returns the trusted networks; raises
     ConfigError with every problem."""
     problems = []
     trusted: list[Any] = []
@@ -485,7 +485,15 @@ def _check_settings(config: Config, plugins: list[Any], origins: Origins) -> tup
         problems.append(origins.problem(("observability", "metrics_port"),
                                         f"the same port as server.port ({server.port}): give /metrics a port of its "
                                         "own, or leave metrics_port out to serve /metrics on the main port"))
-    if not config.redis.url:
+    if config.redis.url:
+        from redis.connection import parse_url
+
+        try:
+            parse_url(config.redis.url)
+        except ValueError as exc:  # (a Redis Cluster's list of nodes, a scheme missing: one standalone server)
+            problems.append(origins.problem(("redis", "url"), f"not a Redis URL ({exc}); expected "
+                                            "redis://[:password@]host:port/db, rediss:// or unix://, one server"))
+    else:
         for index, plugin in enumerate(plugins):
             if getattr(plugin.config, "backend", None) == "redis":
                 problems.append(origins.problem(("pipeline", index, plugin.name, "backend"),

@@ -18,7 +18,9 @@ from structlog.testing import capture_logs
 from plugins._keys import KeyFileError, hash_key, mask_key, parse_line
 from plugins.auth import AuthPlugin
 from proxy import hookimpl
+from proxy.config.load import ConfigError
 from proxy.config.schema import PipelineEntry
+from proxy.gateway import Gateway
 from proxy.plugin_manager import PluginLoadError, load_plugins, new_plugin_manager
 from proxy.testing import config_for
 from tests.conftest import REPO, spawn, stop
@@ -183,6 +185,20 @@ async def test_keys_from_config_environment_and_file(upstream, gateway_factory, 
     assert names[0] == "key-" + hash_key(ALICE)[7:15]  # a key without a name is named by its hash prefix
     assert rec.principals[3].tier == "tier-1"
     assert plugin_of(gw).key_count == 5
+
+
+@pytest.mark.parametrize("value", ["{file}", "sk-env-key-12345678,{file}", "./api_keys.txt"])
+def test_a_key_file_path_in_the_keys_variable_is_refused_not_taken_as_a_key(upstream, tmp_path, monkeypatch, value):
+    """Some gateways take a key file's path in their keys variable. Taken as a key, the path would let in whoever
+    guesses it, and the keys inside would not work: it is a configuration error naming ``auth.key_file``."""
+    key_file = tmp_path / "api_keys.txt"
+    key_file.write_text(f"{CAROL} name=carol\n")
+    monkeypatch.setenv("TEST_GATEWAY_KEYS", value.format(file=key_file))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        Gateway(config_for(upstream, pipeline=[auth_entry(keys_env="TEST_GATEWAY_KEYS"), "router"]))
+    message = str(info.value)
+    assert "TEST_GATEWAY_KEYS" in message and "is a file path, not a key" in message and "auth.key_file" in message
 
 
 def _strings(obj, seen=None):

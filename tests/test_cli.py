@@ -142,6 +142,18 @@ def test_serve_embedded_default_streams_with_the_openai_sdk(embedded_gateway):
     assert legacy.usage.completion_tokens == 4
 
 
+def test_check_config_names_the_environment_layer_it_merged(tmp_path):
+    path = tmp_path / "ssegate.yaml"
+    path.write_text("providers:\n  - {name: a, type: simulated}\n")
+    (tmp_path / "ssegate.production.yaml").write_text("server: {port: 9001}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SSEGATE_")}
+    result = run("check-config", str(path), env={**env, "SSEGATE_ENVIRONMENT": "production"})
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"{path}: OK (1 providers, 1 plugins; merged with {tmp_path}/ssegate.production.yaml)"
+    alone = run("check-config", str(path), env=env)
+    assert alone.stdout.strip() == f"{path}: OK (1 providers, 1 plugins)"
+
+
 def test_check_config_warns_of_what_the_environment_leaves_aside(tmp_path):
     """A layer name with no file and a variable with ``_`` for ``__`` would run the base config silently."""
     path = tmp_path / "ssegate.yaml"

@@ -408,6 +408,15 @@ def test_what_serve_refuses_check_config_refuses_with_file_line_and_key(tmp_path
               backend: redis
           - router
         """))
+    cluster = tmp_path / "cluster.yaml"  # a Redis Cluster's node list: one server's URL is expected
+    cluster.write_text(textwrap.dedent(f"""\
+        redis: {{url: "redis://127.0.0.1:7000,127.0.0.1:7001"}}
+        providers: [{{name: up, type: openai, base_url: "{upstream.base_url}"}}]
+        """))
+    args = ["serve", "--config", str(cluster)] if command == "serve" else ["check-config", str(cluster)]
+    done = subprocess.run([sys.executable, "-m", "proxy", *args], capture_output=True, text=True, timeout=20)
+    assert done.returncode == (2 if command == "serve" else 1), done.stdout + done.stderr
+    assert f"{cluster}:1: redis.url" in done.stderr and "one server" in done.stderr
     args = ["serve", "--config", str(path)] if command == "serve" else ["check-config", str(path)]
     done = subprocess.run([sys.executable, "-m", "proxy", *args], capture_output=True, text=True, timeout=20)
     out = done.stdout + done.stderr

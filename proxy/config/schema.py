@@ -146,7 +146,9 @@ class RedisConfig:
     """The shared Redis (one connection pool per process) that plugins with a `redis` backend use."""
 
     url: str | None = attrs.field(
-        default=None, metadata=_doc("Redis URL, e.g. `redis://127.0.0.1:6379/0`; unset means no Redis.")
+        default=None, metadata=_doc("URL of one standalone Redis (`redis://`, `rediss://` or `unix://`), e.g. "
+                                    "`redis://127.0.0.1:6379/0`; Cluster and Sentinel are not supported. Unset: no "
+                                    "Redis.")
     )
     max_connections: int = attrs.field(default=100, metadata=_doc("Pool size per process."))
     socket_timeout: float = attrs.field(default=1.0, metadata=_doc("Seconds to wait for a Redis reply."))
