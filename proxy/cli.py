@@ -6,7 +6,7 @@ import asyncio
 import os
 import signal
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ._version import __version__
 
@@ -154,9 +154,34 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from .simulator_server import serve_simulator
 
     changes = {k: v for k, v in (("ttft_ms", args.ttft_ms), ("itl_ms", args.itl_ms), ("error_rate", args.error_rate),
-                                 ("response_tokens", args.tokens), ("seed", args.seed)) if v is not None}
+                                 ("response_tokens", args.tokens), ("seed", args.seed),
+                                 ("ttft_variance_percent", args.ttft_variance), ("itl_variance_percent", args.itl_variance),
+                                 ("error_status", args.error_status), ("models", args.models)) if v is not None}
     serve_simulator(args.host, args.port, attrs.evolve(SimulationConfig(), **changes))
     return 0
+
+
+def _at_least(low: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = float(text)
+        if not value >= low:
+            raise argparse.ArgumentTypeError(f"must be at least {low:g}")
+        return value
+    return parse
+
+
+def _http_error_status(text: str) -> int:
+    value = int(text)
+    if not 400 <= value <= 599:
+        raise argparse.ArgumentTypeError("must be an HTTP error status, 400-599")
+    return value
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one model")
+    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,6 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--tokens", type=int,
                      help="completion length when the request sets no max_tokens (default 32)")
     sim.add_argument("--seed", type=int, help="random seed, for reproducible answers (default: random)")
+    sim.add_argument("--ttft-variance", type=_at_least(0.0), metavar="PERCENT",
+                     help="uniform jitter around --ttft-ms, %% (default 10)")
+    sim.add_argument("--itl-variance", type=_at_least(0.0), metavar="PERCENT",
+                     help="uniform jitter around --itl-ms, %% (default 10)")
+    sim.add_argument("--error-status", type=_http_error_status, metavar="STATUS",
+                     help="HTTP status of injected errors, 400-599 (default 500; 429 and 503 test retries)")
+    sim.add_argument("--models", type=_names, metavar="A,B,...",
+                     help="models listed and answered, comma-separated (default gpt-4o-mini, gpt-4o, gpt-3.5-turbo, "
+                          "text-embedding-3-small)")
     sim.set_defaults(func=cmd_simulate)
 
     from .keys_cli import add_parser as add_keys_parser

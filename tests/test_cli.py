@@ -168,3 +168,32 @@ def test_check_config_warns_of_what_the_environment_leaves_aside(tmp_path):
         "applies alone",
         "warning: SSEGATE_SERVER_PORT is not a setting (settings are SSEGATE_<SECTION>__<KEY>): did you mean "
         "SSEGATE_SERVER__PORT? (Not if the config uses it as ${SSEGATE_SERVER_PORT}.)"]
+
+
+def test_simulate_takes_its_error_status_models_and_jitter_from_the_command_line():
+    """The simulator's injected errors (a 429 or 503 to test a client's retries), its model list and its latency
+    jitter, as the in-process simulated provider takes them from its config."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from tests.conftest import spawn, stop
+
+    proc, line = spawn([sys.executable, "-m", "proxy", "simulate", "--port", "0", "--error-rate", "1",
+                        "--error-status", "503", "--models", "tiny-a, tiny-b", "--ttft-variance", "0",
+                        "--itl-variance", "0"], "ssegate simulator listening on")
+    base = line.rsplit(" ", 1)[-1] + "/v1"
+    try:
+        with urllib.request.urlopen(base + "/models", timeout=5) as resp:
+            assert [m["id"] for m in json.load(resp)["data"]] == ["tiny-a", "tiny-b"]
+        request = urllib.request.Request(base + "/chat/completions", method="POST",
+                                         headers={"Content-Type": "application/json"},
+                                         data=json.dumps({"model": "tiny-a", "messages": [
+                                             {"role": "user", "content": "hi"}]}).encode())
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request, timeout=5)
+        assert info.value.code == 503 and "error" in json.load(info.value)
+    finally:
+        stop(proc)
+    refused = run("simulate", "--error-status", "200")
+    assert refused.returncode == 2 and "must be an HTTP error status" in refused.stderr
