@@ -9,7 +9,6 @@ import aiohttp
 import orjson
 
 from ..anthropic_format import (
-    OVERLOADED_STATUS,
     AnthropicStreamToOpenAI,
     from_anthropic_message,
     to_anthropic_request,
@@ -99,17 +98,6 @@ class AnthropicProvider(OpenAIProvider):
                                  retryable=status in _RETRYABLE, body=openai_body, code=err.get("type"),
                                  headers=extra)
         return upstream_error_from_body(status, body, self.name, headers)
-
-    async def send(self, request: UpstreamRequest) -> UpstreamResponse:
-        """As the OpenAI adapter's; an Anthropic ``overloaded_error`` (529) is a 503 for OpenAI clients, which
-        know no 529, and stays Anthropic's 529 for the Anthropic clients of ``/v1/messages`` (whose error body
-        is built from the status: ``overloaded_error``, the anthropic SDK's ``OverloadedError``)."""
-        try:
-            return await super().send(request)
-        except UpstreamError as exc:
-            if exc.code == "overloaded_error" and exc.kind == "status" and request.exchange.ingress == "anthropic":
-                exc.status = OVERLOADED_STATUS
-            raise
 
     def wrap(self, resp: aiohttp.ClientResponse, request: UpstreamRequest) -> UpstreamResponse:
         return _AnthropicResponse(resp)
