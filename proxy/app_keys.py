@@ -8,7 +8,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     from .gateway import Gateway
 
-__all__ = ["GATEWAY", "RELOADER", "GatewayHolder"]
+__all__ = ["GATEWAY", "RELOADER", "DIRECT_ROUTES", "GatewayHolder"]
 
 
 class GatewayHolder:
@@ -23,3 +23,6 @@ class GatewayHolder:
 
 GATEWAY = web.AppKey("GATEWAY", GatewayHolder)
 RELOADER: web.AppKey[Any] = web.AppKey("RELOADER")
+#: ``{path: handler}`` of the POST routes the server may dispatch without the router (see
+#: :class:`proxy.parser_errors.GatewayRunner`); absent when a middleware must see every request.
+DIRECT_ROUTES: web.AppKey[Any] = web.AppKey("DIRECT_ROUTES")

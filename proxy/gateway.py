@@ -78,6 +78,7 @@ class Gateway:
         self.forwarder = Forwarder(self)
         self.breakers = self.forwarder.breakers
         self.body_timeout = config.server.request_body_timeout
+        self.max_request_size = config.server.max_request_size
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -218,8 +219,11 @@ class Gateway:
         out: ClientStream | None = None
         self.in_flight += 1
         try:
-            if request.content.is_eof() or not self.body_timeout:  # the whole body is here (nearly always)
-                exchange.body = await request.read()
+            content = request.content
+            if content.is_eof():  # the whole body is here (nearly always): taken as it is, no read loop
+                body = exchange.body = content.read_nowait()
+                if len(body) > self.max_request_size:
+                    raise web.HTTPRequestEntityTooLarge(self.max_request_size, len(body))
             else:
                 exchange.body = await self._read_body(request)
             if exchange.ingress == "anthropic":

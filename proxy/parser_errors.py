@@ -4,7 +4,7 @@ A request the parser rejects (a header over 8190 bytes, an unsupported Content-E
 never reaches a handler: aiohttp answers it itself from ``RequestHandler.handle_error`` (text/plain, quoting the
 client's bytes, no request id) and logs a traceback at ERROR on ``aiohttp.server``. aiohttp has no option for
 that answer, so the gateway's connections use a RequestHandler subclass whose ``handle_error`` answers parser
-errors in the OpenAI error format (:class:`GatewayRunner`, used by ``web_app.start_server``). Only that error
+errors in the OpenAI error format (:func:`with_json_parser_errors`, used by :class:`proxy.web_runner.GatewayRunner`). Only that error
 path differs: the class is chosen once per connection, and no request goes through anything more than with
 aiohttp's own RequestHandler.
 """
@@ -22,7 +22,7 @@ from . import ids
 from .errors import GatewayError
 from .web_middlewares import REQUEST_ID_HEADER
 
-__all__ = ["GatewayRunner", "bad_http_request"]
+__all__ = ["with_json_parser_errors", "bad_http_request"]
 
 http_log = structlog.get_logger("ssegate.http")
 
@@ -109,8 +109,9 @@ class _GatewayServer(web.Server):
             return super().__call__()
 
 
-def _with_json_parser_errors(server: web.Server) -> web.Server:
-    """``server`` rebuilt as a :class:`_GatewayServer` (same handler, request factory and settings).
+def with_json_parser_errors(server: web.Server, handler: Any = None) -> web.Server:
+    """``server`` rebuilt as a :class:`_GatewayServer` (same request factory and settings; the same request
+    handler unless ``handler`` is given).
 
     PRIVATE aiohttp attributes, in this function only: ``Server._loop`` and ``Server._kwargs`` (the
     RequestHandler keyword arguments; aiohttp 3.x, read here against 3.14.5). If either is missing (another
@@ -119,17 +120,5 @@ def _with_json_parser_errors(server: web.Server) -> web.Server:
     kwargs = getattr(server, "_kwargs", None)
     if type(server) is not web.Server or loop is None or not isinstance(kwargs, dict):
         return server
-    return _GatewayServer(server.request_handler, request_factory=server.request_factory,
+    return _GatewayServer(handler or server.request_handler, request_factory=server.request_factory,
                           handler_cancellation=server.handler_cancellation, loop=loop, **kwargs)
-
-
-class GatewayRunner(web.AppRunner):
-    """``web.AppRunner`` (app startup, cleanup, the same kwargs) whose server is :func:`_with_json_parser_errors`.
-
-    ``_make_server`` is BaseRunner's (private) hook that AppRunner and ServerRunner implement; if a future
-    aiohttp stops calling it, this runner is a plain AppRunner."""
-
-    __slots__ = ()
-
-    async def _make_server(self) -> web.Server:
-        return _with_json_parser_errors(await super()._make_server())

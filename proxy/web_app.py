@@ -10,13 +10,13 @@ from typing import Any, AsyncIterator
 import structlog
 from aiohttp import web
 
-from .app_keys import GATEWAY, RELOADER, GatewayHolder
+from .app_keys import DIRECT_ROUTES, GATEWAY, RELOADER, GatewayHolder
 from .gateway import Gateway
 from .reload import Reloader
 from .tasks import stop_task
 from .web_handlers import api_routes, routes
-from .parser_errors import GatewayRunner
 from .web_middlewares import add_cors_headers, cors_middleware, edge, unmatched_route
+from .web_runner import GatewayRunner
 
 __all__ = ["create_app", "start_server", "serve", "drain"]
 
@@ -40,7 +40,10 @@ def create_app(gateway: Gateway, config_path: str | None = None, configure_logs:
     app[RELOADER] = Reloader(holder, config_path, configure_logs, server_overrides)
     if cors.allow_origins:
         app.on_response_prepare.append(add_cors_headers(cors))
-    app.add_routes(api_routes(holder))
+    api = api_routes(holder)
+    app.add_routes(api)
+    if not middlewares:
+        app[DIRECT_ROUTES] = {route.path: route.handler for route in api}
     app.add_routes(routes)
     known: dict[str, set[str]] = {}
     for route in app.router.routes():

@@ -291,6 +291,10 @@ class OpenAIProvider(Provider):
         if resp.status >= 400:
             raise await self._status_error(resp)
         try:
+            content = resp.content
+            if content.is_eof():  # the answer came with its headers: its connection is back in the pool already
+                return content.read_nowait()
             return await resp.read()
         finally:
-            resp.close()
+            if not resp.closed:  # (an answer read to its end closed itself, and released its connection)
+                resp.close()
