@@ -342,10 +342,10 @@ async def relay_stream(out: ClientStream, upstream: UpstreamResponse, exchange: 
     held: list[bytes] | None = None
     resp_write = out.resp.write
     fast_write = out.egress is None and out._prepare is True and out.resp.prepared
-    raw = upstream.raw_sse()
-    parser = SSEParser() if raw is not None else None
+    read = upstream.raw_sse()  # a read of the upstream's bytes (b"" at the end), or None: batches of events
+    parser = SSEParser() if read is not None else None
     feed = parser.feed if parser is not None else None
-    next_item = (raw if raw is not None else upstream.batches()).__aiter__().__anext__
+    next_item = read if read is not None else upstream.batches().__aiter__().__anext__
     ended = False
     #: The steady state: the stream is live, written by us in the OpenAI format, and no hook or rewrite sees
     #: its events. A read of one ordinary chunk then takes the short lane below.
@@ -364,7 +364,9 @@ async def relay_stream(out: ClientStream, upstream: UpstreamResponse, exchange: 
     while True:
         try:
             item: Any = await next_item()
-        except StopAsyncIteration:
+        except StopAsyncIteration:  # the end of the batches
+            item = None
+        if not item and (feed is not None or item is None):  # the end (b"" read, or no batch left)
             # A final event without its blank line: deliver it rather than lose it.
             tail = parser.pending.strip(b"\r\n") if parser is not None and not ended else b""
             ended = True

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fnmatch import fnmatchcase
 
-from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Mapping
 
 import orjson
 
@@ -159,9 +159,10 @@ class UpstreamResponse:
         """Yield lists of raw OpenAI-format SSE events (without terminators), one list per upstream read."""
         raise NotImplementedError
 
-    def raw_sse(self) -> AsyncIterator[bytes] | None:
-        """The upstream reads themselves, when they already are an OpenAI-format event stream: the relay then
-        parses them inline (one async frame less per read than ``batches()``). None: use ``batches()``."""
+    def raw_sse(self) -> Callable[[], Awaitable[bytes]] | None:
+        """A read of the upstream's bytes (``b""`` at the end), when they already are an OpenAI-format event
+        stream: the relay then parses them inline, two async frames less per read than ``batches()`` (no
+        generator, no async iterator). None: use ``batches()``."""
         return None
 
     def close(self) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import os
 import zlib
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 
 import aiohttp
 import orjson
@@ -42,8 +42,8 @@ class HTTPResponse(UpstreamResponse):
             # A final event without its blank line: deliver it rather than lose it.
             yield [parser.pending.strip(b"\r\n")]
 
-    def raw_sse(self) -> AsyncIterator[bytes]:
-        return self._resp.content.iter_any()
+    def raw_sse(self) -> Callable[[], Awaitable[bytes]]:
+        return self._resp.content.readany  # aiohttp's own read: b"" at the end
 
     def close(self) -> None:
         self._resp.close()
@@ -55,19 +55,30 @@ class DecodedHTTPResponse(HTTPResponse):
 
     __slots__ = ()
 
-    def raw_sse(self) -> AsyncIterator[bytes]:
-        return _inflated(self._resp.content.iter_any())
+    def raw_sse(self) -> Callable[[], Awaitable[bytes]]:
+        return _Inflating(self._resp.content.readany).read
 
 
-async def _inflated(reads: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    inflater = zlib.decompressobj(wbits=47)  # 32 + 15: a gzip or a zlib header, told apart by the data
-    async for data in reads:
-        out = inflater.decompress(data)
-        if out:
-            yield out
-    rest = inflater.flush()
-    if rest:
-        yield rest
+class _Inflating:
+    """Reads of a compressed stream, decompressed (gzip or zlib, told apart by the data); ``b""`` at the end."""
+
+    __slots__ = ("_read", "_inflater")
+
+    def __init__(self, read: Callable[[], Awaitable[bytes]]) -> None:
+        self._read = read
+        self._inflater: Any = zlib.decompressobj(wbits=47)  # 32 + 15: a gzip or a zlib header
+
+    async def read(self) -> bytes:
+        inflater = self._inflater
+        while inflater is not None:
+            data = await self._read()
+            if not data:
+                self._inflater = None
+                return inflater.flush()
+            out = inflater.decompress(data)
+            if out:
+                return out
+        return b""
 
 
 #: Content-Encodings the gateway decodes when an upstream sends them despite ``Accept-Encoding: identity``.
