@@ -340,7 +340,10 @@ async def relay_stream(out: ClientStream, upstream: UpstreamResponse, exchange: 
     time = out.loop.time
     saw_done = False
     held: list[bytes] | None = None
-    resp_write = out.resp.write
+    # Writes of a stream we prepared go straight to the connection's writer: StreamResponse.write only checks
+    # that the response is prepared and not ended, which fast_write (below) guarantees, and is a coroutine frame
+    # more per upstream read.
+    resp_write = out.request.writer.write
     fast_write = out.egress is None and out._prepare is True and out.resp.prepared
     read = upstream.raw_sse()  # a read of the upstream's bytes (b"" at the end), or None: batches of events
     parser = SSEParser() if read is not None else None
