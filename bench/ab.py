@@ -4,6 +4,7 @@
     python -m bench.ab --ref HEAD~1             # ... and the gateway of HEAD~1 as a third contender
     python -m bench.ab --src /tmp/patched       # ... and the gateway whose proxy/ and plugins/ are there
     python -m bench.ab --load stream-c100 --rounds 5
+    python -m bench.ab --lean-passthrough        # ... and the passthrough with the gateway's aiohttp shortcuts
 
 Each round measures every contender once (the order rotates), so slow drift of the machine hits all of
 them alike; the table gives the median CPU per request (or per stream) and its ratio to the passthrough.
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
                         help="also measure the work tree's gateway with these environment variables set")
     parser.add_argument("--load", choices=sorted(LOADS), default="nonstream-c64")
+    parser.add_argument("--lean-passthrough", action="store_true",
+                        help="also measure the passthrough written with the gateway's shortcuts through aiohttp "
+                             "(bench.passthrough --lean)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=int, default=3, help="wrk window per measurement")
     parser.add_argument("--body-bytes", type=int, default=0, metavar="N",
@@ -72,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
             procs["passthrough"] = Proc("passthrough", [sys.executable, "-m", "bench.passthrough", "--port",
                                                         str(port), "--upstream", f"http://127.0.0.1:{mock_port}"],
                                         0, port, tmpdir).start()
+            if args.lean_passthrough:
+                port = free_port()
+                procs["passthrough (lean)"] = Proc(
+                    "passthrough-lean", [sys.executable, "-m", "bench.passthrough", "--lean", "--port", str(port),
+                                         "--upstream", f"http://127.0.0.1:{mock_port}"], 0, port, tmpdir).start()
             for name, src, extra_env in contenders:
                 port = free_port()
                 config = tmpdir / f"{len(procs)}.yaml"
@@ -106,10 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     unit = "us/request" if kind == "wrk" else "ms/stream"
     digits = 1 if kind == "wrk" else 3
     base = statistics.median(samples["passthrough"])
-    print(f"| {args.load} ({args.rounds} rounds) | median {unit} | ratio | spread |\n|---|---:|---:|---:|")
+    print(f"| {args.load} ({args.rounds} rounds) | median {unit} | ratio | paired | spread |\n"
+          "|---|---:|---:|---:|---:|")
     for name, values in samples.items():
         med = statistics.median(values)
-        print(f"| {name} | {med:.{digits}f} | {med / base:.2f}x | {min(values):.{digits}f}-{max(values):.{digits}f} |")
+        # paired: the median of the per-round ratios (a round's windows ran back to back, so a drift of the host
+        # between rounds moves both alike)
+        paired = statistics.median(v / p for v, p in zip(values, samples["passthrough"]))
+        print(f"| {name} | {med:.{digits}f} | {med / base:.2f}x | {paired:.2f}x | "
+              f"{min(values):.{digits}f}-{max(values):.{digits}f} |")
     return 0
 
 

@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="non-stream: send a chat request of at least N bytes (earlier turns of a conversation) "
                              "instead of the short one")
     parser.add_argument("--no-passthrough", action="store_true", help="count gateways only")
+    parser.add_argument("--lean-passthrough", action="store_true",
+                        help="also count the passthrough written with the gateway's shortcuts through aiohttp "
+                             "(bench.passthrough --lean)")
     parser.add_argument("--cache-sim", action="store_true", help="also count simulated cache misses")
     parser.add_argument("--valgrind-arg", action="append", default=[], metavar="ARG",
                         help="pass ARG to valgrind, e.g. --valgrind-arg=--LL=524288,8,64 (a smaller last-level "
@@ -163,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
                 contenders.append(("passthrough", [sys.executable, "-m", "bench.passthrough", "--port", str(port),
                                                    "--upstream", f"http://127.0.0.1:{mock_port}"],
                                    base_env, ROOT, port))
+            if args.lean_passthrough:
+                port = free_port()
+                contenders.append(("passthrough (lean)", [sys.executable, "-m", "bench.passthrough", "--lean",
+                                                          "--port", str(port), "--upstream",
+                                                          f"http://127.0.0.1:{mock_port}"], base_env, ROOT, port))
 
             def gateway(name: str, src: Path | None, extra: dict[str, str]) -> None:
                 port = free_port()

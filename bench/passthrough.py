@@ -6,6 +6,10 @@ as a ``web.StreamResponse`` writing each ``iter_any()`` piece as it arrives, wit
 answer is read whole and returned as a ``web.Response``.
 
     python -m bench.passthrough --upstream http://127.0.0.1:9100 --port 0   # prints "READY <port>"
+
+``--lean`` serves the same relay written with the shortcuts the gateway takes through aiohttp (no router, whole
+bodies taken with ``read_nowait``, stream reads with ``readany``, writes straight to the connection's writer):
+the yardstick for what the gateway's features cost, apart from how it uses aiohttp.
 """
 from __future__ import annotations
 
@@ -55,8 +59,48 @@ def make_app(upstream: str) -> web.Application:
     return app
 
 
-async def serve(host: str, port: int, upstream: str) -> None:
-    runner = web.AppRunner(make_app(upstream), access_log=None, handler_cancellation=True, shutdown_timeout=1)
+def make_lean_runner(upstream: str) -> web.BaseRunner:
+    """The passthrough written with the shortcuts the gateway takes through aiohttp (``--lean``): a low-level
+    ``web.Server`` with no router, a body or answer that is all here taken with ``read_nowait``, stream reads with
+    ``readany`` and writes straight to the connection's writer. What a bare proxy costs when it is as careful with
+    aiohttp as the gateway is: the yardstick for the gateway's features alone."""
+    base = upstream.rstrip("/")
+    session_box: list[aiohttp.ClientSession] = []
+
+    async def relay(request: web.BaseRequest) -> web.StreamResponse:
+        if not session_box:
+            session_box.append(aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=10000, limit_per_host=0), auto_decompress=False,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=30), skip_auto_headers=("User-Agent",),
+                cookie_jar=aiohttp.DummyCookieJar()))
+        content = request.content
+        body = content.read_nowait() if content.is_eof() else await request.read()
+        up = await session_box[0].post(base + request.path, data=body, headers=_UPSTREAM_HEADERS)
+        try:
+            ctype = up.headers.get("Content-Type", "application/octet-stream")
+            if ctype.startswith("text/event-stream"):
+                resp = web.StreamResponse(status=up.status, headers={"Content-Type": ctype,
+                                                                     "Cache-Control": "no-cache"})
+                await resp.prepare(request)
+                read, write = up.content.readany, request.writer.write
+                while piece := await read():
+                    await write(piece)
+                await resp.write_eof()
+                return resp
+            upc = up.content
+            data = upc.read_nowait() if upc.is_eof() else await up.read()
+            return web.Response(status=up.status, body=data, headers={"Content-Type": ctype})
+        finally:
+            if not up.closed:
+                up.close()
+
+    return web.ServerRunner(web.Server(relay, handler_cancellation=True), access_log=None, shutdown_timeout=1)
+
+
+async def serve(host: str, port: int, upstream: str, lean: bool = False) -> None:
+    runner: web.BaseRunner = (make_lean_runner(upstream) if lean else
+                              web.AppRunner(make_app(upstream), access_log=None, handler_cancellation=True,
+                                            shutdown_timeout=1))
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)  # as ssegate serve
     await site.start()
@@ -77,10 +121,12 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--upstream", required=True, help="base URL of the upstream, e.g. http://127.0.0.1:9100")
+    parser.add_argument("--lean", action="store_true",
+                        help="the same shortcuts through aiohttp as the gateway takes (see make_lean_runner)")
     args = parser.parse_args()
     import uvloop
 
-    uvloop.run(serve(args.host, args.port, args.upstream))
+    uvloop.run(serve(args.host, args.port, args.upstream, args.lean))
 
 
 if __name__ == "__main__":
