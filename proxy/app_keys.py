@@ -24,5 +24,5 @@ class GatewayHolder:
 GATEWAY = web.AppKey("GATEWAY", GatewayHolder)
 RELOADER: web.AppKey[Any] = web.AppKey("RELOADER")
 #: ``{path: handler}`` of the POST routes the server may dispatch without the router (see
-#: :class:`proxy.parser_errors.GatewayRunner`); absent when a middleware must see every request.
+#: :class:`proxy.web_runner.GatewayRunner`); absent when a middleware must see every request.
 DIRECT_ROUTES: web.AppKey[Any] = web.AppKey("DIRECT_ROUTES")

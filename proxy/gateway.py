@@ -78,7 +78,6 @@ class Gateway:
         self.forwarder = Forwarder(self)
         self.breakers = self.forwarder.breakers
         self.body_timeout = config.server.request_body_timeout
-        self.max_request_size = config.server.max_request_size
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -222,8 +221,8 @@ class Gateway:
             content = request.content
             if content.is_eof():  # the whole body is here (nearly always): taken as it is, no read loop
                 body = exchange.body = content.read_nowait()
-                if len(body) > self.max_request_size:
-                    raise web.HTTPRequestEntityTooLarge(self.max_request_size, len(body))
+                if len(body) > request.client_max_size:  # (the limit request.read() would check)
+                    raise web.HTTPRequestEntityTooLarge(request.client_max_size, len(body))
             else:
                 exchange.body = await self._read_body(request)
             if exchange.ingress == "anthropic":

@@ -4,9 +4,9 @@ A request the parser rejects (a header over 8190 bytes, an unsupported Content-E
 never reaches a handler: aiohttp answers it itself from ``RequestHandler.handle_error`` (text/plain, quoting the
 client's bytes, no request id) and logs a traceback at ERROR on ``aiohttp.server``. aiohttp has no option for
 that answer, so the gateway's connections use a RequestHandler subclass whose ``handle_error`` answers parser
-errors in the OpenAI error format (:func:`with_json_parser_errors`, used by :class:`proxy.web_runner.GatewayRunner`). Only that error
-path differs: the class is chosen once per connection, and no request goes through anything more than with
-aiohttp's own RequestHandler.
+errors in the OpenAI error format (:func:`with_json_parser_errors`, used by
+:class:`proxy.web_runner.GatewayRunner`). Only that error path differs: the class is chosen once per connection,
+and no request goes through anything more than with aiohttp's own RequestHandler.
 """
 from __future__ import annotations
 

@@ -22,7 +22,10 @@ log = structlog.get_logger("ssegate.reload")
 #: Settings read once, when the process starts listening (the rest of the config applies on reload).
 RESTART_SETTINGS = (("server", "host"), ("server", "port"), ("server", "workers"), ("server", "max_request_size"),
                     ("server", "config_watch_interval"), ("server", "gc_gen0_threshold"),
-                    ("observability", "metrics_port"))
+                    ("observability", "metrics_port"),
+                    # CORS decides the app's middleware (and whether the API skips the router): set at start
+                    ("cors", "allow_origins"), ("cors", "allow_credentials"), ("cors", "allow_headers"),
+                    ("cors", "expose_headers"), ("cors", "max_age"))
 
 
 def _needs_restart(old: Any, new: Any) -> list[str]:

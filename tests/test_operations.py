@@ -323,7 +323,7 @@ async def test_a_reload_names_the_settings_that_need_a_restart_and_applies_the_r
     gw = await GatewayServer.start(before, config_path=str(path))
     try:
         path.write_text(path.read_text().replace("server: {", "server: {port: 8123, max_request_size: 1000, ")
-                        .replace("adm-one", "adm-two"))
+                        .replace("adm-one", "adm-two") + '\ncors: {allow_origins: ["https://chat.example"]}\n')
         async with aiohttp.ClientSession() as s:
             async with s.post(gw.url + "/admin/reload", headers={"Authorization": "Bearer adm-one"}) as r:
                 assert r.status == 200
@@ -331,7 +331,12 @@ async def test_a_reload_names_the_settings_that_need_a_restart_and_applies_the_r
                 assert r.status == 401  # the new admin key applies at once
             async with s.post(gw.url + "/admin/reload", headers={"Authorization": "Bearer adm-two"}) as r:
                 assert r.status == 200
-        assert _needs_restart(before, load_config(str(path))) == ["server.port", "server.max_request_size"]
+            # the size limit of the start still holds (a 1,500-byte body passes), whole or in pieces alike
+            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * 1500}]}
+            async with s.post(gw.url + "/v1/chat/completions", json=body) as r:
+                assert r.status == 200
+        assert _needs_restart(before, load_config(str(path))) == [
+            "server.port", "server.max_request_size", "cors.allow_origins"]
         assert _needs_restart(before, before) == []
     finally:
         await gw.close()
