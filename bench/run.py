@@ -6,8 +6,9 @@ load through each proxy in turn, one at a time (the other one sits idle): ``wrk`
 so that a disturbance of the machine hits both alike. Proxy CPU is the delta of utime+stime in
 ``/proc/<pid>/stat`` over each measured window, divided by the requests or streams completed in it. Each window
 also measures the machine's CPU used by processes outside the benchmark ("foreign" load: another test suite,
-a build); a window with more than 0.1 core of it is measured again, within a bounded retry budget, and the
-cleanest attempt is kept (still-noisy cells are marked). TTFT through each proxy is compared with TTFT straight
+a build) and the CPU time the hypervisor stole from this VM for other guests ("steal"); a window with more
+than 0.1 core of either is measured again, within a bounded retry budget, and the cleanest attempt is kept
+(still-noisy cells are marked). TTFT through each proxy is compared with TTFT straight
 to the mock. Prints a markdown table and writes ``bench/results/<timestamp>.json``.
 
 Every child process is stopped at the end, on error and on SIGINT/SIGTERM too (and dies with this process if
@@ -43,6 +44,18 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TARGET_RATIO = 1.3
 FOREIGN_THRESHOLD = 0.10  # cores of foreign load above which a measured window is retried / marked noisy
+STEAL_THRESHOLD = 0.10  # cores the hypervisor stole from this VM during a window, above which the same applies
+
+
+def disturbed(window: dict[str, Any]) -> bool:
+    """Whether a measured window ran on a disturbed machine: foreign load inside this VM, or CPU time the
+    hypervisor gave to other guests (steal time: a busy host; the proxy then loses its caches between slices
+    and costs more per request)."""
+    return window["foreign_cores"] > FOREIGN_THRESHOLD or window.get("steal_cores", 0.0) > STEAL_THRESHOLD
+
+
+def _disturbance(window: dict[str, Any]) -> float:
+    return max(window["foreign_cores"] / FOREIGN_THRESHOLD, window.get("steal_cores", 0.0) / STEAL_THRESHOLD)
 NON_STREAM_BODY = '{"model":"bench-model","messages":[{"role":"system","content":"You are a benchmark."},' \
                   '{"role":"user","content":"Say hello."}]}'
 PROXIES = ("passthrough", "gateway")
@@ -353,8 +366,8 @@ class Bench:
 
     def with_retries(self, what: str, attempt: Callable[[], dict[str, Any]],
                      value_key: str) -> dict[str, Any]:
-        """Measure; while the window had foreign load (and the bounded retry budget allows), measure again.
-        Keeps the attempt with the least foreign load."""
+        """Measure; while the window was disturbed (:func:`disturbed`: foreign load, or steal time) and the
+        bounded retry budget allows, measure again. Keeps the least disturbed attempt."""
         attempts = []
         while True:
             self.wait_quiet(what)
@@ -362,17 +375,19 @@ class Bench:
             r = attempt()
             took = time.monotonic() - t0
             attempts.append(r)
-            if r["foreign_cores"] <= FOREIGN_THRESHOLD:
+            if not disturbed(r):
                 break
+            why = f"{r['foreign_cores']:.2f} cores of foreign load, {r.get('steal_cores', 0.0):.2f} stolen"
             if len(attempts) > self.plan.max_retries or took > self.retry_left:
-                log(f"  ~ {what}: {r['foreign_cores']:.2f} cores of foreign load; no retry left")
+                log(f"  ~ {what}: {why}; no retry left")
                 break
             self.retry_left -= took
-            log(f"  ~ {what}: {r['foreign_cores']:.2f} cores of foreign load during the window "
-                f"({r.get(value_key) and round(r[value_key], 3)}); measuring again")
-        best = min(attempts, key=lambda a: a["foreign_cores"])
-        best["noisy"] = best["foreign_cores"] > FOREIGN_THRESHOLD
-        best["attempts"] = [{"foreign_cores": a["foreign_cores"], value_key: a.get(value_key)} for a in attempts]
+            log(f"  ~ {what}: {why} during the window ({r.get(value_key) and round(r[value_key], 3)}); "
+                "measuring again")
+        best = min(attempts, key=_disturbance)
+        best["noisy"] = disturbed(best)
+        best["attempts"] = [{"foreign_cores": a["foreign_cores"], "steal_cores": a.get("steal_cores"),
+                             value_key: a.get(value_key)} for a in attempts]
         return best
 
     def non_stream_window(self, name: str, c: int, script: Path | None = None, what: str = "") -> dict[str, Any]:
@@ -396,7 +411,8 @@ class Bench:
 
         w = self.with_retries(f"{name} non-stream c={c}{what}", attempt, "us_per_request")
         log(f"  {name:14s} non-stream c={c:<3d}{what} {w['requests']:7d} req  {w['requests_per_s']:8.0f} req/s  "
-            f"CPU {fmt(w['us_per_request'])} us/req  errors {w['errors']}  foreign {w['foreign_cores']:.2f}")
+            f"CPU {fmt(w['us_per_request'])} us/req  errors {w['errors']}  foreign {w['foreign_cores']:.2f}  "
+            f"steal {w.get('steal_cores', 0.0):.2f}")
         if w["errors"]:
             log(f"  !!! {name}: wrk reported {w['errors']} errors/non-2xx responses at c={c}: {w}")
         return w
@@ -419,7 +435,8 @@ class Bench:
             ranked = sorted(ws, key=lambda w: w["us_per_request"] or 0.0)
             median = dict(ranked[len(ranked) // 2])
             median.update(rounds=[{k: w.get(k) for k in ("us_per_request", "requests", "requests_per_s",
-                                                         "foreign_cores", "errors")} for w in ws],
+                                                         "foreign_cores", "steal_cores", "errors")}
+                                      for w in ws],
                           errors=sum(w["errors"] for w in ws), noisy=any(w["noisy"] for w in ws))
             if len(ws) > 1:
                 log(f"  {name:14s} non-stream c={c:<3d}{what} median of {len(ws)}: CPU "
@@ -445,7 +462,7 @@ class Bench:
                     median[key] = sum(w[key] for w in ws)
                 median.update(proxy_rss_peak=max(w["proxy_rss_peak"] for w in ws),
                               noisy=any(w.get("noisy") for w in ws),
-                              rounds=[{k: w.get(k) for k in ("ms_per_stream", "completed", "foreign_cores")}
+                              rounds=[{k: w.get(k) for k in ("ms_per_stream", "completed", "foreign_cores", "steal_cores")}
                                       for w in ws])
                 median.pop("ttft_s", None)
                 log(f"  {name:14s} {sc.label:40s} median of {len(ws)}: CPU {fmt(median['ms_per_stream'], 3)} "
@@ -467,7 +484,7 @@ class Bench:
         inc = f"{r['incremental_ok']}/{r['incremental_scored']}" if r["incremental_scored"] else "n/a"
         log(f"  {name:14s} {sc.label:40s} {r['completed']:5d}/{sc.count} ok  CPU {fmt(r['ms_per_stream'], 3)} "
             f"ms/stream  incremental {inc}  peak RSS {r['proxy_rss_peak'] / 2**20:.0f} MiB  "
-            f"foreign {r['foreign_cores']:.2f}")
+            f"foreign {r['foreign_cores']:.2f}  steal {r.get('steal_cores', 0.0):.2f}")
         bad = r["failed"] + r["timeouts"] + r["not_run"]
         if bad:
             log(f"  !!! {name}: {bad} streams failed in {sc.label}: {r['errors']}")
@@ -740,7 +757,7 @@ def run(args: argparse.Namespace) -> int:
                               "plan": asdict(plan), "include_usage": args.include_usage,
                               "pinning": {"proxy_under_test": args.proxy_cpu, "mock_and_load": args.load_cpu},
                               "machine": machine_info(), "open_file_limit": nofile,
-                              "foreign_threshold_cores": FOREIGN_THRESHOLD}
+                              "foreign_threshold_cores": FOREIGN_THRESHOLD, "steal_threshold_cores": STEAL_THRESHOLD}
     log(f"ssegate benchmark ({plan.name}); proxies under test on CPU {args.proxy_cpu} (one loaded at a time), "
         f"mock upstream and load generators on CPU {args.load_cpu}; logs in {tmpdir}")
     all_procs: list[Proc] = []
@@ -827,8 +844,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"Proxy under test pinned to CPU {args.proxy_cpu}; mock upstream, wrk and the stream client on CPU "
               f"{args.load_cpu}. Target: gateway CPU <= {TARGET_RATIO}x the bare passthrough's.")
         if noisy:
-            print(f"† measured while other processes used more than {FOREIGN_THRESHOLD} core (retries exhausted): "
-                  f"treat with care.")
+            print(f"† measured while other processes used more than {FOREIGN_THRESHOLD} core, or the hypervisor "
+                  f"stole more than {STEAL_THRESHOLD} core from this VM (retries exhausted): treat with care.")
         if plan.no_obs:
             print("Rows \"gateway without access line and metrics\": the same gateway with "
                   "observability.access_log and observability.metrics off, for what the two cost; the target is "
