@@ -25,14 +25,19 @@ Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 def direct_dispatch(app: web.Application, direct: dict[str, Handler]) -> Handler:
     """The server's request handler: a POST to a path of ``direct`` goes straight to its handler, everything
-    else to ``app._handle`` (the router, middlewares, 404 and 405)."""
+    else to ``app._handle`` (the router, middlewares, 404 and 405). The path is compared as sent
+    (``raw_path``: percent-encoding kept, as the router compares it), so ``/v1/chat%2Fcompletions`` is the
+    router's 404 either way.
+
+    PRIVATE aiohttp attribute, here only: ``Application._handle``, what ``AppRunner`` makes the server's
+    handler (aiohttp 3.x, read against 3.14.5)."""
     routed = app._handle
     lookup = direct.get
     expect = hdrs.EXPECT
 
     def dispatch(request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
         if request.method == "POST":
-            handler = lookup(request.rel_url.path_safe)
+            handler = lookup(request.rel_url.raw_path)
             if handler is not None and expect not in request.headers:
                 return handler(request)
         return routed(request)  # type: ignore[arg-type]

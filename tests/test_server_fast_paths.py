@@ -130,7 +130,8 @@ async def test_routes_and_errors_are_the_routers_for_everything_else(upstream, g
     gw = await gateway_factory(config_for(upstream))
     async with aiohttp.ClientSession() as s:
         for method, path, status in (("GET", "/v1/chat/completions", 405), ("POST", "/v1/chat/completions/x", 404),
-                                     ("POST", "/V1/chat/completions", 404), ("POST", "/v1/models", 405),
+                                     ("POST", "/V1/chat/completions", 404), ("POST", "/v1/chat%2Fcompletions", 404),
+                                     ("POST", "/v1/models", 405), ("POST", "/v1/chat/completions?api-version=1", 200),
                                      ("POST", "/chat/completions", 200), ("POST", "/v1/embeddings", 200)):
             body = {"model": "m", "input": "x"} if "embeddings" in path else CHAT
             async with s.request(method, gw.url + path, json=body) as resp:
