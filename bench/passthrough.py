@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from typing import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -59,7 +60,7 @@ def make_app(upstream: str) -> web.Application:
     return app
 
 
-def make_lean_runner(upstream: str) -> web.BaseRunner:
+def make_lean_runner(upstream: str) -> tuple[web.BaseRunner, Callable[[], Awaitable[None]]]:
     """The passthrough written with the shortcuts the gateway takes through aiohttp (``--lean``): a low-level
     ``web.Server`` with no router, a body or answer that is all here taken with ``read_nowait``, stream reads with
     ``readany`` and writes straight to the connection's writer. What a bare proxy costs when it is as careful with
@@ -94,13 +95,20 @@ def make_lean_runner(upstream: str) -> web.BaseRunner:
             if not up.closed:
                 up.close()
 
-    return web.ServerRunner(web.Server(relay, handler_cancellation=True), access_log=None, shutdown_timeout=1)
+    async def close_session() -> None:
+        if session_box:
+            await session_box.pop().close()
+
+    runner = web.ServerRunner(web.Server(relay, handler_cancellation=True), access_log=None, shutdown_timeout=1)
+    return runner, close_session
 
 
 async def serve(host: str, port: int, upstream: str, lean: bool = False) -> None:
-    runner: web.BaseRunner = (make_lean_runner(upstream) if lean else
-                              web.AppRunner(make_app(upstream), access_log=None, handler_cancellation=True,
-                                            shutdown_timeout=1))
+    close_session = None
+    if lean:
+        runner, close_session = make_lean_runner(upstream)
+    else:
+        runner = web.AppRunner(make_app(upstream), access_log=None, handler_cancellation=True, shutdown_timeout=1)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)  # as ssegate serve
     await site.start()
@@ -114,6 +122,8 @@ async def serve(host: str, port: int, upstream: str, lean: bool = False) -> None
         await stop.wait()
     finally:
         await runner.cleanup()
+        if close_session is not None:
+            await close_session()
 
 
 def main() -> None:
