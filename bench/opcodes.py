@@ -3,6 +3,7 @@
     python -m bench.opcodes                      # non-stream, concurrency 16, 500 requests
     python -m bench.opcodes --load stream --requests 50 --top 40
     python -m bench.opcodes --load stream --delay-ms 20 --concurrency 10   # one chunk per read, as from a model
+    python -m bench.opcodes --target gateway --lines 60   # also the busiest lines of proxy/ and plugins/
 
 Most of what the gateway adds to the passthrough's cost is Python work, and the interpreter's bytecode dispatch
 runs at a lower rate per instruction than C code (llhttp, the kernel, orjson), so callgrind's instruction ratio
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import linecache
 import os
 import sys
 import tempfile
@@ -36,8 +38,10 @@ Key = tuple[str, int, str]
 class OpcodeCounter:
     """Counts the opcodes executed by every Python frame started while it is installed, per code object."""
 
-    def __init__(self) -> None:
+    def __init__(self, lines: bool = False) -> None:
         self.counts: collections.Counter[Key] = collections.Counter()
+        #: With ``lines``: opcodes per (file, line) of the project's own code (proxy/, plugins/).
+        self.lines: collections.Counter[tuple[str, int]] | None = collections.Counter() if lines else None
 
     def _call(self, frame: FrameType, event: str, arg: Any) -> Callable[..., Any] | None:
         frame.f_trace_opcodes = True
@@ -45,6 +49,17 @@ class OpcodeCounter:
         code = frame.f_code
         key = (code.co_filename, code.co_firstlineno, code.co_qualname)
         counts = self.counts
+        lines = self.lines
+        if lines is not None and code.co_filename.startswith(_OWN):
+            path = code.co_filename
+
+            def by_line(frame: FrameType, event: str, arg: Any) -> Callable[..., Any]:
+                if event == "opcode":
+                    counts[key] += 1
+                    lines[(path, frame.f_lineno)] += 1  # type: ignore[index]
+                return by_line
+
+            return by_line
 
         def local(frame: FrameType, event: str, arg: Any) -> Callable[..., Any]:
             if event == "opcode":
@@ -59,6 +74,9 @@ class OpcodeCounter:
 
     def __exit__(self, *exc: Any) -> None:
         sys.settrace(None)
+
+
+_OWN = (str(ROOT / "proxy") + "/", str(ROOT / "plugins") + "/")
 
 
 def _short(path: str) -> str:
@@ -101,25 +119,26 @@ def _client_argv(url: str, load: str, count: int, concurrency: int, tmpdir: Path
 
 
 async def _count(target: str, upstream: str, load: str, count: int, concurrency: int,
-                 tmpdir: Path, delay_ms: float = 0.0) -> collections.Counter[Key]:
+                 tmpdir: Path, delay_ms: float = 0.0, lines: bool = False) -> OpcodeCounter:
     runner, port = await _serve(target, upstream, tmpdir)
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     try:
         warm = await asyncio.create_subprocess_exec(*_client_argv(url, load, 20, concurrency, tmpdir), cwd=ROOT)
         if await warm.wait() != 0:
             raise BenchError(f"warm-up against the {target} failed")
-        with OpcodeCounter() as counter:
+        with OpcodeCounter(lines) as counter:
             client = await asyncio.create_subprocess_exec(
                 *_client_argv(url, load, count, concurrency, tmpdir, delay_ms), cwd=ROOT)
             code = await asyncio.wait_for(client.wait(), 1800)
         if code != 0:
             raise BenchError(f"the client against the {target} exited {code}")
-        return counter.counts
+        return counter
     finally:
         await runner.cleanup()
 
 
-def _report(name: str, counts: collections.Counter[Key], per: int, top: int) -> float:
+def _report(name: str, counter: OpcodeCounter, per: int, top: int, top_lines: int = 0) -> float:
+    counts = counter.counts
     total = sum(counts.values()) / per
     by_file: collections.Counter[str] = collections.Counter()
     for (path, _, _), n in counts.items():
@@ -130,6 +149,11 @@ def _report(name: str, counts: collections.Counter[Key], per: int, top: int) -> 
     print("\n| opcodes | function |\n|---:|---|")
     for (path, line, qualname), n in counts.most_common(top):
         print(f"| {n / per:,.0f} | {_short(path)}:{line} {qualname} |")
+    if counter.lines:
+        print("\n| opcodes | line of the project's code |\n|---:|---|")
+        for (path, line), n in counter.lines.most_common(top_lines):
+            text = linecache.getline(path, line).strip()
+            print(f"| {n / per:,.1f} | {_short(path)}:{line} `{text[:90]}` |")
     return total
 
 
@@ -146,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--target", choices=("both", "passthrough", "gateway"), default="both")
     parser.add_argument("--top", type=int, default=25, help="rows per table")
+    parser.add_argument("--lines", type=int, default=0, metavar="N",
+                        help="also list the N source lines of proxy/ and plugins/ that run the most opcodes")
     parser.add_argument("--delay-ms", type=float, default=0.0,
                         help="streams: upstream pause between content chunks (e.g. 20 at --concurrency 10: one "
                              "chunk per read, as from a model; 0: back to back, several per read)")
@@ -165,9 +191,9 @@ def main(argv: list[str] | None = None) -> int:
             import uvloop  # as the proxies run: asyncio's own loop would be counted too
 
             for target in targets:
-                counts = uvloop.run(_count(target, f"http://127.0.0.1:{mock_port}", args.load, args.requests,
-                                           args.concurrency, tmpdir, args.delay_ms))
-                totals[target] = _report(target, counts, args.requests, args.top)
+                counter = uvloop.run(_count(target, f"http://127.0.0.1:{mock_port}", args.load, args.requests,
+                                            args.concurrency, tmpdir, args.delay_ms, args.lines > 0))
+                totals[target] = _report(target, counter, args.requests, args.top, args.lines)
         finally:
             mock.stop()
     unit = "request" if args.load == "nonstream" else "64-chunk stream"
