@@ -62,6 +62,23 @@ def _percentile(values: list[float], q: float) -> float | None:
     return values[idx]
 
 
+def error_class(status: int, outcome: str | None, tried: bool) -> str | None:
+    """The summary's error class of one exchange (None: not an error): ``client`` (4xx), ``upstream`` (a failure
+    after an upstream was tried), ``gateway`` (one before), ``timeout``, ``client_disconnect``."""
+    if status < 400 and outcome not in _ERROR_OUTCOMES:
+        return None
+    if outcome == Outcome.TIMEOUT:
+        return "timeout"
+    if outcome == Outcome.CLIENT_DISCONNECT:
+        return "client_disconnect"
+    return "client" if 400 <= status < 500 else "upstream" if tried else "gateway"
+
+
+def _end_of(record: tuple[Any, ...]) -> float:
+    """When a record's exchange ended (monotonic; when it started, for one that never got an end)."""
+    return record[9] if record[9] is not None else record[7]
+
+
 #: Records waiting to be folded into the series: folded when this many wait, and before every scrape or summary.
 FOLD_EVERY = 256
 
@@ -109,9 +126,9 @@ class Series:
                      self.flagged, self.overhead)
         #: Model label values seen so far (bounded by MAX_MODELS).
         self.models: set[str] = set()
-        #: Per exchange: (unix time, duration, ttft, completion tokens, status, error class, stream, cache hit).
-        self.recent: deque[tuple[float, float, float | None, int, int, str | None, bool, bool | None]] = deque(
-            maxlen=10000)
+        #: The last exchanges' records as ``exchange_done`` made them (the summary reads them when asked: nothing
+        #: per exchange is computed or allocated for it).
+        self.recent: deque[tuple[Any, ...]] = deque(maxlen=10000)
         #: Exchanges recorded by ``exchange_done`` and not folded yet (see :data:`FOLD_EVERY`).
         self.pending: list[tuple[Any, ...]] = []
 
@@ -141,7 +158,6 @@ class Series:
             return
         records = pending.copy()
         pending.clear()
-        wall = time.time() - time.monotonic()  # monotonic -> unix time, for the summary window
         models = self.models
         requests, tokens = self.requests.values, self.tokens.values
         durations: dict[tuple[str, str], list[float]] = {}
@@ -149,7 +165,6 @@ class Series:
         itls: dict[tuple[str], list[float]] = {}
         overheads: list[float] = []
         fallbacks = cache_hits = cache_misses = ratelimited = flagged = 0
-        recent = self.recent.append
         for (endpoint, ingress, model, routed, provider, status, stream, started, first, ended, chunks, prompt,
              completion, tier, tried, attempts, cache, tags, overhead, outcome) in records:
             route = endpoint if ingress == "openai" else f"{endpoint}:{ingress}"
@@ -194,15 +209,7 @@ class Series:
                     flagged += 1
             if overhead is not None:
                 overheads.append(overhead)
-            error_class = None
-            if status >= 400 or outcome in _ERROR_OUTCOMES:
-                error_class = "client" if 400 <= status < 500 else "upstream" if tried else "gateway"
-                if outcome == Outcome.TIMEOUT:
-                    error_class = "timeout"
-                elif outcome == Outcome.CLIENT_DISCONNECT:
-                    error_class = "client_disconnect"
-            recent(((ended if ended is not None else started) + wall, took, ttft, completion or 0, status,
-                    error_class, stream, None if cache is None else cache == "HIT"))
+        self.recent.extend(records)
         for series, batches in ((self.duration, durations), (self.ttft, ttfts), (self.itl, itls),
                                 (self.overhead, {(): overheads} if overheads else {})):
             for key, values in batches.items():
@@ -337,22 +344,36 @@ class MetricsPlugin:
     def summary(self) -> dict[str, Any]:
         """The FakeAI-style JSON summary over the recent window."""
         self.series.fold()
-        recent = list(self.series.recent)
-        durations = [r[1] for r in recent]
-        ttfts = [r[2] for r in recent if r[2] is not None]
+        records = list(self.series.recent)
+        durations: list[float] = []
+        ttfts: list[float] = []
         errors: dict[str, int] = {}
-        for r in recent:
-            if r[5] is not None:
-                errors[r[5]] = errors.get(r[5], 0) + 1
-        tokens = sum(r[3] for r in recent)
-        busy = sum(r[1] for r in recent if r[3])
-        cached = [r[7] for r in recent if r[7] is not None]
-        window = (recent[-1][0] - recent[0][0]) if len(recent) > 1 else 0.0
+        cached: list[bool] = []
+        tokens = streams = 0
+        busy = 0.0
+        for (_, _, _, _, _, status, stream, started, first, ended, _, _, completion, _, tried, _, cache, _, _,
+             outcome) in records:
+            took = 0.0 if ended is None else ended - started
+            durations.append(took)
+            if first is not None:
+                ttfts.append(first - started)
+            kind = error_class(status, outcome, tried)
+            if kind is not None:
+                errors[kind] = errors.get(kind, 0) + 1
+            if completion:
+                tokens += completion
+                busy += took
+            if cache is not None:
+                cached.append(cache == "HIT")
+            streams += bool(stream)
+        recent = records
+        # (monotonic times: the span between the first and the last exchange to end, in seconds)
+        window = (_end_of(records[-1]) - _end_of(records[0])) if len(records) > 1 else 0.0
         gateway = self.gateway
         return {
             "window": {"requests": len(recent), "seconds": round(window, 3)},
             "requests": {"total": len(recent), "per_second": round(len(recent) / window, 3) if window else None,
-                         "streams": sum(1 for r in recent if r[6])},
+                         "streams": streams},
             "latency_seconds": {"p50": _percentile(durations, 0.5), "p95": _percentile(durations, 0.95),
                                 "p99": _percentile(durations, 0.99)},
             "ttft_seconds": {"p50": _percentile(ttfts, 0.5), "p95": _percentile(ttfts, 0.95),

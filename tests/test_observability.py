@@ -196,6 +196,9 @@ async def test_metrics_summary(upstream, gateway_factory):
     assert summary["latency_seconds"]["p50"] > 0 and summary["ttft_seconds"]["p99"] > 0
     assert summary["errors"] == {"total": 1, "rate": 0.2, "by_class": {"client": 1}}
     assert summary["tokens"]["completion"] == 16 and summary["active_streams"] == 0
+    window = summary["window"]  # from the first exchange's end to the last one's
+    assert window["requests"] == 5 and 0 < window["seconds"] < 30
+    assert summary["requests"]["per_second"] == pytest.approx(5 / window["seconds"], rel=0.1)
 
 
 async def test_health_endpoints(upstream, gateway_factory):
@@ -413,3 +416,19 @@ async def test_cors_preflight_and_headers(upstream, gateway_factory):
         async with s.post(gw.base_url + "/chat/completions", json=CHAT,
                           headers={"Origin": "https://evil.example"}) as r:
             assert "Access-Control-Allow-Origin" not in r.headers
+
+
+def test_summary_error_classes():
+    """The summary classes each exchange from its record when asked (nothing is computed per exchange for it)."""
+    from plugins.metrics import error_class
+    from proxy import Outcome
+
+    assert error_class(200, Outcome.OK, True) is None
+    assert error_class(200, Outcome.CLIENT_DISCONNECT, True) is None  # a stream the client left: not an error
+    assert error_class(200, Outcome.ERROR, True) == "upstream"  # failed mid-stream (an SSE error event)
+    assert error_class(200, Outcome.TIMEOUT, True) == "timeout"
+    assert error_class(400, Outcome.REJECTED, False) == "client"
+    assert error_class(499, Outcome.CLIENT_DISCONNECT, True) == "client_disconnect"
+    assert error_class(502, Outcome.ERROR, True) == "upstream"
+    assert error_class(500, Outcome.ERROR, False) == "gateway"  # failed before any upstream was tried
+    assert error_class(504, Outcome.TIMEOUT, True) == "timeout"
