@@ -366,21 +366,20 @@ class MetricsPlugin:
             if cache is not None:
                 cached.append(cache == "HIT")
             streams += bool(stream)
-        recent = records
         # (monotonic times: the span between the first and the last exchange to end, in seconds)
         window = (_end_of(records[-1]) - _end_of(records[0])) if len(records) > 1 else 0.0
         gateway = self.gateway
         return {
-            "window": {"requests": len(recent), "seconds": round(window, 3)},
-            "requests": {"total": len(recent), "per_second": round(len(recent) / window, 3) if window else None,
+            "window": {"requests": len(records), "seconds": round(window, 3)},
+            "requests": {"total": len(records), "per_second": round(len(records) / window, 3) if window else None,
                          "streams": streams},
             "latency_seconds": {"p50": _percentile(durations, 0.5), "p95": _percentile(durations, 0.95),
                                 "p99": _percentile(durations, 0.99)},
             "ttft_seconds": {"p50": _percentile(ttfts, 0.5), "p95": _percentile(ttfts, 0.95),
                              "p99": _percentile(ttfts, 0.99)},
             "tokens": {"completion": tokens, "per_second": round(tokens / busy, 3) if busy else None},
-            "errors": {"total": sum(errors.values()), "rate": round(sum(errors.values()) / len(recent), 4)
-                       if recent else 0.0, "by_class": errors},
+            "errors": {"total": sum(errors.values()), "rate": round(sum(errors.values()) / len(records), 4)
+                       if records else 0.0, "by_class": errors},
             "active_streams": gateway.process_active_streams if gateway is not None else 0,
             "cache": {"hits": sum(cached), "lookups": len(cached),
                       "hit_rate": round(sum(cached) / len(cached), 4) if cached else None},
