@@ -36,7 +36,7 @@ from typing import Callable
 import aiohttp
 
 from bench.run import (NON_STREAM_BODY, ROOT, BenchError, Proc, StreamScenario, conversation_body, export_ref,
-                       free_port, gateway_config, raise_fd_limit, run_stream_client)
+                       free_port, gateway_config, raise_fd_limit, run_stream_client, start_mock_upstream)
 
 __all__ = ["main"]
 
@@ -156,9 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[tuple[str, dict[str, float]]] = []
     with tempfile.TemporaryDirectory(prefix="ssegate-instr-") as tmp:
         tmpdir = Path(tmp)
-        mock_port = free_port()
-        mock = Proc("mock_upstream", [sys.executable, "-m", "bench.mock_upstream", "--port", str(mock_port)], 1,
-                    mock_port, tmpdir).start()
+        mock = start_mock_upstream(tmpdir)
+        mock_port = mock.port
         contenders: list[tuple[str, list[str], dict[str, str], Path, int]] = []
         try:
             if not args.no_passthrough:

@@ -2,7 +2,8 @@
 
 ``POST /v1/chat/completions``:
 
-* ``"stream": false`` (or absent): a small fixed ``chat.completion`` JSON body.
+* ``"stream": false`` (or absent): a small fixed ``chat.completion`` JSON body, after ``"bench_delay_ms"``
+  when the request sets it (``bench.liveheap`` holds requests in flight with it).
 * ``"stream": true``: a role chunk, exactly 64 content chunks, a finish chunk, a usage chunk when
   ``stream_options.include_usage`` is set (every chunk then also carries ``"usage": null``, as OpenAI does),
   then ``data: [DONE]``. Each event is written with its own ``await resp.write``. The request body field
@@ -72,11 +73,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except orjson.JSONDecodeError:
         return web.Response(status=400, body=b'{"error":{"message":"bad json","type":"invalid_request_error"}}',
                             content_type="application/json")
+    delay = float(body.get("bench_delay_ms") or 0) / 1000.0
     if not body.get("stream"):
+        if delay > 0:
+            await asyncio.sleep(delay)
         return web.Response(body=_BODY, content_type="application/json")
     opts = body.get("stream_options")
     include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
-    delay = float(body.get("bench_delay_ms") or 0) / 1000.0
     role, content, tail = _STREAMS[include_usage]
     resp = web.StreamResponse(headers=_SSE_HEADERS)
     await resp.prepare(request)

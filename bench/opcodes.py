@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from aiohttp import web
 
-from bench.run import ROOT, BenchError, Proc, free_port, gateway_config
+from bench.run import ROOT, BenchError, gateway_config, start_mock_upstream
 
 __all__ = ["main"]
 
@@ -184,9 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     totals: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="ssegate-opcodes-") as tmp:
         tmpdir = Path(tmp)
-        mock_port = free_port()
-        mock = Proc("mock_upstream", [sys.executable, "-m", "bench.mock_upstream", "--port", str(mock_port)], 1,
-                    mock_port, tmpdir).start()
+        mock = start_mock_upstream(tmpdir)
+        mock_port = mock.port
         try:
             import uvloop  # as the proxies run: asyncio's own loop would be counted too
 
