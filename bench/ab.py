@@ -27,6 +27,8 @@ LOADS = {
     "nonstream-c1": ("wrk", 1), "nonstream-c16": ("wrk", 16), "nonstream-c64": ("wrk", 64),
     "stream-c1": ("stream", StreamScenario("c1", "stream C=1", 1, 200, 0.0, 20)),
     "stream-c100": ("stream", StreamScenario("c100", "stream C=100, 20 ms", 100, 200, 20.0, 100)),
+    # The full run's TTFT cell: one stream at a time, a chunk every 20 ms, so each chunk wakes an idle proxy.
+    "stream-c1-20ms": ("stream", StreamScenario("c1d20", "stream C=1, 20 ms", 1, 16, 20.0, 2)),
 }
 
 

@@ -12,7 +12,27 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` in seconds (all its threads; children not included)."""
+    """CPU time of ``pid`` in seconds, all its threads (children not included), to the nanosecond: the sum of
+    its threads' ``schedstat`` run times. ``utime + stime`` of ``/proc/PID/stat`` count in clock ticks (10 ms),
+    which is ±5% of a window of 16 slow streams; they stand in where schedstat is missing. (A thread that
+    exited during a window is not in the sum; the proxies measured keep theirs.)"""
+    try:
+        total = 0
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                    total += int(f.read().split(None, 1)[0])
+            except FileNotFoundError:  # the thread ended meanwhile
+                continue
+        return total / 1e9
+    except (FileNotFoundError, NotADirectoryError, ValueError, IndexError):
+        if not os.path.exists(f"/proc/{pid}"):
+            raise
+        return tick_cpu_seconds(pid)
+
+
+def tick_cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` in seconds (all its threads; children not included), in clock ticks."""
     with open(f"/proc/{pid}/stat", "rb") as f:
         raw = f.read()
     # The command name (field 2) may contain spaces and parentheses: split after the last ')'.

@@ -124,8 +124,8 @@ class Forwarder:
                       out.keepalive if out is not None else None, loop)
         if out is not None:
             out.guard = guard
-        guards = self.gateway.watchdog.guards
-        guards.add(guard)
+        watchdog = self.gateway.watchdog
+        watchdog.watch(guard)
         try:
             continue_midstream = out is not None and exchange.on_midstream_failure == "continue"
             transcript = Transcript() if continue_midstream else None
@@ -215,7 +215,7 @@ class Forwarder:
                 raise GatewayError(503, "no provider is available for this model", code="provider_unavailable")
             raise last_error
         finally:
-            guards.discard(guard)
+            watchdog.release(guard)
             # Break the ClientStream <-> Guard cycle (guard.send_keepalive is out.keepalive, and the stream holds
             # its guard): left, every finished stream's exchange, task and buffers waited for a collection of the
             # oldest generation, which the gateway's GC settings make rare (+17 MiB after three waves of 1,000).

@@ -27,8 +27,10 @@ if TYPE_CHECKING:
 __all__ = ["liveness", "readiness", "report"]
 
 
-def liveness(gateway: "Gateway") -> tuple[bool, dict[str, Any]]:
-    lag = gateway.watchdog.lag
+async def liveness(gateway: "Gateway") -> tuple[bool, dict[str, Any]]:
+    """Whether the event loop keeps time: its lag (how long a callback queued now waits, or how late the
+    watchdog's timer fired in the last seconds) under ``observability.loop_lag_threshold``."""
+    lag = await gateway.watchdog.probe_lag()
     ok = lag < gateway.config.observability.loop_lag_threshold
     return ok, {"status": "ok" if ok else "stalled", "loop_lag_seconds": round(lag, 4)}
 
@@ -72,7 +74,7 @@ def _provider_checks(gateway: "Gateway") -> dict[str, dict[str, Any]]:
 
 
 async def checks(gateway: "Gateway") -> dict[str, dict[str, Any]]:
-    result: dict[str, dict[str, Any]] = {"event_loop": liveness(gateway)[1]}
+    result: dict[str, dict[str, Any]] = {"event_loop": (await liveness(gateway))[1]}
     result.update(_provider_checks(gateway))
     if gateway.config.redis.url:
         result["redis"] = await _redis_check(gateway)

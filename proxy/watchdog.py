@@ -2,8 +2,17 @@
 
 Arming a timer per chunk (``asyncio.wait_for`` around every read) costs more than relaying the chunk. Instead
 each live request registers a :class:`Guard`; the relay only stamps ``guard.last_event`` per upstream read, and a
-single background task looks at every guard a few times per shortest interval. A guard past its deadline
-cancels its request's task (the relay turns that into a timeout); an idle stream gets a ``: keepalive`` comment.
+single timer wakes when the earliest guard could be due: the earliest deadline or keepalive any guard could reach
+if nothing arrived from now on (a lower bound: reads only push a guard's deadlines later, so the timer never fires
+late, only sometimes early, when it looks again). A guard past its deadline cancels its request's task (the relay
+turns that into a timeout); an idle stream gets a ``: keepalive`` comment.
+
+With no live request the timer is not armed at all: an idle gateway does not wake up. (A wake-up of an idle
+process costs ~150 µs of CPU on a VM, more than relaying a whole short stream's worth of chunks; a fixed tick of
+one second cost an idle gateway, and every slow stream, that much per second.)
+
+Event-loop lag for the liveness probe is measured by :meth:`Watchdog.probe_lag` when asked, and by how late the
+timer itself fires while requests are live.
 """
 from __future__ import annotations
 
@@ -11,6 +20,10 @@ import asyncio
 from typing import Any, Callable
 
 __all__ = ["Watchdog", "Guard"]
+
+_INF = float("inf")
+#: How long a lateness the watchdog's own timer measured counts for the liveness probe (seconds).
+LAG_MEMORY = 10.0
 
 
 class Guard:
@@ -21,7 +34,7 @@ class Guard:
     """
 
     __slots__ = ("task", "last_event", "got_first", "first_deadline", "idle_timeout", "attempt_deadline",
-                 "total_deadline", "expired", "keepalive_interval", "last_write", "send_keepalive")
+                 "total_deadline", "expired", "keepalive_interval", "last_write", "send_keepalive", "watchdog")
 
     def __init__(self, now: float, total_timeout: float | None, keepalive_interval: float | None = None,
                  send_keepalive: Callable[[], Any] | None = None, loop: asyncio.AbstractEventLoop | None = None
@@ -38,6 +51,8 @@ class Guard:
         self.expired: str | None = None
         self.keepalive_interval = keepalive_interval
         self.send_keepalive = send_keepalive
+        #: The watchdog this guard is registered with (:meth:`Watchdog.watch`), told of deadlines that move closer.
+        self.watchdog: Watchdog | None = None
 
     def attempt(self, now: float, first_token_timeout: float | None, idle_timeout: float | None,
                 attempt_timeout: float | None) -> None:
@@ -48,11 +63,38 @@ class Guard:
         self.attempt_deadline = now + attempt_timeout if attempt_timeout else None
         self.last_event = now
         self.expired = None
+        if self.watchdog is not None:
+            self.watchdog.wake_by(self.next_due(now))
 
     def pause(self) -> None:
         """Between attempts (backoff): only the request deadline and keepalives apply."""
         self.first_deadline = self.attempt_deadline = self.idle_timeout = None
         self.got_first = False
+        if self.watchdog is not None:  # a timeout just handled left the guard unwatched until now
+            self.watchdog.wake_by(self.next_due(self.last_event))
+
+    def next_due(self, now: float) -> float | None:
+        """The earliest time this guard could need the watchdog, if nothing arrived after ``now``: a deadline or a
+        keepalive. Reads and writes only move it later. Before the first token the idle clock may start any
+        moment, so ``now + idle_timeout`` stands in for it. None when nothing is due (expired, or no deadline)."""
+        if self.expired is not None:
+            return None
+        due = _INF
+        if self.total_deadline is not None:
+            due = self.total_deadline
+        if self.attempt_deadline is not None and self.attempt_deadline < due:
+            due = self.attempt_deadline
+        if self.got_first:
+            if self.idle_timeout is not None and self.last_event + self.idle_timeout < due:
+                due = self.last_event + self.idle_timeout
+        else:
+            if self.first_deadline is not None and self.first_deadline < due:
+                due = self.first_deadline
+            if self.idle_timeout is not None and now + self.idle_timeout < due:
+                due = now + self.idle_timeout
+        if self.keepalive_interval is not None and self.last_write + self.keepalive_interval < due:
+            due = self.last_write + self.keepalive_interval
+        return None if due == _INF else due
 
     def check(self, now: float) -> None:
         if self.expired is not None:
@@ -78,34 +120,92 @@ class Guard:
 
 
 class Watchdog:
+    """Checks the live requests' guards when the earliest of them could be due, never more often than every
+    ``tick`` seconds (a quarter of the shortest configured interval), and not at all while none is live."""
+
     def __init__(self, tick: float) -> None:
         self.tick = tick
         self.guards: set[Guard] = set()
+        #: The last lateness of the watchdog's timer (seconds) and when it was measured (loop time).
         self.lag = 0.0
-        self._task: asyncio.Task[None] | None = None
+        self.lag_at = -_INF
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._wake_at = _INF
+        self._last_wake = -_INF
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="ssegate-watchdog")
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            for guard in self.guards:
+                self.wake_by(guard.next_due(self._loop.time()))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._wake_at, self._loop = None, _INF, None
 
-    async def _run(self) -> None:
+    @property
+    def running(self) -> bool:
+        return self._loop is not None
+
+    def watch(self, guard: Guard) -> None:
+        """Register a live request's guard (until :meth:`release`)."""
+        self.guards.add(guard)
+        guard.watchdog = self
+        if self._loop is not None:
+            self.wake_by(guard.next_due(guard.last_event))
+
+    def release(self, guard: Guard) -> None:
+        """The request ended. Its part of an armed timer is left to run out: it finds nothing to do, or others."""
+        self.guards.discard(guard)
+        guard.watchdog = None
+
+    def wake_by(self, due: float | None) -> None:
+        """Make sure the timer fires by ``due`` (loop time), or ``tick`` after the last wake-up if that is later."""
+        if due is None or due >= self._wake_at or self._loop is None:
+            return
+        at = self._last_wake + self.tick
+        if due > at:
+            at = due
+        if at >= self._wake_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._wake_at = at
+        self._timer = self._loop.call_at(at, self._fire)
+
+    def _fire(self) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        now, planned = loop.time(), self._wake_at
+        #: How late the timer fired: a loop blocked by CPU work or a sync call shows here (liveness).
+        self.lag, self.lag_at = max(0.0, now - planned), now
+        if now < planned:  # run within the loop's clock resolution before its time: it is that time
+            now = planned
+        self._timer, self._wake_at, self._last_wake = None, _INF, now
+        due = _INF
+        for guard in tuple(self.guards):
+            guard.check(now)
+            at = guard.next_due(now)
+            if at is not None and at < due:
+                due = at
+        if due != _INF:
+            self.wake_by(due)
+
+    def recent_lag(self, now: float) -> float:
+        """The timer's last lateness if measured within :data:`LAG_MEMORY` seconds, else 0."""
+        return self.lag if now - self.lag_at <= LAG_MEMORY else 0.0
+
+    async def probe_lag(self) -> float:
+        """Event-loop lag now: how long a callback queued at this moment waits to run, or the timer's recent
+        lateness if that is larger. A loop that is blocked does not answer the probe at all, which the probe's
+        own timeout catches; one that is congested shows here."""
         loop = asyncio.get_running_loop()
-        tick = self.tick
-        while True:
-            before = loop.time()
-            await asyncio.sleep(tick)
-            now = loop.time()
-            #: How late this tick woke up: a loop blocked by CPU work or a sync call shows here (liveness).
-            self.lag = max(0.0, now - before - tick)
-            if self.guards:
-                for guard in tuple(self.guards):
-                    guard.check(now)
+        queued = loop.time()
+        done: asyncio.Future[None] = loop.create_future()
+        loop.call_soon(done.set_result, None)
+        await done
+        now = loop.time()
+        return max(now - queued, self.recent_lag(now))

@@ -185,7 +185,7 @@ async def model(request: web.Request) -> web.StreamResponse:
 @routes.get("/health/live")
 @edge
 async def live(request: web.Request) -> web.Response:
-    ok, body = health.liveness(request.app[GATEWAY].current)
+    ok, body = await health.liveness(request.app[GATEWAY].current)
     return web.json_response(body, status=200 if ok else 503)
 
 

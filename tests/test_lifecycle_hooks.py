@@ -221,7 +221,7 @@ async def test_an_exception_in_startup_aborts_startup_naming_the_plugin(upstream
     # What start() had opened is closed again: provider pools, the watchdog; plugins reached before the
     # failing one are shut down, the one that failed and those never started are not.
     assert all(p._session is None for p in gateway.providers.values())
-    assert gateway.watchdog._task is None
+    assert not gateway.watchdog.running
     assert earlier.shut_down == 1 and not later.shut_down
 
 

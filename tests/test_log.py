@@ -159,3 +159,26 @@ async def test_lines_logged_while_serving_carry_the_request_and_trace_ids(tmp_pa
     assert len(inside) == 1 and (inside[0]["request_id"], inside[0]["trace_id"]) == ("ctx-1", trace)
     outside = [e for e in lines if e.get("event") == "outside_any_request"]
     assert len(outside) == 1 and "request_id" not in outside[0]
+
+
+async def test_access_lines_flush_at_once_when_quiet_and_together_when_busy(tmp_path, upstream, gateway_factory):
+    """No timer ticks for the access log: the first line after a quiet spell is flushed as it is written; a line
+    within FLUSH_INTERVAL of a flush waits for one timer, which is not armed again once it has flushed."""
+    from proxy.testing import config_for, make_exchange
+
+    path = tmp_path / "ssegate.log"
+    with json_logging_to(path, levels={"ssegate.forward": "error"}):
+        gw = await gateway_factory(config_for(upstream))
+        plugin = gw.current.plugin("access_log")
+        assert plugin._flush_timer is None
+        first, second = make_exchange(request_id="quiet-1"), make_exchange(request_id="busy-2")
+        first.status = second.status = 200
+        plugin.exchange_done(first)
+        assert "quiet-1" in path.read_text() and plugin._flush_timer is None
+        plugin.exchange_done(second)
+        assert "busy-2" not in path.read_text() and plugin._flush_timer is not None
+        for _ in range(40):  # bounded: the timer is due FLUSH_INTERVAL (0.25 s) after the first flush
+            if "busy-2" in path.read_text():
+                break
+            await asyncio.sleep(0.05)
+        assert "busy-2" in path.read_text() and plugin._flush_timer is None

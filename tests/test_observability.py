@@ -211,9 +211,7 @@ async def test_health_endpoints(upstream, gateway_factory):
     body = orjson.loads(text)
     assert status == 200 and body["status"] == "healthy" and body["version"]
     assert body["checks"]["provider:up0"]["circuit"] == "closed" and body["metrics"] is not None
-    gw.gateway.watchdog.lag = 5.0  # as if the loop had been blocked for 5 s
-    status, _ = await get(gw.url + "/health/live")
-    assert status == 503
+    # (a stalled loop's 503: tests/test_watchdog.py)
 
 
 async def test_health_is_degraded_by_upstream_failures_not_by_bad_requests(upstream, gateway_factory):
