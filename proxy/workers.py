@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -55,8 +56,6 @@ import attrs
 __all__ = ["run_workers", "RestartPolicy"]
 
 PR_SET_PDEATHSIG = 1
-#: How often the supervisor looks at its workers and at the signals it received.
-POLL_SECONDS = 0.1
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -157,6 +156,33 @@ def _child_setup(supervisor: int, prctl: Callable[..., int] | None) -> Callable[
     return setup
 
 
+class _SignalWakeup:
+    """A pipe the interpreter writes a byte to on every signal with a Python handler (``set_wakeup_fd``), SIGCHLD
+    included (given a handler here), so the supervisor can sleep in ``select`` until something happens."""
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self.write_fd, False)
+        self._previous_fd = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
+        self._previous_chld = signal.signal(signal.SIGCHLD, lambda _signum, _frame: None)
+
+    def wait(self, timeout: float | None) -> None:
+        """Until a signal arrived (since the last wait too) or ``timeout`` seconds passed (None: no limit)."""
+        select.select([self.read_fd], [], [], timeout)
+        try:
+            while os.read(self.read_fd, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        signal.signal(signal.SIGCHLD, self._previous_chld)
+        signal.set_wakeup_fd(self._previous_fd)
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
+
 def run_workers(count: int, argv: Sequence[str], policy: RestartPolicy | None = None,
                 shutdown_grace_seconds: float = 30.0) -> int:
     """Run ``count`` workers of ``argv`` (``ssegate serve ...``) until stopped; returns the exit status.
@@ -197,60 +223,69 @@ def run_workers(count: int, argv: Sequence[str], policy: RestartPolicy | None = 
             if slot.proc is not None and slot.proc.returncode is None:
                 slot.proc.send_signal(signal.SIGTERM)
 
-    if any(sig in STOP_SIGNALS for sig in received):
-        return 0  # stopped before any worker was started
-    received.clear()  # a reload before the workers start: they load the current config anyway
-    for slot in slots:
-        start(slot)
-    say(f"{count} workers (pids {', '.join(str(s.proc.pid) for s in slots if s.proc is not None)})")
-    while True:
-        while received:
-            signum = received.pop(0)
-            if signum in STOP_SIGNALS:
-                stopping = True
-            for slot in slots:
-                if slot.proc is not None and slot.proc.returncode is None:
-                    slot.proc.send_signal(signum)
-        now = time.monotonic()
-        if stopping and kill_at is None:
-            kill_at = now + policy.stop_timeout
-        elif kill_at is not None and now >= kill_at:
-            for slot in slots:
-                if slot.proc is not None and slot.proc.poll() is None:
-                    say(f"worker {slot.proc.pid} still running {policy.stop_timeout:g}s after the stop; "
-                        "killing it (SIGKILL)", error=True)
-                    slot.proc.kill()
-                    slot.proc.wait()
-            kill_at = float("inf")  # once
-        for index, slot in enumerate(slots):
-            proc = slot.proc
-            if proc is not None and proc.poll() is not None:
-                slot.proc = None
-                code, uptime = proc.returncode, now - slot.started
-                if stopping:
-                    if code != 0:
-                        failed = True
-                        say(f"worker {proc.pid} did not drain cleanly: {_describe(code)}", error=True)
-                    continue
-                if uptime >= policy.early_exit_seconds:
-                    slot.early_exits, delay = 0, 0.0
-                else:
-                    slot.early_exits += 1
-                    if slot.early_exits >= policy.max_early_exits:
-                        say(f"worker slot {index} died within {policy.early_exit_seconds:g}s of starting "
-                            f"{slot.early_exits} times in a row (last: pid {proc.pid}, {_describe(code)}); "
-                            "giving up (see the worker's errors above)", error=True)
-                        failed = True
-                        stop_all()
+    wakeup = _SignalWakeup()
+    try:
+        if any(sig in STOP_SIGNALS for sig in received):
+            return 0  # stopped before any worker was started
+        received.clear()  # a reload before the workers start: they load the current config anyway
+        for slot in slots:
+            start(slot)
+        say(f"{count} workers (pids {', '.join(str(s.proc.pid) for s in slots if s.proc is not None)})")
+        while True:
+            while received:
+                signum = received.pop(0)
+                if signum in STOP_SIGNALS:
+                    stopping = True
+                for slot in slots:
+                    if slot.proc is not None and slot.proc.returncode is None:
+                        slot.proc.send_signal(signum)
+            now = time.monotonic()
+            if stopping and kill_at is None:
+                kill_at = now + policy.stop_timeout
+            elif kill_at is not None and now >= kill_at:
+                for slot in slots:
+                    if slot.proc is not None and slot.proc.poll() is None:
+                        say(f"worker {slot.proc.pid} still running {policy.stop_timeout:g}s after the stop; "
+                            "killing it (SIGKILL)", error=True)
+                        slot.proc.kill()
+                        slot.proc.wait()
+                kill_at = float("inf")  # once
+            for index, slot in enumerate(slots):
+                proc = slot.proc
+                if proc is not None and proc.poll() is not None:
+                    slot.proc = None
+                    code, uptime = proc.returncode, now - slot.started
+                    if stopping:
+                        if code != 0:
+                            failed = True
+                            say(f"worker {proc.pid} did not drain cleanly: {_describe(code)}", error=True)
                         continue
-                    delay = policy.backoff(slot.early_exits)
-                slot.restart_at = now + delay
-                say(f"worker {proc.pid} exited with {_describe(code)} after {uptime:.1f}s; "
-                    f"restarting in {delay:g}s")
-            if slot.proc is None and not stopping and now >= slot.restart_at:
-                start(slot)
-                assert slot.proc is not None
-                say(f"worker slot {index} restarted (pid {slot.proc.pid})")
-        if stopping and all(slot.proc is None for slot in slots):
-            return 1 if failed else 0
-        time.sleep(POLL_SECONDS)
+                    if uptime >= policy.early_exit_seconds:
+                        slot.early_exits, delay = 0, 0.0
+                    else:
+                        slot.early_exits += 1
+                        if slot.early_exits >= policy.max_early_exits:
+                            say(f"worker slot {index} died within {policy.early_exit_seconds:g}s of starting "
+                                f"{slot.early_exits} times in a row (last: pid {proc.pid}, {_describe(code)}); "
+                                "giving up (see the worker's errors above)", error=True)
+                            failed = True
+                            stop_all()
+                            continue
+                        delay = policy.backoff(slot.early_exits)
+                    slot.restart_at = now + delay
+                    say(f"worker {proc.pid} exited with {_describe(code)} after {uptime:.1f}s; "
+                        f"restarting in {delay:g}s")
+                if slot.proc is None and not stopping and now >= slot.restart_at:
+                    start(slot)
+                    assert slot.proc is not None
+                    say(f"worker slot {index} restarted (pid {slot.proc.pid})")
+            if stopping and all(slot.proc is None for slot in slots):
+                return 1 if failed else 0
+            # Sleep until a worker exits (SIGCHLD), a signal comes, a restart is due or a stuck worker is to be
+            # killed: an idle supervisor does not wake up (a poll every 0.1 s cost ~1.7 ms of CPU a second on a VM).
+            due = [slot.restart_at for slot in slots if slot.proc is None and not stopping]
+            if kill_at is not None and kill_at != float("inf"):
+                due.append(kill_at)
+            wakeup.wait(max(0.0, min(due) - time.monotonic()) if due else None)
+    finally:
+        wakeup.close()

@@ -66,3 +66,37 @@ def test_metrics_on_a_separate_port(tmp_path):
             urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/v1/models", timeout=5)
     finally:
         stop(proc)
+
+
+def _wakeups(pid: int) -> int:
+    """Voluntary context switches of a process's main thread: one per sleep it wakes from."""
+    with open(f"/proc/{pid}/task/{pid}/status") as f:
+        for line in f:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches in /proc")
+
+
+def test_an_idle_supervisor_and_its_idle_workers_do_not_wake_up():
+    """Once a request is served and nothing is live, neither the supervisor (which sleeps until a worker exits or
+    a signal comes) nor a worker (no watchdog tick, no log flush tick) wakes up over 1.5 s; a timer that ticked
+    every 0.25 s, or a supervisor that polled every 0.1 s, would wake 6 and 15 times."""
+    port = free_port()
+    proc, _ = spawn([sys.executable, "-m", "proxy", "serve", "--port", str(port), "--workers", "2"],
+                    "ssegate supervisor: 2 workers")
+    try:
+        wait_for(lambda: len(child_pids(proc.pid)) == 2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=3)
+        for _ in range(4):  # likely both workers serve one (the kernel spreads connections over SO_REUSEPORT)
+            stream = client.chat.completions.create(model="gpt-4o-mini", max_tokens=3, stream=True,
+                                                    messages=[{"role": "user", "content": "hi"}])
+            assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        time.sleep(1.0)  # the access lines' one flush timer (0.25 s) and the watchdog's (the 15 s keepalive is
+        # not reached: it was armed for the streams, which ended) have run out or stay armed without firing
+        pids = [proc.pid, *child_pids(proc.pid)]
+        before = {pid: _wakeups(pid) for pid in pids}
+        time.sleep(1.5)
+        woke = {pid: _wakeups(pid) - before[pid] for pid in pids}
+        assert all(n <= 1 for n in woke.values()), woke
+    finally:
+        stop(proc)
