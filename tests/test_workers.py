@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -23,13 +24,22 @@ def wait_for(predicate, timeout: float = 15.0) -> None:
     pytest.fail("condition not reached in time")
 
 
-def test_killed_worker_is_replaced_and_sigterm_stops_all():
+def _two_workers() -> tuple[subprocess.Popen, openai.OpenAI]:
+    """``ssegate serve --workers 2`` on the embedded default, both workers started, and a client for it."""
     port = free_port()
     proc, _ = spawn([sys.executable, "-m", "proxy", "serve", "--port", str(port), "--workers", "2"],
                     "ssegate supervisor: 2 workers")
     try:
         wait_for(lambda: len(child_pids(proc.pid)) == 2)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=3)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=3)
+
+
+def test_killed_worker_is_replaced_and_sigterm_stops_all():
+    proc, client = _two_workers()
+    try:
 
         def answers() -> bool:
             try:
@@ -81,12 +91,8 @@ def test_an_idle_supervisor_and_its_idle_workers_do_not_wake_up():
     """Once a request is served and nothing is live, neither the supervisor (which sleeps until a worker exits or
     a signal comes) nor a worker (no watchdog tick, no log flush tick) wakes up over 1.5 s; a timer that ticked
     every 0.25 s, or a supervisor that polled every 0.1 s, would wake 6 and 15 times."""
-    port = free_port()
-    proc, _ = spawn([sys.executable, "-m", "proxy", "serve", "--port", str(port), "--workers", "2"],
-                    "ssegate supervisor: 2 workers")
+    proc, client = _two_workers()
     try:
-        wait_for(lambda: len(child_pids(proc.pid)) == 2)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=3)
         for _ in range(4):  # likely both workers serve one (the kernel spreads connections over SO_REUSEPORT)
             stream = client.chat.completions.create(model="gpt-4o-mini", max_tokens=3, stream=True,
                                                     messages=[{"role": "user", "content": "hi"}])
