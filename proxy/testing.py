@@ -149,7 +149,8 @@ class Script:
 class ScriptedUpstream:
     """An OpenAI-compatible upstream server on 127.0.0.1 whose answers a test scripts.
 
-    Records every request (``requests``: parsed bodies; ``raw_requests``: the bytes; ``headers``), counts
+    Records every request (``requests``: parsed bodies; ``raw_requests``: the bytes; ``headers``; ``peers``: the
+    connection each chat request came on), counts
     handlers cancelled by a client disconnect (``cancelled``) and completed streams (``completed``).
     """
 
@@ -159,6 +160,8 @@ class ScriptedUpstream:
         self.raw_requests: list[bytes] = []
         self.headers: list[dict[str, str]] = []
         self.times: list[float] = []  # loop time of each request's arrival
+        #: The client address (host, port) of each chat request: which connection it came on.
+        self.peers: list[tuple[str, int]] = []
         self.cancelled = 0
         self.completed = 0
         self.in_flight = 0
@@ -219,6 +222,8 @@ class ScriptedUpstream:
         self.requests.append(body)
         self.headers.append(dict(request.headers))
         self.times.append(asyncio.get_running_loop().time())
+        peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+        self.peers.append(tuple(peer[:2]) if peer else ("", 0))
         s = self.script
         self.in_flight += 1
         try:

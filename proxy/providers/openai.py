@@ -9,6 +9,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 import aiohttp
 import orjson
 
+from .. import pool
 from ..config.schema import ProviderConfig
 from ..openai_format import body_to_chunks
 from ..sse import DONE, SSEParser, encode_event
@@ -183,8 +184,9 @@ class OpenAIProvider(Provider):
 
     async def start(self) -> None:
         c = self.config
-        connector = aiohttp.TCPConnector(
-            limit=c.max_connections, limit_per_host=0, keepalive_timeout=c.keepalive_expiry, ttl_dns_cache=300,
+        connector = pool.connector(
+            max_idle=c.max_keepalive_connections, limit=c.max_connections, limit_per_host=0,
+            keepalive_timeout=c.keepalive_expiry, ttl_dns_cache=300,
         )
         # No cookie jar: a cookie one client's answer set must never ride on another client's request.
         self._session = aiohttp.ClientSession(
