@@ -4,10 +4,8 @@ Settings follow the seed's ``circuit_breaker`` block: ``failure_threshold`` cons
 circuit; after ``recovery_timeout`` seconds it is half-open and lets at most ``half_open_max_calls`` trial calls
 run at once; a trial success closes it, a trial failure opens it again for another ``recovery_timeout``.
 
-A provider that answers 429 with ``Retry-After`` has said when it takes calls again: :meth:`cool_down` opens the
-circuit for that long (at most ``recovery_timeout``) whatever the count of failures, so no client is sent to it
-meanwhile; then it is half-open as after any opening. A 429 is not a failure otherwise: a rate limit is not an
-outage.
+A 429 is no failure: a rate limit is not an outage, and providers limit per model. With ``Retry-After`` it
+cools that model of the provider down (``cooldown.py``); the circuit is untouched.
 """
 from __future__ import annotations
 
@@ -33,7 +31,7 @@ class CircuitBreaker:
         self.state = CLOSED
         self.failures = 0
         self.opened_at = 0.0
-        #: How long the current opening lasts: ``recovery_timeout``, or a shorter ``Retry-After``.
+        #: How long the current opening lasts (``recovery_timeout``).
         self.open_for = config.recovery_timeout
         self.trials = 0
         self.clock = clock
@@ -90,16 +88,6 @@ class CircuitBreaker:
         self.failures += 1
         if self.state == HALF_OPEN or (self.state == CLOSED and self.failures >= self.config.failure_threshold):
             self._open(self.config.recovery_timeout)
-
-    def cool_down(self, seconds: float) -> None:
-        """The provider asked for ``seconds`` of quiet (429 with ``Retry-After``): open the circuit that long, at
-        most ``recovery_timeout`` (a trial call after it finds out whether the limit has passed)."""
-        if not self.config.enabled or seconds <= 0:
-            self.release()
-            return
-        if self.state == OPEN and self.opened_at + self.open_for >= self.clock() + seconds:
-            return  # already open for longer
-        self._open(min(seconds, self.config.recovery_timeout))
 
     def _open(self, seconds: float) -> None:
         self.opened_at = self.clock()

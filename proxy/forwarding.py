@@ -2,7 +2,8 @@
 mid-stream continuation. The relay (``relay.py``) writes; this module decides who is asked and when.
 
 Rules:
-- A route is skipped while its provider's circuit is open (half-open lets a bounded number of trials through).
+- A route is skipped while its provider's circuit is open (half-open lets a bounded number of trials through),
+  and while its (provider, model) pair cools down after a 429 with ``Retry-After`` (``cooldown.py``).
 - Before any content reached the client, a retryable failure (connect error, timeout, 429, 5xx, an error event
   or a truncated stream) is retried on the same provider up to its ``retry_attempts`` with exponential backoff
   and full jitter, honouring ``Retry-After``, then falls back to the next route, all within the request deadline.
@@ -24,6 +25,7 @@ from aiohttp import web
 
 from .breaker import CircuitBreaker
 from .continuation import Transcript, continuation_messages
+from .cooldown import Cooldowns
 from .errors import GatewayError, StopStream
 from .exchange import Exchange, Outcome, Route, Usage
 from .openai_format import NOT_TRAILING, stopped_answer, trailing_usage
@@ -53,8 +55,8 @@ class MidStreamFailure(Exception):
 
 
 def _is_provider_fault(exc: UpstreamError) -> bool:
-    """Whether a failure counts against the provider's circuit (a 429 does not: see
-    :meth:`CircuitBreaker.cool_down`)."""
+    """Whether a failure counts against the provider's circuit (a 429 does not: a rate limit is not an outage;
+    with ``Retry-After`` it cools down that model of the provider, see ``cooldown.py``)."""
     return exc.kind in _PROVIDER_FAULTS or exc.status >= 500
 
 
@@ -110,6 +112,7 @@ class Forwarder:
             name: CircuitBreaker(name, p.config.circuit_breaker or gateway.config.circuit_breaker)
             for name, p in gateway.providers.items()
         }
+        self.cooldowns = Cooldowns()
         s = gateway.config.streaming
         self.keepalive_interval = s.keepalive_interval if s.keepalive else None
         self.rng = random.Random()
@@ -126,6 +129,7 @@ class Forwarder:
             out.guard = guard
         watchdog = self.gateway.watchdog
         watchdog.watch(guard)
+        cooldowns = self.cooldowns
         try:
             continue_midstream = out is not None and exchange.on_midstream_failure == "continue"
             transcript = Transcript() if continue_midstream else None
@@ -140,6 +144,14 @@ class Forwarder:
                 for try_no in range(provider.config.retry_attempts + 1):
                     attempt: dict[str, Any] = {"provider": provider.name, "model": route.model}
                     exchange.attempts.append(attempt)
+                    cooling = cooldowns.left(provider.name, route.model)
+                    if cooling:
+                        attempt["error"] = "cooldown"
+                        last_error = last_error or UpstreamError(
+                            429, f"model {route.model!r} of provider {provider.name!r} is rate limited: the provider "
+                            f"asked for a pause, {math.ceil(cooling)} s left", kind="cooldown", retryable=True,
+                            code="rate_limit_exceeded", headers={"Retry-After": str(max(1, math.ceil(cooling)))})
+                        break
                     if not breaker.acquire():
                         attempt["error"] = "circuit_open"
                         last_error = last_error or UpstreamError(
@@ -173,7 +185,10 @@ class Forwarder:
                             attempt["detail"] = exc.detail
                         last_error = exc
                         if exc.status == 429 and exc.kind == "status":
-                            breaker.cool_down(_retry_after(exc) or 0.0)
+                            breaker.release()
+                            if breaker.config.enabled:
+                                pause = min(_retry_after(exc) or 0.0, breaker.config.recovery_timeout)
+                                cooldowns.start(provider.name, route.model, pause)
                         else:
                             breaker.failure() if _is_provider_fault(exc) else breaker.release()
                         log.warning("upstream_failed", provider=provider.name, kind=exc.kind, status=exc.status,

@@ -70,6 +70,9 @@ def _provider_checks(gateway: "Gateway") -> dict[str, dict[str, Any]]:
             "status": "failing" if state == OPEN else "ok", "circuit": state, "in_flight": provider.in_flight,
             "ttft_ewma_ms": None if provider.ttft_ewma is None else round(provider.ttft_ewma * 1000, 2),
         }
+        cooling = gateway.forwarder.cooldowns.of(name)
+        if cooling:  # models resting after a 429 with Retry-After: seconds left (no failure: status stays ok)
+            out[f"provider:{name}"]["cooldowns"] = cooling
     return out
 
 

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from proxy.config.schema import CircuitBreakerConfig, RetryConfig
-from proxy.testing import Script, config_for
+from proxy.testing import Script, ScriptedUpstream, config_for
 from tests.conftest import openai_client
 from tests.helpers import CHAT, CatchAllUpstream
 
@@ -105,23 +105,89 @@ async def test_a_404_from_one_provider_lets_the_next_answer(failing, upstream, g
     assert gw2.gateway.breakers["up0"].current() == "closed"
 
 
-async def test_a_429_with_retry_after_rests_the_provider_for_that_long_and_is_no_failure(
-        upstream, upstream2, gateway_factory):
-    upstream.script = Script(status=429, error="Rate limit reached", retry_after="1")
-    breaker = CircuitBreakerConfig(failure_threshold=1, recovery_timeout=60)
-    config = attrs.evolve(config_for(upstream, upstream2, retry_attempts=0), circuit_breaker=breaker)
-    gw = await gateway_factory(config)
-    client = openai_client(gw.base_url)
-    for _ in range(4):  # the first meets the 429 and moves on; the next skip the resting provider
-        answer = await client.chat.completions.create(model="m", messages=MESSAGES)
-        assert answer.choices[0].message.content == "Hello, world!"
-    assert len(upstream.requests) == 1 and len(upstream2.requests) == 4
-    assert 0 < gw.gateway.breakers["up0"].retry_in() <= 1.0  # Retry-After, not the 60 s recovery_timeout
-    upstream.script = Script()  # the limit has passed
-    await asyncio.sleep(1.1)
-    await client.chat.completions.create(model="m", messages=MESSAGES)
-    await client.close()
-    assert len(upstream.requests) == 2 and gw.gateway.breakers["up0"].current() == "closed"
+class OneBusyModel(ScriptedUpstream):
+    """Answers every model but ``busy``, which gets 429 with ``Retry-After`` while ``busy_for`` says so."""
+
+    busy_for: str | None = "1"
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if body.get("model") == "busy" and self.busy_for is not None:
+            self.requests.append(body)
+            return web.json_response({"error": {"message": "Rate limit reached for busy", "type": "requests",
+                                                "param": None, "code": "rate_limit_exceeded"}},
+                                     status=429, headers={"Retry-After": self.busy_for})
+        return await super()._chat(request)
+
+
+async def _health(gw) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as s, s.get(gw.url + "/health") as r:
+        return await r.json()
+
+
+async def test_a_429_with_retry_after_cools_that_model_down_not_the_provider(upstream2, gateway_factory):
+    busy = await OneBusyModel.start()
+    try:
+        breaker = CircuitBreakerConfig(failure_threshold=1, recovery_timeout=60)
+        gw = await gateway_factory(attrs.evolve(config_for(busy, upstream2, retry_attempts=0),
+                                                circuit_breaker=breaker))
+        client = openai_client(gw.base_url)
+        for _ in range(4):  # the first meets the 429 and moves on; the next skip the cooling pair
+            answer = await client.chat.completions.with_raw_response.create(model="busy", messages=MESSAGES)
+            assert answer.headers["x-ssegate-provider"] == "up1"
+            assert answer.parse().choices[0].message.content == "Hello, world!"
+        assert [r["model"] for r in busy.requests] == ["busy"] and len(upstream2.requests) == 4
+        # the provider's other models are still asked there: a rate limit is per model, and no outage
+        other = await client.chat.completions.with_raw_response.create(model="other", messages=MESSAGES)
+        assert other.headers["x-ssegate-provider"] == "up0" and busy.requests[-1]["model"] == "other"
+        assert gw.gateway.breakers["up0"].current() == "closed" and gw.gateway.breakers["up0"].failures == 0
+        check = (await _health(gw))["checks"]["provider:up0"]
+        assert check["status"] == "ok" and check["circuit"] == "closed"
+        assert 0 < check["cooldowns"]["busy"] <= 1.0  # Retry-After, not the 60 s recovery_timeout
+        busy.busy_for = None  # the limit has passed
+        await asyncio.sleep(1.1)
+        again = await client.chat.completions.with_raw_response.create(model="busy", messages=MESSAGES)
+        await client.close()
+        assert again.headers["x-ssegate-provider"] == "up0" and busy.requests[-1]["model"] == "busy"
+        assert "cooldowns" not in (await _health(gw))["checks"]["provider:up0"]
+    finally:
+        await busy.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_cooling_model_with_no_other_route_is_a_429_with_the_pause_left(gateway_factory, stream):
+    busy = await OneBusyModel.start()
+    busy.busy_for = "30"
+    try:
+        breaker = CircuitBreakerConfig(failure_threshold=1, recovery_timeout=5)
+        gw = await gateway_factory(attrs.evolve(config_for(busy, retry_attempts=0), circuit_breaker=breaker))
+        client = openai_client(gw.base_url)
+        for _ in range(3):
+            with pytest.raises(openai.RateLimitError) as info:
+                await client.chat.completions.create(model="busy", messages=MESSAGES, stream=stream)
+        await client.close()
+        assert len(busy.requests) == 1  # the first is the provider's own 429; the next never leave the gateway
+        assert int(info.value.response.headers["Retry-After"]) in (4, 5)  # capped at recovery_timeout
+        error = info.value.body
+        assert error["code"] == "rate_limit_exceeded" and error["type"] == "rate_limit_error"
+        assert "'busy'" in error["message"] and "'up0'" in error["message"] and error["param"] is None
+    finally:
+        await busy.close()
+
+
+async def test_a_provider_without_circuit_breaker_gets_no_cooldown(gateway_factory):
+    busy = await OneBusyModel.start()
+    try:
+        breaker = CircuitBreakerConfig(enabled=False)
+        gw = await gateway_factory(attrs.evolve(config_for(busy, retry_attempts=0), circuit_breaker=breaker))
+        client = openai_client(gw.base_url)
+        for _ in range(3):
+            with pytest.raises(openai.RateLimitError):
+                await client.chat.completions.create(model="busy", messages=MESSAGES)
+        await client.close()
+        assert len(busy.requests) == 3  # never skipped: the operator turned skipping off
+    finally:
+        await busy.close()
 
 
 async def test_429s_without_retry_after_do_not_open_the_circuit(upstream, upstream2, gateway_factory):
