@@ -102,22 +102,50 @@ def _answer_object(body: bytes, provider: Provider) -> dict[str, Any]:
     return parsed
 
 
+#: The ``process_state`` key of what a config reload hands on: ``(identities, breakers, cooldowns)``.
+_HEALTH_STATE = "ssegate.provider_health"
+
+
+def _identity(provider: Provider, breaker_config: Any) -> tuple[Any, ...]:
+    """What must stay the same for a provider's health to carry over a reload: where it is, how it is spoken
+    to, and how its circuit counts (priorities, timeouts or models may change)."""
+    c = provider.config
+    return (c.type, c.base_url, c.api_version, c.deployments, breaker_config)
+
+
 class Forwarder:
     def __init__(self, gateway: "Gateway") -> None:
         self.gateway = gateway
         self.pipeline = gateway.pipeline
         self.providers = gateway.providers
         self.retry = gateway.config.retry
-        self.breakers: dict[str, CircuitBreaker] = {
-            name: CircuitBreaker(name, p.config.circuit_breaker or gateway.config.circuit_breaker)
-            for name, p in gateway.providers.items()
-        }
-        self.cooldowns = Cooldowns()
+        # A reload keeps what the gateway learnt of its providers' health: the circuit of a provider that is
+        # the same upstream as before (state, failure count, time left open), and the cooldowns of its models.
+        # Otherwise a reload during an outage would send traffic straight back to the provider that is down.
+        old_identities, old_breakers, old_cooldowns = gateway.process_state.get(_HEALTH_STATE, ({}, {}, None))
+        self.identities: dict[str, tuple[Any, ...]] = {}
+        self.breakers: dict[str, CircuitBreaker] = {}
+        for name, p in gateway.providers.items():
+            config = p.config.circuit_breaker or gateway.config.circuit_breaker
+            self.identities[name] = identity = _identity(p, config)
+            same = old_identities.get(name) == identity and name in old_breakers
+            self.breakers[name] = old_breakers[name] if same else CircuitBreaker(name, config)
+        # One table for the process (a gateway being retired after a reload still records its 429s in it),
+        # without the pairs of a provider that is gone or now another upstream.
+        self.cooldowns: Cooldowns = old_cooldowns if old_cooldowns is not None else Cooldowns()
+        for key in [k for k in self.cooldowns.until
+                    if k[0] not in self.identities or self.identities[k[0]] != old_identities.get(k[0])]:
+            del self.cooldowns.until[key]
         s = gateway.config.streaming
         self.keepalive_interval = s.keepalive_interval if s.keepalive else None
         self.rng = random.Random()
         #: The event loop serving requests (set by ``Gateway.start``; looked up once, not per request).
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+
+    def hand_on(self) -> None:
+        """Make this forwarder's breakers and cooldowns the ones the next reload carries over (called once the
+        gateway has started: a reload that is refused leaves the serving gateway's in place)."""
+        self.gateway.process_state[_HEALTH_STATE] = (self.identities, self.breakers, self.cooldowns)
 
     async def forward(self, request: web.Request, exchange: Exchange, routes: list[Route],
                       out: ClientStream | None) -> web.StreamResponse:

@@ -94,6 +94,7 @@ class Gateway:
             await self.close()
             raise
         self.process_state.setdefault(_LIVE_GATEWAYS, set()).add(self)
+        self.forwarder.hand_on()
 
     async def close(self) -> None:
         self.process_state.get(_LIVE_GATEWAYS, set()).discard(self)

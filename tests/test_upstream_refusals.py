@@ -1,6 +1,6 @@
 """An upstream that refuses a request (401, 403, 404, 429) or answers an error in a shape other than OpenAI's:
-who is tried next, what the client is told, and what the provider's circuit makes of it. Real upstream servers
-on 127.0.0.1; the official ``openai`` SDK as the client."""
+who is tried next, what the client is told, what the provider's circuit and cooldowns make of it, and what a
+config reload keeps of them. Real upstream servers on 127.0.0.1; the official ``openai`` SDK as the client."""
 from __future__ import annotations
 
 import asyncio
@@ -13,8 +13,9 @@ import orjson
 import pytest
 from aiohttp import web
 
+from proxy.config import load_config
 from proxy.config.schema import CircuitBreakerConfig, RetryConfig
-from proxy.testing import Script, ScriptedUpstream, config_for
+from proxy.testing import GatewayServer, Script, ScriptedUpstream, config_for
 from tests.conftest import openai_client
 from tests.helpers import CHAT, CatchAllUpstream
 
@@ -239,3 +240,74 @@ async def test_the_503_of_an_open_circuit_says_when_to_retry(upstream, gateway_f
             body = await resp.json()
             assert resp.status == 503 and body["error"]["code"] == "provider_unavailable"
             assert resp.headers["Retry-After"] in ("6", "7")
+
+
+def _write(path, providers: list[tuple[str, str, str]]) -> None:
+    """A config file: admin key, circuits that open at the first fault, and (name, base_url, extra) providers."""
+    lines = ["server: {admin_key: adm}", "circuit_breaker: {failure_threshold: 1, recovery_timeout: 60}",
+             "providers:"]
+    for i, (name, url, extra) in enumerate(providers):
+        lines += [f"  - name: {name}", "    type: openai", f"    base_url: {url}", f"    priority: {i + 1}",
+                  "    retry_attempts: 0"] + ([f"    {extra}"] if extra else [])
+    path.write_text("\n".join(lines) + "\n")
+
+
+async def _serving(path, providers: list[tuple[str, str, str]]) -> GatewayServer:
+    _write(path, providers)
+    return await GatewayServer.start(load_config(str(path)), config_path=str(path))
+
+
+async def _reload(gw) -> None:
+    async with aiohttp.ClientSession() as s, s.post(gw.url + "/admin/reload",
+                                                    headers={"Authorization": "Bearer adm"}) as r:
+        assert r.status == 200, await r.text()
+
+
+async def test_a_reload_keeps_an_open_circuit_of_the_same_upstream_and_resets_a_changed_one(
+        tmp_path, failing, upstream2):
+    path = tmp_path / "ssegate.yaml"
+    gw = await _serving(path, [("down", failing.base_url, ""), ("up", upstream2.base_url, "")])
+    try:
+        client = openai_client(gw.base_url)
+        await client.chat.completions.create(model="m", messages=MESSAGES)
+        assert failing.requests == 1 and gw.gateway.breakers["down"].current() == "open"
+        # another setting changes (the healthy provider's timeout): the down one is still skipped
+        _write(path, [("down", failing.base_url, ""), ("up", upstream2.base_url, "timeout: 30")])
+        await _reload(gw)
+        assert gw.current is not gw.gateway
+        answer = await client.chat.completions.with_raw_response.create(model="m", messages=MESSAGES)
+        assert answer.headers["x-ssegate-provider"] == "up" and failing.requests == 1
+        assert gw.current.breakers["down"].current() == "open"
+        # the down provider's circuit settings change: a new circuit, asked again
+        _write(path, [("down", failing.base_url, "circuit_breaker: {failure_threshold: 3}"),
+                      ("up", upstream2.base_url, "timeout: 30")])
+        await _reload(gw)
+        await client.chat.completions.create(model="m", messages=MESSAGES)
+        await client.close()
+        assert failing.requests == 2 and gw.current.breakers["down"].current() == "closed"
+    finally:
+        await gw.close()
+
+
+async def test_a_reload_keeps_the_cooldowns_of_the_same_upstream_and_drops_a_moved_ones(tmp_path, upstream,
+                                                                                       upstream2):
+    busy = await OneBusyModel.start()
+    busy.busy_for = "30"
+    path = tmp_path / "ssegate.yaml"
+    gw = await _serving(path, [("p", busy.base_url, ""), ("spare", upstream2.base_url, "")])
+    try:
+        client = openai_client(gw.base_url)
+        await client.chat.completions.create(model="busy", messages=MESSAGES)
+        _write(path, [("p", busy.base_url, "timeout: 30"), ("spare", upstream2.base_url, "")])
+        await _reload(gw)
+        answer = await client.chat.completions.with_raw_response.create(model="busy", messages=MESSAGES)
+        assert answer.headers["x-ssegate-provider"] == "spare" and len(busy.requests) == 1
+        # p now points at another server: what the old one asked for does not hold there
+        _write(path, [("p", upstream.base_url, "timeout: 30"), ("spare", upstream2.base_url, "")])
+        await _reload(gw)
+        answer = await client.chat.completions.with_raw_response.create(model="busy", messages=MESSAGES)
+        await client.close()
+        assert answer.headers["x-ssegate-provider"] == "p" and len(upstream.requests) == 1
+    finally:
+        await gw.close()
+        await busy.close()
