@@ -4,8 +4,11 @@
     python -m bench.summarize bench/results/A.json bench/results/B.json
     python -m bench.summarize --quick               # the --quick runs instead
 
-Runs are grouped by gateway commit. A run's cell marked † had more than 0.1 core of foreign load (see
-docs/performance.md); "clean" columns use only the windows without that mark.
+Runs are grouped by gateway commit. Each run's cell is its paired ratio (the median of the per-round
+gateway/passthrough ratios) with its 90% bootstrap interval and the run's verdict against the target (ok,
+open, MISS), as the run printed them; runs written before the paired ratio existed show their ratio of
+medians instead. A cell marked † had more than 0.1 core of foreign load (see docs/performance.md); "clean"
+columns use only the cells without that mark.
 """
 from __future__ import annotations
 
@@ -57,19 +60,25 @@ def main(argv: list[str] | None = None) -> int:
     for commit, rs in groups.items():
         print(f"\n### gateway {commit}: {len(rs)} run(s): " + ", ".join(r["started"] for r in rs))
         print()
-        print("| scenario | ratio per run | median | median of clean runs |")
+        print("| scenario | paired ratio per run (90% interval, verdict) | median | median of clean runs |")
         print("|---|---|---:|---:|")
         scenarios = [row["scenario"] for row in rs[0]["table"] if row.get("is_cpu")]
         for sc in scenarios:
             cells, all_v, clean_v = [], [], []
             for r in rs:
                 row = next((x for x in r["table"] if x["scenario"] == sc), None)
-                if row is None or row.get("ratio_value") is None:
+                if row is None or (row.get("paired_value") or row.get("ratio_value")) is None:
                     cells.append("n/a")
                     continue
-                v = row["ratio_value"]
+                v = row.get("paired_value") or row["ratio_value"]
                 noisy = "†" in row["passthrough"] + row["gateway"]
-                cells.append(f"{v:.2f}{' †' if noisy else ''}")
+                interval = row.get("paired_interval")
+                cell = f"{v:.2f}"
+                if interval:
+                    cell += f" ({interval[0]:.2f}-{interval[1]:.2f})"
+                if row.get("target"):
+                    cell += f" {row['target']}"
+                cells.append(f"{cell}{' †' if noisy else ''}")
                 all_v.append(v)
                 if not noisy:
                     clean_v.append(v)

@@ -44,3 +44,25 @@ def test_verdict_uses_the_interval_where_there_is_one() -> None:
     assert verdict(1.29, None) == "ok"
     assert verdict(1.31, None) == "MISS"
     assert verdict(None, None) == ""
+
+
+def test_summarize_shows_each_runs_paired_ratio_interval_and_verdict(tmp_path, capsys) -> None:
+    """Across runs, the cell is what each run judged on (the paired ratio), not its ratio of medians; runs from
+    before the paired ratio show their ratio of medians."""
+    import json
+
+    from bench.summarize import main
+
+    def run(name: str, row: dict[str, Any]) -> str:
+        path = tmp_path / name
+        path.write_text(json.dumps({"mode": "full", "started": name, "machine": {"git_commit": "abc"},
+                                    "table": [{"scenario": "non-stream c=16: CPU us/request", "passthrough": "200",
+                                               "gateway": "260", "is_cpu": True, **row}]}))
+        return str(path)
+
+    new = run("new.json", {"ratio_value": 1.30, "paired_value": 1.26, "paired_interval": [1.24, 1.28],
+                           "target": "ok"})
+    old = run("old.json", {"ratio_value": 1.40})
+    assert main([new, old]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("| non-stream c=16"))
+    assert "1.26 (1.24-1.28) ok / 1.40 |" in line and "| 1.33x |" in line
