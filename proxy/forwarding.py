@@ -75,6 +75,14 @@ def _not_here(exc: UpstreamError, provider: str) -> UpstreamError:
 
 
 def _retry_after(exc: GatewayError) -> float | None:
+    """Seconds the upstream asked to wait: ``Retry-After-Ms`` (Azure OpenAI and OpenAI send it, more precise),
+    else ``Retry-After`` (seconds or an HTTP date); None when it asked nothing readable."""
+    millis = exc.headers.get("Retry-After-Ms") or exc.headers.get("retry-after-ms")
+    if millis:
+        try:
+            return max(0.0, float(millis) / 1000)
+        except ValueError:
+            pass
     value = exc.headers.get("Retry-After") or exc.headers.get("retry-after")
     if not value:
         return None

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from .config.schema import ProviderConfig
     from .exchange import Exchange, Route
 
-__all__ = ["UpstreamRequest", "UpstreamResponse", "UpstreamError", "Provider", "ENDPOINT_PATHS", "broken_answer"]
+__all__ = ["UpstreamRequest", "UpstreamResponse", "UpstreamError", "Provider", "ENDPOINT_PATHS", "broken_answer",
+           "retry_headers"]
 
 #: Bumped whenever a provider's discovered model list changes (routers cache their plans per model name).
 DISCOVERY_GENERATION = [0]
@@ -63,6 +64,16 @@ class UpstreamError(GatewayError):
             if merged.get(key) in (None, ""):
                 merged[key] = value
         return {"error": merged}
+
+
+#: The headers of an upstream's error answer that say when to ask again; kept on the error, used for the
+#: backoff and the cooldown, and passed on to the client with it (the official SDKs honour both).
+RETRY_HEADERS = ("Retry-After", "Retry-After-Ms")
+
+
+def retry_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The :data:`RETRY_HEADERS` an upstream sent (``headers`` case-insensitive, as aiohttp's are)."""
+    return {name: headers[name] for name in RETRY_HEADERS if name in headers}
 
 
 def broken_answer(provider: str, exc: BaseException) -> UpstreamError:

@@ -110,6 +110,8 @@ class OneBusyModel(ScriptedUpstream):
     """Answers every model but ``busy``, which gets 429 with ``Retry-After`` while ``busy_for`` says so."""
 
     busy_for: str | None = "1"
+    #: Sent instead of ``Retry-After: busy_for`` when set.
+    busy_headers: dict[str, str] | None = None
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -117,7 +119,7 @@ class OneBusyModel(ScriptedUpstream):
             self.requests.append(body)
             return web.json_response({"error": {"message": "Rate limit reached for busy", "type": "requests",
                                                 "param": None, "code": "rate_limit_exceeded"}},
-                                     status=429, headers={"Retry-After": self.busy_for})
+                                     status=429, headers=self.busy_headers or {"Retry-After": self.busy_for})
         return await super()._chat(request)
 
 
@@ -172,6 +174,32 @@ async def test_a_cooling_model_with_no_other_route_is_a_429_with_the_pause_left(
         error = info.value.body
         assert error["code"] == "rate_limit_exceeded" and error["type"] == "rate_limit_error"
         assert "'busy'" in error["message"] and "'up0'" in error["message"] and error["param"] is None
+    finally:
+        await busy.close()
+
+
+async def test_retry_after_ms_is_read_before_retry_after_and_reaches_the_client(gateway_factory):
+    """Azure OpenAI and OpenAI send ``retry-after-ms`` (more precise) beside ``retry-after``; the SDKs read it
+    first, and so does the gateway."""
+    busy = await OneBusyModel.start()
+    busy.busy_headers = {"retry-after-ms": "400", "retry-after": "30"}
+    try:
+        gw = await gateway_factory(attrs.evolve(config_for(busy, retry_attempts=0),
+                                                circuit_breaker=CircuitBreakerConfig(recovery_timeout=60)))
+        client = openai_client(gw.base_url)
+        with pytest.raises(openai.RateLimitError) as first:
+            await client.chat.completions.create(model="busy", messages=MESSAGES)
+        assert first.value.response.headers["retry-after-ms"] == "400"  # the upstream's own, passed on
+        assert first.value.response.headers["retry-after"] == "30"
+        assert 0 < gw.gateway.forwarder.cooldowns.left("up0", "busy") <= 0.4  # not 30 s
+        with pytest.raises(openai.RateLimitError) as cooling:
+            await client.chat.completions.create(model="busy", messages=MESSAGES)
+        assert cooling.value.response.headers["retry-after"] == "1" and len(busy.requests) == 1
+        await asyncio.sleep(0.45)
+        busy.busy_headers = busy.busy_for = None
+        answer = await client.chat.completions.create(model="busy", messages=MESSAGES)
+        await client.close()
+        assert answer.choices[0].message.content == "Hello, world!" and len(busy.requests) == 2
     finally:
         await busy.close()
 

@@ -15,7 +15,7 @@ from ..anthropic_format import (
     unsupported_by_anthropic,
 )
 from ..sse import SSEParser
-from ..upstream import UpstreamError, UpstreamRequest, UpstreamResponse
+from ..upstream import UpstreamError, UpstreamRequest, UpstreamResponse, retry_headers
 from .openai import OpenAIProvider, upstream_error_from_body
 
 __all__ = ["AnthropicProvider"]
@@ -90,7 +90,7 @@ class AnthropicProvider(OpenAIProvider):
         if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
             err = parsed["error"]
             out_status = 503 if status == 529 else status
-            extra = {"Retry-After": headers["Retry-After"]} if "Retry-After" in headers else {}
+            extra = retry_headers(headers)
             openai_body = {"error": {"message": str(err.get("message") or "upstream error"),
                                      "type": err.get("type") or "api_error", "param": None,
                                      "code": err.get("type")}}

@@ -13,7 +13,8 @@ from .. import pool
 from ..config.schema import ProviderConfig
 from ..openai_format import body_to_chunks
 from ..sse import DONE, SSEParser, encode_event
-from ..upstream import Provider, UpstreamError, UpstreamRequest, UpstreamResponse, broken_answer
+from ..upstream import (Provider, UpstreamError, UpstreamRequest, UpstreamResponse, broken_answer,
+                        retry_headers)
 
 __all__ = ["OpenAIProvider", "HTTPResponse", "upstream_error_from_body"]
 
@@ -125,9 +126,7 @@ def upstream_error_from_body(status: int, body: bytes, provider: str, headers: M
         parsed = orjson.loads(body) if body else None
     except orjson.JSONDecodeError:
         pass
-    extra = {}
-    if "Retry-After" in headers:
-        extra["Retry-After"] = headers["Retry-After"]
+    extra = retry_headers(headers)
     retryable = status in _RETRYABLE_STATUS
     out_status = status if retryable or 400 <= status < 500 else 502
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
