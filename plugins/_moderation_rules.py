@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import os
 import re
-import re._constants as _sre_constants  # the parse tree of a pattern, to find nested quantifiers
-import re._parser as _sre_parse
 import unicodedata
 from typing import Any, Iterable
 
 import attrs
 
 from proxy.config.load import ConfigError, ConfigProblem, load_layers, structure
+
+from ._regex_ambiguity import backtracks_exponentially
 
 try:  # the width of a regular expression, from the stdlib's own parser (private, so guarded)
     from re import _parser as _sre_parse  # type: ignore[attr-defined]
@@ -37,10 +37,6 @@ __all__ = ["Rule", "RuleFile", "Hit", "Matcher", "RuleSet", "normalize", "compil
 DIRECTIONS = ("input", "output")
 _MAX_KEYWORD = 200
 _FLAGS = re.IGNORECASE
-_MAX_REPEAT, _MIN_REPEAT = _sre_constants.MAX_REPEAT, _sre_constants.MIN_REPEAT
-_POSSESSIVE_REPEAT, _ATOMIC_GROUP = _sre_constants.POSSESSIVE_REPEAT, _sre_constants.ATOMIC_GROUP
-_SUBPATTERN, _BRANCH = _sre_constants.SUBPATTERN, _sre_constants.BRANCH
-_ASSERT, _ASSERT_NOT = _sre_constants.ASSERT, _sre_constants.ASSERT_NOT
 
 
 @attrs.frozen
@@ -273,59 +269,6 @@ class RuleSet:
 
 # -- validation and loading --------------------------------------------------------------------------------
 
-def _varies(low: int, high: int) -> bool:
-    """Whether a repeat ``{low,high}`` matches a varying count of more than one item (backtracking has choices)."""
-    return high > 1 and low != high
-
-
-def _parts(op: Any, av: Any, into_atomic: bool) -> Any:
-    """The sub-patterns of one parse-tree node (atomic groups and possessive repeats only with ``into_atomic``:
-    backtracking never re-enters them, though they may hold a nesting of their own)."""
-    if op in (_MAX_REPEAT, _MIN_REPEAT):
-        return (av[2],)
-    if op is _SUBPATTERN:
-        return (av[3],)
-    if op is _BRANCH:
-        return av[1]
-    if op in (_ASSERT, _ASSERT_NOT):
-        return (av[1],)
-    if into_atomic and op is _ATOMIC_GROUP:
-        return (av,)
-    if into_atomic and op is _POSSESSIVE_REPEAT:
-        return (av[2],)
-    return ()
-
-
-def _holds_varying_repeat(items: Any) -> bool:
-    for op, av in items:
-        if op in (_MAX_REPEAT, _MIN_REPEAT) and _varies(av[0], av[1]):
-            return True
-        if any(_holds_varying_repeat(part) for part in _parts(op, av, into_atomic=False)):
-            return True
-    return False
-
-
-def _has_nested_repeat(items: Any) -> bool:
-    for op, av in items:
-        if op in (_MAX_REPEAT, _MIN_REPEAT) and av[1] > 1 and _holds_varying_repeat(av[2]):
-            return True
-        if any(_has_nested_repeat(part) for part in _parts(op, av, into_atomic=True)):
-            return True
-    return False
-
-
-def nested_quantifier(pattern: str) -> bool:
-    """Whether ``pattern`` repeats a part that itself repeats a varying number of times (``(a+)+``,
-    ``(\\w+\\s?)*``, ``(x|y+)+``): the shape of catastrophic backtracking, where a text that almost matches
-    takes time exponential in its length. Python's ``re`` has no time limit, and a moderation scan runs on the
-    event loop, so one such text would stall every stream. (Overlapping alternatives under a repeat, ``(a|a)*``,
-    are not detected.)"""
-    try:
-        return _has_nested_repeat(_sre_parse.parse(pattern, _FLAGS))
-    except Exception:  # not something re compiles: reported as invalid already
-        return False
-
-
 def _rule_problems(rule: Rule) -> Iterable[tuple[tuple[Any, ...], str]]:
     if not rule.category.strip():
         yield ("category",), "the category is empty"
@@ -349,11 +292,12 @@ def _rule_problems(rule: Rule) -> Iterable[tuple[tuple[Any, ...], str]]:
             continue
         if compiled.match("") is not None:
             yield ("patterns", i), "matches the empty string (it would flag every text)"
-        elif nested_quantifier(pattern):
-            yield ("patterns", i), ("a quantified group holds a part of varying length (like (a+)+ or (\\w+\\s?)*): "
-                                    "on some texts it takes exponential time and stalls every stream; write it "
-                                    "without the nesting, or make the inner part atomic ((?>a+)+) or possessive "
-                                    "(a++)")
+        elif backtracks_exponentially(pattern):
+            yield ("patterns", i), ("part of the pattern can match the same text in more than one way under a "
+                                    "repeat (like (a+)+b, (a|a)*b or (\\w+\\s?)*$): on some texts it takes "
+                                    "exponential time and stalls every stream; make the alternatives or the "
+                                    "repeated parts exclusive, or make the inner part atomic ((?>a+)+) or "
+                                    "possessive (a++)")
 
 
 def check_rules(rules: Iterable[Rule], where: str = "rules") -> list[str]:
