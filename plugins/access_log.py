@@ -122,4 +122,5 @@ class AccessLogPlugin:
         fields["logger"] = "ssegate.access"
         fields["timestamp"] = _now(_UTC)  # orjson writes it as ISO 8601 with "Z"
         write_bytes(orjson.dumps(fields, default=str, option=LINE_OPTIONS))
-        self._flush_soon(monotonic() if ended is None else ended)
+        if self._flush_timer is None:  # (else a flush is due already: under load, the usual case)
+            self._flush_soon(monotonic() if ended is None else ended)

@@ -10,7 +10,8 @@ providers block names): one released while that many are idle is closed at once,
 spread over its end, and the later sweep has at most that many to close.
 
 The cap hooks aiohttp's ``_release`` and reads its ``_conns`` (internal to aiohttp, unchanged through 3.x); where
-they are missing the cap is off, and a warning says so once.
+they are missing the cap is off, and a warning says so once. A pool whose ``limit`` is no more than the cap can
+never hold more idle connections than that, so it gets aiohttp's own connector and the hook costs nothing.
 """
 from __future__ import annotations
 
@@ -50,11 +51,19 @@ class IdleCappedConnector(aiohttp.TCPConnector):
             idle = self._conns.get(key)
             if (len(idle) if idle is not None else 0) >= self.max_idle:
                 should_close = True
-        super()._release(key, protocol, should_close=should_close)
+        _release(self, key, protocol, should_close=should_close)
+
+
+#: aiohttp's own ``_release``, called directly (a ``super()`` call per released connection costs more).
+_release = aiohttp.TCPConnector._release
 
 
 def connector(*, max_idle: int, **kwargs: Any) -> aiohttp.TCPConnector:
-    """The pool of one provider: capped at ``max_idle`` idle connections where this aiohttp allows it."""
+    """The pool of one provider: capped at ``max_idle`` idle connections where this aiohttp allows it and the
+    pool's ``limit`` (0: none) could exceed it."""
+    limit = kwargs.get("limit", 100)
+    if limit and limit <= max_idle:
+        return aiohttp.TCPConnector(**kwargs)  # it cannot hold more idle connections than the cap
     if CAN_CAP:
         return IdleCappedConnector(max_idle=max_idle, **kwargs)
     if not _warned:

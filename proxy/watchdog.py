@@ -34,7 +34,8 @@ class Guard:
     """
 
     __slots__ = ("task", "last_event", "got_first", "first_deadline", "idle_timeout", "attempt_deadline",
-                 "total_deadline", "expired", "keepalive_interval", "last_write", "send_keepalive", "watchdog")
+                 "total_deadline", "expired", "keepalive_interval", "last_write", "send_keepalive", "watchdog",
+                 "dropped")
 
     def __init__(self, now: float, total_timeout: float | None, keepalive_interval: float | None = None,
                  send_keepalive: Callable[[], Any] | None = None, loop: asyncio.AbstractEventLoop | None = None
@@ -53,24 +54,42 @@ class Guard:
         self.send_keepalive = send_keepalive
         #: The watchdog this guard is registered with (:meth:`Watchdog.watch`), told of deadlines that move closer.
         self.watchdog: Watchdog | None = None
+        #: The guard expired, so the watchdog's timer no longer counts it: :meth:`pause` must tell it again.
+        self.dropped = False
 
     def attempt(self, now: float, first_token_timeout: float | None, idle_timeout: float | None,
                 attempt_timeout: float | None) -> None:
         """Start the deadlines of one upstream attempt."""
         self.got_first = False
-        self.first_deadline = now + first_token_timeout if first_token_timeout else None
         self.idle_timeout = idle_timeout
-        self.attempt_deadline = now + attempt_timeout if attempt_timeout else None
         self.last_event = now
         self.expired = None
-        if self.watchdog is not None:
-            self.watchdog.wake_by(self.next_due(now))
+        # What this adds to next_due() is at least now + the shortest of the three (idle before the first token
+        # stands in from now); the request deadline and keepalives the watchdog already counts.
+        soonest = idle_timeout or _INF
+        if first_token_timeout:
+            self.first_deadline = now + first_token_timeout
+            if first_token_timeout < soonest:
+                soonest = first_token_timeout
+        else:
+            self.first_deadline = None
+        if attempt_timeout:
+            self.attempt_deadline = now + attempt_timeout
+            if attempt_timeout < soonest:
+                soonest = attempt_timeout
+        else:
+            self.attempt_deadline = None
+        watchdog = self.watchdog
+        if watchdog is not None and now + soonest < watchdog._wake_at:  # (the usual case under load: no call)
+            watchdog.wake_by(self.next_due(now))
 
     def pause(self) -> None:
-        """Between attempts (backoff): only the request deadline and keepalives apply."""
+        """Between attempts (backoff): only the request deadline and keepalives apply. (Only later than the
+        attempt's deadlines: the watchdog is told only when a timeout had dropped the guard from its count.)"""
         self.first_deadline = self.attempt_deadline = self.idle_timeout = None
         self.got_first = False
-        if self.watchdog is not None:  # a timeout just handled left the guard unwatched until now
+        if self.dropped and self.watchdog is not None:
+            self.dropped = False
             self.watchdog.wake_by(self.next_due(self.last_event))
 
     def next_due(self, now: float) -> float | None:
@@ -111,6 +130,7 @@ class Guard:
             kind = "idle"
         if kind is not None:
             self.expired = kind
+            self.dropped = True
             if self.task is not None:
                 self.task.cancel()
             return
@@ -150,11 +170,18 @@ class Watchdog:
         return self._loop is not None
 
     def watch(self, guard: Guard) -> None:
-        """Register a live request's guard (until :meth:`release`)."""
+        """Register a live request's guard (until :meth:`release`), before its first :meth:`Guard.attempt`."""
         self.guards.add(guard)
         guard.watchdog = self
         if self._loop is not None:
-            self.wake_by(guard.next_due(guard.last_event))
+            # A new guard's next_due(): its request deadline or its first keepalive, whichever comes first.
+            due = guard.total_deadline
+            if guard.keepalive_interval is not None:
+                keepalive = guard.last_write + guard.keepalive_interval
+                if due is None or keepalive < due:
+                    due = keepalive
+            if due is not None and due < self._wake_at:
+                self.wake_by(due)
 
     def release(self, guard: Guard) -> None:
         """The request ended. Its part of an armed timer is left to run out: it finds nothing to do, or others."""

@@ -49,3 +49,17 @@ async def test_zero_keeps_no_connection(upstream, gateway_factory):
     gw = await gateway_factory(config_for(upstream, max_connections=50, max_keepalive_connections=0))
     first, second = await two_bursts(gw, upstream)
     assert not first & second
+
+
+async def test_a_pool_that_cannot_exceed_the_cap_gets_aiohttps_own_connector():
+    """The hook costs a call per released connection; where ``limit`` bounds the idle ones anyway it is left out."""
+    from proxy.pool import CAN_CAP, IdleCappedConnector, connector
+
+    assert CAN_CAP  # this aiohttp has the hook (else the cap would be off everywhere, with a warning)
+    made = [connector(max_idle=100, limit=100), connector(max_idle=2000, limit=2000),
+            connector(max_idle=100, limit=101), connector(max_idle=100, limit=0), connector(max_idle=0, limit=50)]
+    try:
+        assert [isinstance(c, IdleCappedConnector) for c in made] == [False, False, True, True, True]
+    finally:
+        for c in made:
+            await c.close()

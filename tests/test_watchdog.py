@@ -123,3 +123,24 @@ async def test_liveness_reports_a_block_the_watchdog_saw_while_a_stream_was_live
     assert status == 503 and body["loop_lag_seconds"] >= 0.6
     status, _, events = await stream
     assert status == 200 and b"late" in b"".join(events)
+
+
+async def test_keepalives_go_on_through_the_backoff_after_a_timeout(upstream, gateway_factory):
+    """A first-token timeout drops the guard from the timer's count (it expired); the backoff before the retry
+    must count it again, or a stream waiting out the backoff gets no keepalive."""
+    from proxy.config.schema import RetryConfig
+
+    upstream.script = Script(texts=["late"], first_delay=2.0)
+    config = config_for(upstream, keepalive_interval=0.15, first_token_timeout=0.3, retry_attempts=1)
+    gw = await gateway_factory(attrs.evolve(config, retry=RetryConfig(backoff_base=0.9, jitter=False)))
+    stream = asyncio.ensure_future(read_stream(gw.base_url + "/chat/completions", STREAM))
+    for _ in range(100):  # bounded: 2 s
+        if upstream.requests:
+            break
+        await asyncio.sleep(0.02)
+    upstream.script = Script(texts=["in time"])  # the retry answers at once
+    status, _, events = await stream
+    assert status == 200 and len(upstream.requests) == 2
+    content = next(i for i, e in enumerate(events) if e.startswith(b"data:"))
+    # ~2 keepalives before the timeout at 0.3 s, ~6 in the 0.9 s backoff
+    assert sum(1 for e in events[:content] if e.startswith(b": keepalive")) >= 6
