@@ -186,7 +186,8 @@ class Forwarder:
                         last_error = last_error or UpstreamError(
                             429, f"model {route.model!r} of provider {provider.name!r} is rate limited: the provider "
                             f"asked for a pause, {math.ceil(cooling)} s left", kind="cooldown", retryable=True,
-                            code="rate_limit_exceeded", headers={"Retry-After": str(max(1, math.ceil(cooling)))})
+                            code="rate_limit_exceeded", headers={"Retry-After": str(max(1, math.ceil(cooling))),
+                                                                 "retry-after-ms": str(math.ceil(cooling * 1000))})
                         break
                     if not breaker.acquire():
                         attempt["error"] = "circuit_open"

@@ -171,6 +171,7 @@ async def test_a_cooling_model_with_no_other_route_is_a_429_with_the_pause_left(
         await client.close()
         assert len(busy.requests) == 1  # the first is the provider's own 429; the next never leave the gateway
         assert int(info.value.response.headers["Retry-After"]) in (4, 5)  # capped at recovery_timeout
+        assert 4000 < int(info.value.response.headers["retry-after-ms"]) <= 5000  # the SDKs read it first
         error = info.value.body
         assert error["code"] == "rate_limit_exceeded" and error["type"] == "rate_limit_error"
         assert "'busy'" in error["message"] and "'up0'" in error["message"] and error["param"] is None
