@@ -116,9 +116,11 @@ _HEALTH_STATE = "ssegate.provider_health"
 
 def _identity(provider: Provider, breaker_config: Any) -> tuple[Any, ...]:
     """What must stay the same for a provider's health to carry over a reload: where it is, how it is spoken
-    to, and how its circuit counts (priorities, timeouts or models may change)."""
+    to (a new key or header is how a refused key is fixed), whether it is enabled (turned off and on again
+    after a fix), and how its circuit counts. Priorities, timeouts or models may change."""
     c = provider.config
-    return (c.type, c.base_url, c.api_version, c.deployments, breaker_config)
+    return (c.type, c.base_url, c.api_version, c.deployments, c.api_key_env, c.api_key, c.headers, c.enabled,
+            c.simulation, breaker_config)
 
 
 class Forwarder:

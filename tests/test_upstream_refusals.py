@@ -318,6 +318,27 @@ async def test_a_reload_keeps_an_open_circuit_of_the_same_upstream_and_resets_a_
         await gw.close()
 
 
+async def test_a_reload_with_a_new_key_for_a_refusing_provider_asks_it_again_at_once(tmp_path, failing, upstream2):
+    """The circuit opened on the provider refusing the gateway's key (401): the fix is a new key, and a reload."""
+    failing.status, failing.body = 401, openai_error("Incorrect API key provided")
+    path = tmp_path / "ssegate.yaml"
+    gw = await _serving(path, [("p", failing.base_url, "api_key: old"), ("spare", upstream2.base_url, "")])
+    try:
+        client = openai_client(gw.base_url)
+        await client.chat.completions.create(model="m", messages=MESSAGES)
+        assert failing.requests == 1 and gw.gateway.breakers["p"].current() == "open"
+        failing.status, failing.body = 200, orjson.dumps({
+            "id": "x", "object": "chat.completion", "created": 1, "model": "m",
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "new"}}]})
+        _write(path, [("p", failing.base_url, "api_key: new"), ("spare", upstream2.base_url, "")])
+        await _reload(gw)
+        answer = await client.chat.completions.with_raw_response.create(model="m", messages=MESSAGES)
+        await client.close()
+        assert answer.headers["x-ssegate-provider"] == "p" and failing.requests == 2
+    finally:
+        await gw.close()
+
+
 async def test_a_reload_keeps_the_cooldowns_of_the_same_upstream_and_drops_a_moved_ones(tmp_path, upstream,
                                                                                        upstream2):
     busy = await OneBusyModel.start()
