@@ -292,14 +292,20 @@ async def _reload(gw) -> None:
         assert r.status == 200, await r.text()
 
 
+async def _open_circuit(path, failing, upstream2, name: str, extra: str, spare: str) -> tuple[Any, Any]:
+    """A gateway on ``path`` whose first provider ``name`` (``failing``) has just opened its circuit."""
+    gw = await _serving(path, [(name, failing.base_url, extra), (spare, upstream2.base_url, "")])
+    client = openai_client(gw.base_url)
+    await client.chat.completions.create(model="m", messages=MESSAGES)
+    assert failing.requests == 1 and gw.gateway.breakers[name].current() == "open"
+    return gw, client
+
+
 async def test_a_reload_keeps_an_open_circuit_of_the_same_upstream_and_resets_a_changed_one(
         tmp_path, failing, upstream2):
     path = tmp_path / "ssegate.yaml"
-    gw = await _serving(path, [("down", failing.base_url, ""), ("up", upstream2.base_url, "")])
+    gw, client = await _open_circuit(path, failing, upstream2, "down", "", "up")
     try:
-        client = openai_client(gw.base_url)
-        await client.chat.completions.create(model="m", messages=MESSAGES)
-        assert failing.requests == 1 and gw.gateway.breakers["down"].current() == "open"
         # another setting changes (the healthy provider's timeout): the down one is still skipped
         _write(path, [("down", failing.base_url, ""), ("up", upstream2.base_url, "timeout: 30")])
         await _reload(gw)
@@ -322,11 +328,8 @@ async def test_a_reload_with_a_new_key_for_a_refusing_provider_asks_it_again_at_
     """The circuit opened on the provider refusing the gateway's key (401): the fix is a new key, and a reload."""
     failing.status, failing.body = 401, openai_error("Incorrect API key provided")
     path = tmp_path / "ssegate.yaml"
-    gw = await _serving(path, [("p", failing.base_url, "api_key: old"), ("spare", upstream2.base_url, "")])
+    gw, client = await _open_circuit(path, failing, upstream2, "p", "api_key: old", "spare")
     try:
-        client = openai_client(gw.base_url)
-        await client.chat.completions.create(model="m", messages=MESSAGES)
-        assert failing.requests == 1 and gw.gateway.breakers["p"].current() == "open"
         failing.status, failing.body = 200, orjson.dumps({
             "id": "x", "object": "chat.completion", "created": 1, "model": "m",
             "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "new"}}]})
