@@ -364,3 +364,25 @@ async def test_a_reload_keeps_the_cooldowns_of_the_same_upstream_and_drops_a_mov
     finally:
         await gw.close()
         await busy.close()
+
+
+async def test_an_anthropic_client_of_a_cooling_model_gets_a_rate_limit_error_with_the_pause(gateway_factory):
+    """``/v1/messages``: the cooldown's 429 in Anthropic's shape (the anthropic SDK's ``RateLimitError``)."""
+    import anthropic
+
+    busy = await OneBusyModel.start()
+    busy.busy_for = "20"
+    try:
+        gw = await gateway_factory(attrs.evolve(config_for(busy, retry_attempts=0),
+                                                circuit_breaker=CircuitBreakerConfig(recovery_timeout=60)))
+        client = anthropic.AsyncAnthropic(base_url=gw.url, api_key="unused", max_retries=0)
+        ask = {"model": "busy", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+        for _ in range(2):  # the provider's own 429, then the cooldown's
+            with pytest.raises(anthropic.RateLimitError) as info:
+                await client.messages.create(**ask)
+        await client.close()
+        assert len(busy.requests) == 1
+        assert info.value.body["error"]["type"] == "rate_limit_error"
+        assert int(info.value.response.headers["retry-after"]) in (19, 20)
+    finally:
+        await busy.close()
