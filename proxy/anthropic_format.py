@@ -3,6 +3,12 @@ answers and streams. Pure functions and small stateful stream translators: no I/
 
 Used by the ``anthropic`` provider (OpenAI request in, Anthropic upstream) and by the ``/v1/messages`` ingress
 (Anthropic client in, any provider behind the OpenAI-format pipeline).
+
+Extended thinking, OpenAI client to Anthropic upstream, in the shape OpenAI-compatible gateways (LiteLLM) and
+reasoning servers (vLLM, DeepSeek) use: ``reasoning_effort`` (or an Anthropic ``thinking`` object passed as is)
+turns thinking on; the thinking comes back as ``reasoning_content`` (streamed as ``delta.reasoning_content``)
+and, with its signature, as ``thinking_blocks``; an assistant message that carries its ``thinking_blocks`` back
+sends them to Anthropic again, as it requires on the turn after a tool call.
 """
 from __future__ import annotations
 
@@ -39,6 +45,28 @@ _BLOCK_SEPARATOR = "\n"
 OVERLOADED_STATUS = 529
 #: Error types and codes, Anthropic's, OpenAI's or the gateway's own, that mean "overloaded, retry later".
 _OVERLOADED = frozenset({"overloaded_error", "overloaded", "server_shutting_down"})
+
+
+#: Thinking budget (tokens) per OpenAI ``reasoning_effort``, as LiteLLM maps it (Anthropic's minimum is 1,024).
+REASONING_BUDGET = {"minimal": 1024, "low": 1024, "medium": 2048, "high": 4096}
+
+
+def _thinking(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The Anthropic ``thinking`` object an OpenAI request asks for: its own ``thinking`` (sent as is), else
+    one made from ``reasoning_effort``; None for neither (or ``reasoning_effort: "none"``)."""
+    thinking = body.get("thinking")
+    if isinstance(thinking, dict):
+        return thinking
+    budget = REASONING_BUDGET.get(body.get("reasoning_effort") or "")
+    return {"type": "enabled", "budget_tokens": budget} if budget else None
+
+
+def _thinking_blocks(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """The thinking blocks an assistant message carries back (``thinking_blocks``, signatures kept)."""
+    blocks = message.get("thinking_blocks")
+    if not isinstance(blocks, list):
+        return []
+    return [dict(b) for b in blocks if isinstance(b, dict) and b.get("type") in ("thinking", "redacted_thinking")]
 
 
 def _message_id(openai_id: Any) -> str:
@@ -154,7 +182,7 @@ def to_anthropic_request(body: dict[str, Any], max_tokens_default: int) -> dict[
         elif role == "user":
             add("user", _blocks_from_openai_content(m.get("content")))
         elif role == "assistant":
-            blocks = _blocks_from_openai_content(m.get("content"))
+            blocks = _thinking_blocks(m) + _blocks_from_openai_content(m.get("content"))
             for call in m.get("tool_calls") or ():
                 fn = call.get("function") or {}
                 try:
@@ -180,10 +208,18 @@ def to_anthropic_request(body: dict[str, Any], max_tokens_default: int) -> dict[
         out["system"] = "\n\n".join(system)
     if body.get("stream"):
         out["stream"] = True
-    if body.get("temperature") is not None:
-        out["temperature"] = min(float(body["temperature"]), 1.0)
-    if body.get("top_p") is not None:
-        out["top_p"] = body["top_p"]
+    thinking = _thinking(body)
+    if thinking is not None:
+        out["thinking"] = thinking
+        budget = thinking.get("budget_tokens")
+        if isinstance(budget, int) and out["max_tokens"] <= budget:
+            out["max_tokens"] += budget  # the budget counts in max_tokens, which must exceed it
+    if thinking is None or thinking.get("type") == "disabled":
+        # (with thinking on, Anthropic accepts neither: the answer keeps its default sampling)
+        if body.get("temperature") is not None:
+            out["temperature"] = min(float(body["temperature"]), 1.0)
+        if body.get("top_p") is not None:
+            out["top_p"] = body["top_p"]
     stop = body.get("stop")
     if stop:
         out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
@@ -244,10 +280,12 @@ def _stop_sequence_of(choice: dict[str, Any]) -> str | None:
 
 
 def from_anthropic_message(msg: dict[str, Any]) -> dict[str, Any]:
-    text, calls = [], []
+    text, calls, thinking = [], [], []
     for block in msg.get("content") or ():
         if block.get("type") == "text":
             text.append(block.get("text", ""))
+        elif block.get("type") in ("thinking", "redacted_thinking"):
+            thinking.append(block)
         elif block.get("type") == "tool_use":
             calls.append({"id": block.get("id"), "type": "function",
                           "function": {"name": block.get("name"),
@@ -256,6 +294,9 @@ def from_anthropic_message(msg: dict[str, Any]) -> dict[str, Any]:
                                "refusal": None}
     if calls:
         message["tool_calls"] = calls
+    if thinking:
+        message["reasoning_content"] = "".join(b.get("thinking", "") for b in thinking if b["type"] == "thinking")
+        message["thinking_blocks"] = thinking
     choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None,
                               "finish_reason": FINISH_FROM_ANTHROPIC.get(msg.get("stop_reason") or "", "stop")}
     stop_sequence = _matched_stop(msg.get("stop_reason"), msg.get("stop_sequence"))
@@ -273,7 +314,7 @@ class AnthropicStreamToOpenAI:
     """Anthropic SSE events in, OpenAI ``chat.completion.chunk`` events out (raw, without terminators)."""
 
     __slots__ = ("id", "model", "created", "input_usage", "output_tokens", "tool_index", "block_tools",
-                 "finish")
+                 "finish", "thinking")
 
     def __init__(self) -> None:
         self.id = "chatcmpl-anthropic"
@@ -284,6 +325,8 @@ class AnthropicStreamToOpenAI:
         self.tool_index = -1
         self.block_tools: dict[int, int] = {}
         self.finish: str | None = None
+        #: The thinking blocks being streamed, by block index: sent whole, signature included, at their end.
+        self.thinking: dict[int, dict[str, Any]] = {}
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None, stop_sequence: str | None = None) -> bytes:
         choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
@@ -306,6 +349,13 @@ class AnthropicStreamToOpenAI:
                 index = self.block_tools.get(obj.get("index", 0), 0)
                 return [self._chunk({"tool_calls": [{"index": index,
                                                      "function": {"arguments": delta.get("partial_json", "")}}]})]
+            block = self.thinking.get(obj.get("index", 0))
+            if block is not None:
+                if delta.get("type") == "thinking_delta":
+                    block["thinking"] += delta.get("thinking", "")
+                    return [self._chunk({"reasoning_content": delta.get("thinking", "")})]
+                if delta.get("type") == "signature_delta":
+                    block["signature"] = block.get("signature", "") + delta.get("signature", "")
             return []
         if kind == "message_start":
             message = obj.get("message") or {}
@@ -324,7 +374,16 @@ class AnthropicStreamToOpenAI:
                                                      "function": {"name": block.get("name"), "arguments": ""}}]})]
             if block.get("type") == "text" and block.get("text"):
                 return [self._chunk({"content": block["text"]})]
+            if block.get("type") == "thinking":
+                self.thinking[obj.get("index", 0)] = {"type": "thinking", "thinking": block.get("thinking") or "",
+                                                      "signature": block.get("signature") or ""}
+                return [self._chunk({"reasoning_content": block["thinking"]})] if block.get("thinking") else []
+            if block.get("type") == "redacted_thinking":
+                return [self._chunk({"thinking_blocks": [dict(block)]})]
             return []
+        if kind == "content_block_stop":
+            block = self.thinking.pop(obj.get("index", 0), None)
+            return [self._chunk({"thinking_blocks": [block]})] if block is not None else []
         if kind == "message_delta":
             usage = obj.get("usage") or {}
             if usage.get("output_tokens") is not None:
@@ -348,7 +407,7 @@ class AnthropicStreamToOpenAI:
             return [_chunk({"error": {"message": err.get("message", "upstream error"),
                                       "type": err.get("type", "api_error"), "param": None,
                                       "code": err.get("type")}})]
-        return []  # ping, content_block_stop, unknown events
+        return []  # ping, unknown events
 
 
 # -- Anthropic request (ingress) -> OpenAI request ------------------------------------------------------------

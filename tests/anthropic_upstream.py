@@ -16,6 +16,9 @@ class AnthropicUpstream:
         self.headers: list[dict[str, str]] = []
         self.texts = ["Hello", " from", " Claude"]
         self.tool: dict[str, Any] | None = None  # {"name": ..., "input_parts": [...]} to answer with a tool call
+        #: Parts of a thinking block to answer with first (extended thinking), and its signature.
+        self.thinking: list[str] | None = None
+        self.signature = "EqQBCkgIARABGAIiQL-signature"
         self.stop_reason = "end_turn"
         self.stop_sequence: str | None = None  # the matched one, sent with stop_reason "stop_sequence"
         self.error: tuple[int, str, str] | None = None  # (status, type, message)
@@ -45,7 +48,10 @@ class AnthropicUpstream:
             await self._runner.cleanup()
 
     def _content(self) -> list[dict[str, Any]]:
-        content: list[dict[str, Any]] = [{"type": "text", "text": "".join(self.texts)}]
+        content: list[dict[str, Any]] = []
+        if self.thinking is not None:
+            content.append({"type": "thinking", "thinking": "".join(self.thinking), "signature": self.signature})
+        content.append({"type": "text", "text": "".join(self.texts)})
         if self.tool:
             content.append({"type": "tool_use", "id": "toolu_01A", "name": self.tool["name"],
                             "input": orjson.loads("".join(self.tool["input_parts"]))})
@@ -76,7 +82,18 @@ class AnthropicUpstream:
         await send("message_start", {"type": "message_start", "message": {
             "id": "msg_01XYZ", "type": "message", "role": "assistant", "model": body["model"], "content": [],
             "stop_reason": None, "stop_sequence": None, "usage": usage_in}})
-        await send("content_block_start", {"type": "content_block_start", "index": 0,
+        at = 0  # the index of the next content block
+        if self.thinking is not None:
+            await send("content_block_start", {"type": "content_block_start", "index": 0,
+                                               "content_block": {"type": "thinking", "thinking": ""}})
+            for part in self.thinking:
+                await send("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                   "delta": {"type": "thinking_delta", "thinking": part}})
+            await send("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                               "delta": {"type": "signature_delta", "signature": self.signature}})
+            await send("content_block_stop", {"type": "content_block_stop", "index": 0})
+            at = 1
+        await send("content_block_start", {"type": "content_block_start", "index": at,
                                            "content_block": {"type": "text", "text": ""}})
         await send("ping", {"type": "ping"})
         for i, text in enumerate(self.texts):
@@ -84,16 +101,16 @@ class AnthropicUpstream:
                 await send("error", {"type": "error", "error": {"type": "overloaded_error",
                                                                  "message": "Overloaded"}})
                 return resp
-            await send("content_block_delta", {"type": "content_block_delta", "index": 0,
+            await send("content_block_delta", {"type": "content_block_delta", "index": at,
                                                "delta": {"type": "text_delta", "text": text}})
-        await send("content_block_stop", {"type": "content_block_stop", "index": 0})
+        await send("content_block_stop", {"type": "content_block_stop", "index": at})
         if self.tool:
-            await send("content_block_start", {"type": "content_block_start", "index": 1, "content_block": {
+            await send("content_block_start", {"type": "content_block_start", "index": at + 1, "content_block": {
                 "type": "tool_use", "id": "toolu_01A", "name": self.tool["name"], "input": {}}})
             for part in self.tool["input_parts"]:
-                await send("content_block_delta", {"type": "content_block_delta", "index": 1,
+                await send("content_block_delta", {"type": "content_block_delta", "index": at + 1,
                                                    "delta": {"type": "input_json_delta", "partial_json": part}})
-            await send("content_block_stop", {"type": "content_block_stop", "index": 1})
+            await send("content_block_stop", {"type": "content_block_stop", "index": at + 1})
         await send("message_delta", {"type": "message_delta", "delta": {
             "stop_reason": "tool_use" if self.tool else self.stop_reason, "stop_sequence": self.stop_sequence},
             "usage": {"output_tokens": 15, **({"input_tokens": 25, **self.cache_usage} if self.cache_in_delta else {})}})

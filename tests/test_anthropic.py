@@ -479,3 +479,65 @@ async def test_response_format_text_is_served_and_json_modes_are_refused(claude,
         assert response_format["type"] in info.value.body["message"]
     await client.close()
     assert len(claude.requests) == 1
+
+
+async def test_reasoning_effort_turns_on_thinking_and_the_stream_carries_it_back(claude, gateway_factory):
+    """OpenAI client, Anthropic upstream: ``reasoning_effort`` becomes ``thinking`` with a budget (max_tokens
+    raised past it, temperature left out as Anthropic requires); the thinking streams as ``reasoning_content``
+    and ends with its signed block in ``thinking_blocks``, which the next turn (after a tool call) sends back."""
+    claude.thinking = ["Let me ", "think."]
+    claude.tool = {"name": "get_weather", "input_parts": ["{\"city\": \"Oslo\"}"]}
+    gw = await gateway_factory(anthropic_config(claude))
+    client = openai_client(gw.base_url)
+    messages = [{"role": "user", "content": "Weather in Oslo?"}]
+    stream = await client.chat.completions.create(model="claude-sonnet-4", messages=messages, tools=TOOLS,
+                                                  reasoning_effort="medium", temperature=0.2, max_tokens=500,
+                                                  stream=True)
+    chunks = [c async for c in stream]
+    sent = claude.requests[-1]
+    assert sent["thinking"] == {"type": "enabled", "budget_tokens": 2048}
+    assert sent["max_tokens"] == 2548 and "temperature" not in sent
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "Let me think."
+    blocks = [b for d in deltas for b in (getattr(d, "thinking_blocks", None) or [])]
+    assert blocks == [{"type": "thinking", "thinking": "Let me think.", "signature": claude.signature}]
+    assert "".join(d.content or "" for d in deltas) == "Hello from Claude"
+    call = next(tc for d in deltas for tc in (d.tool_calls or []) if tc.id)
+    # the next turn: the assistant's message with its thinking blocks, then the tool's result
+    claude.thinking, claude.tool = None, None
+    messages += [{"role": "assistant", "content": None, "thinking_blocks": blocks,
+                  "tool_calls": [{"id": call.id, "type": "function",
+                                  "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+                 {"role": "tool", "tool_call_id": call.id, "content": "4 degrees"}]
+    await client.chat.completions.create(model="claude-sonnet-4", messages=messages, tools=TOOLS,
+                                         reasoning_effort="medium")
+    await client.close()
+    assistant = claude.requests[-1]["messages"][1]
+    assert assistant["role"] == "assistant" and assistant["content"][0] == blocks[0]
+    assert assistant["content"][1]["type"] == "tool_use"
+
+
+async def test_a_whole_answer_with_thinking_has_reasoning_content_and_thinking_blocks(claude, gateway_factory):
+    claude.thinking = ["Short ", "thought."]
+    gw = await gateway_factory(anthropic_config(claude))
+    client = openai_client(gw.base_url)
+    answer = await client.chat.completions.create(
+        model="claude-sonnet-4", messages=[{"role": "user", "content": "Hi"}],
+        extra_body={"thinking": {"type": "enabled", "budget_tokens": 3000}})
+    await client.close()
+    assert claude.requests[-1]["thinking"] == {"type": "enabled", "budget_tokens": 3000}
+    assert claude.requests[-1]["max_tokens"] == 1024 + 3000  # the provider's default, raised past the budget
+    message = answer.choices[0].message
+    assert message.content == "Hello from Claude"
+    assert message.reasoning_content == "Short thought."  # type: ignore[attr-defined]
+    assert message.thinking_blocks == [  # type: ignore[attr-defined]
+        {"type": "thinking", "thinking": "Short thought.", "signature": claude.signature}]
+
+
+async def test_without_reasoning_no_thinking_is_asked_and_sampling_is_kept(claude, gateway_factory):
+    gw = await gateway_factory(anthropic_config(claude))
+    client = openai_client(gw.base_url)
+    await client.chat.completions.create(model="claude-3-haiku", messages=[{"role": "user", "content": "Hi"}],
+                                         temperature=0.3)
+    await client.close()
+    assert "thinking" not in claude.requests[-1] and claude.requests[-1]["temperature"] == 0.3
