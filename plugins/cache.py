@@ -22,6 +22,7 @@ import orjson
 import structlog
 
 from proxy import GatewayError, Outcome, Reply, hookimpl
+from proxy.anthropic_format import ANTHROPIC_EXTRAS
 from proxy.openai_format import body_to_chunks, merge_chunks, new_id
 from proxy.sse import DONE, Chunk
 
@@ -336,8 +337,12 @@ class CachePlugin:
         no_cache, no_store, max_age = _cache_control(cc) if self.config.honor_cache_control else (False, False, None)
         if not self._deterministic(exchange) or (no_cache and no_store):
             return self._bypass(exchange, st)
+        body = exchange.json
+        extras = exchange.state.get(ANTHROPIC_EXTRAS)  # (/v1/messages: thinking, top_k beside the translation)
+        if extras is not None:
+            body = {**body, ANTHROPIC_EXTRAS: extras}
         try:
-            st.key = self.key_for(exchange.json, exchange.endpoint, self._scope(exchange), exchange.model)
+            st.key = self.key_for(body, exchange.endpoint, self._scope(exchange), exchange.model)
         except (TypeError, ValueError):  # e.g. an integer orjson cannot serialize
             return self._bypass(exchange, st)
         if not no_cache:

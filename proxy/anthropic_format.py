@@ -9,6 +9,12 @@ reasoning servers (vLLM, DeepSeek) use: ``reasoning_effort`` (or an Anthropic ``
 turns thinking on; the thinking comes back as ``reasoning_content`` (streamed as ``delta.reasoning_content``)
 and, with its signature, as ``thinking_blocks``; an assistant message that carries its ``thinking_blocks`` back
 sends them to Anthropic again, as it requires on the turn after a tool call.
+
+``/v1/messages`` the other way: an Anthropic client's ``thinking``, ``top_k`` and the thinking blocks of its
+history have no OpenAI field, so they ride beside the translated request (:func:`anthropic_extras`, kept in
+``exchange.state``): an ``anthropic`` provider sends them again, other providers never see them. Reasoning
+from any upstream (``reasoning_content`` or ``reasoning``, ``thinking_blocks``) reaches the client as thinking
+blocks.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ import orjson
 from .sse import Chunk
 
 __all__ = [
-    "to_anthropic_request", "from_anthropic_message", "AnthropicStreamToOpenAI",
+    "ANTHROPIC_EXTRAS", "anthropic_extras", "to_anthropic_request", "from_anthropic_message", "AnthropicStreamToOpenAI",
     "from_anthropic_request", "to_anthropic_message", "OpenAIStreamToAnthropic",
     "FINISH_FROM_ANTHROPIC", "STOP_FROM_OPENAI", "anthropic_error_body", "anthropic_error", "unsupported_by_anthropic",
 ]
@@ -47,6 +53,10 @@ OVERLOADED_STATUS = 529
 _OVERLOADED = frozenset({"overloaded_error", "overloaded", "server_shutting_down"})
 
 
+#: The ``exchange.state`` key of what a ``/v1/messages`` request carries that the OpenAI format has no field for.
+ANTHROPIC_EXTRAS = "anthropic.extras"
+_THINKING_TYPES = ("thinking", "redacted_thinking")
+
 #: Thinking budget (tokens) per OpenAI ``reasoning_effort``, as LiteLLM maps it (Anthropic's minimum is 1,024).
 REASONING_BUDGET = {"minimal": 1024, "low": 1024, "medium": 2048, "high": 4096}
 
@@ -61,12 +71,28 @@ def _thinking(body: dict[str, Any]) -> dict[str, Any] | None:
     return {"type": "enabled", "budget_tokens": budget} if budget else None
 
 
-def _thinking_blocks(message: dict[str, Any]) -> list[dict[str, Any]]:
-    """The thinking blocks an assistant message carries back (``thinking_blocks``, signatures kept)."""
-    blocks = message.get("thinking_blocks")
+def _thinking_blocks(blocks: Any) -> list[dict[str, Any]]:
+    """The thinking blocks of a list of blocks (an OpenAI message's ``thinking_blocks``, an Anthropic message's
+    content), signatures kept."""
     if not isinstance(blocks, list):
         return []
-    return [dict(b) for b in blocks if isinstance(b, dict) and b.get("type") in ("thinking", "redacted_thinking")]
+    return [dict(b) for b in blocks if isinstance(b, dict) and b.get("type") in _THINKING_TYPES]
+
+
+def anthropic_extras(body: dict[str, Any]) -> dict[str, Any] | None:
+    """What of an Anthropic Messages request its OpenAI translation cannot carry: ``thinking``, ``top_k``, and
+    the thinking blocks of each assistant message (``thinking_history``, one list per assistant message, in
+    order). None when there is none."""
+    extras: dict[str, Any] = {}
+    if isinstance(body.get("thinking"), dict):
+        extras["thinking"] = body["thinking"]
+    if type(body.get("top_k")) is int:
+        extras["top_k"] = body["top_k"]
+    history = [_thinking_blocks(m.get("content")) for m in body.get("messages") or ()
+               if isinstance(m, dict) and m.get("role") == "assistant"]
+    if any(history):
+        extras["thinking_history"] = history
+    return extras or None
 
 
 def _message_id(openai_id: Any) -> str:
@@ -163,9 +189,14 @@ def unsupported_by_anthropic(body: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-def to_anthropic_request(body: dict[str, Any], max_tokens_default: int) -> dict[str, Any]:
+def to_anthropic_request(body: dict[str, Any], max_tokens_default: int,
+                         extras: dict[str, Any] | None = None) -> dict[str, Any]:
     """An OpenAI chat completion request as an Anthropic Messages request (what it cannot carry is found by
-    :func:`unsupported_by_anthropic` first; ``response_format`` ``text`` is the default and needs nothing)."""
+    :func:`unsupported_by_anthropic` first; ``response_format`` ``text`` is the default and needs nothing).
+    ``extras``: what a ``/v1/messages`` client sent beside it (:func:`anthropic_extras`)."""
+    extras = extras or {}
+    history: list[list[dict[str, Any]]] = extras.get("thinking_history") or []
+    assistant_turns = 0
     system: list[str] = []
     messages: list[dict[str, Any]] = []
 
@@ -182,7 +213,11 @@ def to_anthropic_request(body: dict[str, Any], max_tokens_default: int) -> dict[
         elif role == "user":
             add("user", _blocks_from_openai_content(m.get("content")))
         elif role == "assistant":
-            blocks = _thinking_blocks(m) + _blocks_from_openai_content(m.get("content"))
+            thinking_blocks = _thinking_blocks(m.get("thinking_blocks"))
+            if not thinking_blocks and assistant_turns < len(history):
+                thinking_blocks = history[assistant_turns]
+            assistant_turns += 1
+            blocks = thinking_blocks + _blocks_from_openai_content(m.get("content"))
             for call in m.get("tool_calls") or ():
                 fn = call.get("function") or {}
                 try:
@@ -208,7 +243,7 @@ def to_anthropic_request(body: dict[str, Any], max_tokens_default: int) -> dict[
         out["system"] = "\n\n".join(system)
     if body.get("stream"):
         out["stream"] = True
-    thinking = _thinking(body)
+    thinking = _thinking(body) or extras.get("thinking")
     if thinking is not None:
         out["thinking"] = thinking
         budget = thinking.get("budget_tokens")
@@ -220,6 +255,8 @@ def to_anthropic_request(body: dict[str, Any], max_tokens_default: int) -> dict[
             out["temperature"] = min(float(body["temperature"]), 1.0)
         if body.get("top_p") is not None:
             out["top_p"] = body["top_p"]
+        if extras.get("top_k") is not None:
+            out["top_k"] = extras["top_k"]
     stop = body.get("stop")
     if stop:
         out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
@@ -497,7 +534,10 @@ def _anthropic_usage(usage: dict[str, Any] | None) -> dict[str, int]:
 def to_anthropic_message(body: dict[str, Any]) -> dict[str, Any]:
     choice = (body.get("choices") or [{}])[0]
     message = choice.get("message") or {}
-    content: list[dict[str, Any]] = []
+    content: list[dict[str, Any]] = _thinking_blocks(message.get("thinking_blocks"))
+    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    if not content and isinstance(reasoning, str) and reasoning:
+        content.append({"type": "thinking", "thinking": reasoning, "signature": ""})  # (unsigned: not Claude's)
     if message.get("content"):
         content.append({"type": "text", "text": message["content"]})
     for call in message.get("tool_calls") or ():
@@ -565,6 +605,31 @@ class OpenAIStreamToAnthropic:
                                                   "content_block": block}))
         return out
 
+    def _thinking_delta(self, text: str) -> list[bytes]:
+        out = [] if self.block_kind == "thinking" else self._open_block(
+            "thinking", {"type": "thinking", "thinking": "", "signature": ""})
+        out.append(_event("content_block_delta", {"type": "content_block_delta", "index": self.block,
+                                                  "delta": {"type": "thinking_delta", "thinking": text}}))
+        return out
+
+    def _thinking_ends(self, blocks: Any) -> list[bytes]:
+        """Whole thinking blocks (``thinking_blocks``, as an ``anthropic`` provider sends one when it ends): the
+        signature of the thinking block being streamed, or a block of its own."""
+        out: list[bytes] = []
+        for block in _thinking_blocks(blocks):
+            if block["type"] == "redacted_thinking":
+                out += self._open_block("redacted_thinking", {"type": "redacted_thinking",
+                                                              "data": block.get("data", "")})
+            else:
+                if self.block_kind != "thinking" and block.get("thinking"):
+                    out += self._thinking_delta(str(block["thinking"]))
+                if block.get("signature") and self.block_kind == "thinking":
+                    out.append(_event("content_block_delta", {
+                        "type": "content_block_delta", "index": self.block,
+                        "delta": {"type": "signature_delta", "signature": block["signature"]}}))
+            out += self._close_block()
+        return out
+
     def feed(self, raw: bytes) -> list[bytes]:
         if raw.startswith(b":"):
             return [raw]
@@ -593,6 +658,11 @@ class OpenAIStreamToAnthropic:
             out = self._start()
         for choice in choices or ():
             delta = choice.get("delta") or {}
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if reasoning and isinstance(reasoning, str):
+                out += self._thinking_delta(reasoning)
+            if delta.get("thinking_blocks"):
+                out += self._thinking_ends(delta["thinking_blocks"])
             if delta.get("content"):
                 if self.block_kind != "text":
                     out += self._open_block("text", {"type": "text", "text": ""})

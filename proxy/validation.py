@@ -160,7 +160,13 @@ def _from_anthropic(body: dict[str, Any]) -> dict[str, Any]:
 def translate_anthropic_ingress(exchange: Exchange) -> None:
     """``/v1/messages``: check the Anthropic-format body, then replace it by its OpenAI translation, so the
     pipeline and every plugin see one format. The answer is translated back on the way out."""
-    translated = _from_anthropic(_anthropic_body(exchange.body, require_max_tokens=True))
+    from .anthropic_format import ANTHROPIC_EXTRAS, anthropic_extras
+
+    body = _anthropic_body(exchange.body, require_max_tokens=True)
+    translated = _from_anthropic(body)
+    extras = anthropic_extras(body)  # (thinking, top_k: for an anthropic provider only)
+    if extras is not None:
+        exchange.state[ANTHROPIC_EXTRAS] = extras
     if translated.get("stream"):
         # The Anthropic stream reports usage at the end: ask for the usage chunk, the egress consumes it.
         translated["stream_options"] = {"include_usage": True}

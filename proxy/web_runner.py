@@ -11,7 +11,7 @@ should see every request is skipped.
 """
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
 from aiohttp import hdrs, web
 

@@ -7,11 +7,13 @@ import attrs
 import openai
 import orjson
 import pytest
+from aiohttp import web
 
 from proxy.config.schema import Config, PipelineEntry, ProviderConfig
 from proxy.testing import Script, config_for
 from tests.anthropic_upstream import AnthropicUpstream
 from tests.conftest import openai_client
+from tests.helpers import CatchAllUpstream
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
                                            "parameters": {"type": "object",
@@ -541,3 +543,114 @@ async def test_without_reasoning_no_thinking_is_asked_and_sampling_is_kept(claud
                                          temperature=0.3)
     await client.close()
     assert "thinking" not in claude.requests[-1] and claude.requests[-1]["temperature"] == 0.3
+
+
+THINK = {"type": "enabled", "budget_tokens": 1024}
+CLAUDE_TOOLS = [{"name": "get_weather", "description": "Weather for a city",
+                 "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+
+
+async def test_messages_ingress_thinking_reaches_an_anthropic_provider_and_streams_back_signed(
+        claude, gateway_factory):
+    claude.thinking = ["Let me ", "think."]
+    gw = await gateway_factory(anthropic_config(claude))
+    client = anthropic_client(gw)
+    async with client.messages.stream(model="claude-sonnet-4", max_tokens=2000, thinking=THINK,
+                                      extra_body={"temperature": 1},
+                                      messages=[{"role": "user", "content": "Hi"}]) as stream:
+        final = await stream.get_final_message()
+    await client.close()
+    sent = claude.requests[-1]
+    assert sent["thinking"] == THINK and sent["max_tokens"] == 2000 and "temperature" not in sent
+    assert [b.type for b in final.content] == ["thinking", "text"]
+    assert final.content[0].thinking == "Let me think." and final.content[0].signature == claude.signature
+    assert final.content[1].text == "Hello from Claude"
+
+
+async def test_messages_ingress_sends_the_historys_thinking_blocks_back_to_anthropic(claude, gateway_factory):
+    """After a tool call, Anthropic requires the assistant turn's thinking block (signed) back."""
+    claude.thinking = ["Now ", "answer."]
+    gw = await gateway_factory(anthropic_config(claude))
+    client = anthropic_client(gw)
+    signed = {"type": "thinking", "thinking": "I need the weather.", "signature": "sig-0"}
+    history = [{"role": "user", "content": "Weather in Oslo?"},
+               {"role": "assistant", "content": [signed, {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                                          "input": {"city": "Oslo"}}]},
+               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                             "content": "4 degrees"}]}]
+    answer = await client.messages.create(model="claude-sonnet-4", max_tokens=2000, thinking=THINK,
+                                          tools=CLAUDE_TOOLS, messages=history)
+    await client.close()
+    assistant = claude.requests[-1]["messages"][1]
+    assert assistant["content"][0] == signed and assistant["content"][1]["type"] == "tool_use"
+    assert answer.content[0].type == "thinking" and answer.content[0].signature == claude.signature
+
+
+async def test_top_k_and_thinking_reach_anthropic_only(claude, upstream, gateway_factory):
+    """An OpenAI-compatible upstream never sees them (OpenAI refuses unknown parameters)."""
+    gw = await gateway_factory(anthropic_config(claude))
+    client = anthropic_client(gw)
+    await client.messages.create(model="claude-3-haiku", max_tokens=50, extra_body={"top_k": 5},
+                                 messages=[{"role": "user", "content": "Hi"}])
+    await client.close()
+    assert claude.requests[-1]["top_k"] == 5
+    gw2 = await gateway_factory(config_for(upstream))
+    client2 = anthropic_client(gw2)
+    await client2.messages.create(model="m", max_tokens=2000, extra_body={"top_k": 5}, thinking=THINK,
+                                  messages=[{"role": "user", "content": "Hi"}])
+    await client2.close()
+    assert not {"top_k", "thinking"} & set(upstream.requests[-1])
+
+
+class ReasoningUpstream(CatchAllUpstream):
+    """An OpenAI-compatible reasoning server (vLLM, DeepSeek): ``reasoning_content`` before the answer."""
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        head = {"id": "chatcmpl-r1", "created": 1, "model": body["model"]}
+        if not body.get("stream"):
+            return web.json_response({**head, "object": "chat.completion", "choices": [{
+                "index": 0, "finish_reason": "stop",
+                "message": {"role": "assistant", "content": "42.", "reasoning_content": "Because so."}}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        deltas = [{"role": "assistant", "content": ""}, {"reasoning_content": "Because "},
+                  {"reasoning_content": "so."}, {"content": "42."}]
+        for i, delta in enumerate(deltas):
+            choice = {"index": 0, "delta": delta, "finish_reason": "stop" if i == len(deltas) - 1 else None}
+            await resp.write(b"data: " + orjson.dumps({**head, "object": "chat.completion.chunk",
+                                                       "choices": [choice]}) + b"\n\n")
+        await resp.write(b"data: " + orjson.dumps({**head, "object": "chat.completion.chunk", "choices": [], "usage": {
+            "prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}}) + b"\n\ndata: [DONE]\n\n")
+        return resp
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_messages_ingress_shows_a_reasoning_servers_reasoning_as_thinking(gateway_factory, stream):
+    up = await ReasoningUpstream().start()
+    try:
+        gw = await gateway_factory(config_for(up.base_url))
+        client = anthropic_client(gw)
+        kwargs: dict = dict(model="deepseek-r1", max_tokens=100, messages=[{"role": "user", "content": "Why?"}])
+        if stream:
+            async with client.messages.stream(**kwargs) as s:
+                answer = await s.get_final_message()
+        else:
+            answer = await client.messages.create(**kwargs)
+        await client.close()
+        assert [b.type for b in answer.content] == ["thinking", "text"]
+        assert answer.content[0].thinking == "Because so." and answer.content[1].text == "42."
+    finally:
+        await up.close()
+
+
+async def test_the_cache_keys_what_rides_beside_a_messages_request(claude, gateway_factory):
+    cache = PipelineEntry("cache", {"only_deterministic": False})
+    gw = await gateway_factory(attrs.evolve(anthropic_config(claude), pipeline=(cache, PipelineEntry("router"))))
+    client = anthropic_client(gw)
+    ask: dict = dict(model="claude-3-haiku", max_tokens=50, messages=[{"role": "user", "content": "Hi"}])
+    for top_k in (5, 6, 5):
+        await client.messages.create(**ask, extra_body={"top_k": top_k})
+    await client.close()
+    assert [r["top_k"] for r in claude.requests] == [5, 6]  # the third was the first's, from the cache

@@ -11,7 +11,7 @@ import pytest
 
 from proxy import Chunk, Outcome, Route, StopStream, hookimpl
 from proxy.breaker import CLOSED
-from proxy.testing import Script, config_for
+from proxy.testing import config_for
 from tests.conftest import openai_client
 from tests.helpers import CHAT, Recorder, content_of, data_events, read_stream
 

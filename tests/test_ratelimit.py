@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 
 from plugins._ratelimit_core import UNIT, MemoryBackend, RedisBackend, format_duration, transition
 from plugins.ratelimit import TIERS, RateLimitPlugin
-from proxy import GatewayError, Outcome, Reply, Usage, hookimpl
+from proxy import Outcome, Reply, Usage, hookimpl
 from proxy.config.schema import PipelineEntry, RedisConfig
 from proxy.config.load import ConfigError
 from proxy.gateway import Gateway

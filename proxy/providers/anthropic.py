@@ -9,6 +9,7 @@ import aiohttp
 import orjson
 
 from ..anthropic_format import (
+    ANTHROPIC_EXTRAS,
     AnthropicStreamToOpenAI,
     from_anthropic_message,
     to_anthropic_request,
@@ -79,7 +80,10 @@ class AnthropicProvider(OpenAIProvider):
             param, reason = refused
             raise UpstreamError(400, f"provider {self.name!r} (anthropic) {reason}", kind="unsupported",
                                 retryable=False, fallback=True, param=param, code="unsupported_value")
-        translated = to_anthropic_request({**body, "model": request.route.model}, self.config.max_tokens_default)
+        exchange = request.exchange
+        extras = exchange.state.get(ANTHROPIC_EXTRAS) if exchange.ingress == "anthropic" else None
+        translated = to_anthropic_request({**body, "model": request.route.model}, self.config.max_tokens_default,
+                                          extras)
         return orjson.dumps(translated)
 
     def error_from(self, status: int, body: bytes, headers: Mapping[str, str]) -> UpstreamError:
