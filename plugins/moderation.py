@@ -184,7 +184,7 @@ class ModerationState:
     flagged, and for a stream the text tails and the held-back chunks."""
 
     __slots__ = ("rules", "matcher", "detectors", "holdback", "overlap", "keep", "texts", "held", "flagged",
-                 "direction", "attempt")
+                 "direction", "attempt", "reasoning")
 
     def __init__(self, rules: RuleSet, check_output: bool, holdback: int | None) -> None:
         self.rules = rules
@@ -194,7 +194,9 @@ class ModerationState:
         self.overlap = max(0, matcher.max_len - 1)
         self.holdback = self.overlap if holdback is None else holdback
         self.keep = self.overlap + _CONTEXT
+        #: Text tails by choice index; a choice's reasoning (``reasoning_content``) has its own, at ``-1 - index``.
         self.texts: dict[int, _Text] = {}
+        self.reasoning = False  #: whether any choice streamed reasoning (its tail must end when content starts)
         self.held: list[tuple[Chunk, Any, int]] = []  #: (chunk, _Text or _Needs or None, end offset)
         self.flagged: dict[str, float] | None = None  #: category -> score, once something was flagged
         self.direction: str | None = None  #: "input" or "output"
@@ -221,6 +223,20 @@ class _Needs:
 #: (other key order, spaces, escapes, finish_reason set, several choices) takes the parsing path.
 _CONTENT_CHUNK = re.compile(rb'"choices":\[\{"index":(\d+),"delta":\{"content":"([^"\\]*)"\}'
                             rb'(?:,"logprobs":null)?,"finish_reason":null\}\]')
+
+
+def _and(need: Any, more: tuple[_Text, int]) -> Any:
+    """A chunk's release condition with one more (tail, end) to wait for."""
+    if need is None:
+        return more
+    return (need if type(need) is list else [need]) + [more]
+
+
+def _reasoning_over(st: ModerationState, idx: int) -> None:
+    """The answer of choice ``idx`` started or ended: its reasoning is complete, its held chunks may go."""
+    own = st.texts.get(-1 - idx)
+    if own is not None:
+        own.done = True
 
 
 class ModerationPlugin:
@@ -501,6 +517,8 @@ class ModerationPlugin:
                 held.append((chunk, None, 0))
             else:
                 idx = 0 if index == b"0" else int(index)
+                if st.reasoning:
+                    _reasoning_over(st, idx)
                 tail = st.texts.get(idx)
                 if tail is None:
                     tail = st.texts[idx] = _Text()
@@ -578,17 +596,31 @@ class ModerationPlugin:
                 delta = choice.get("delta")
                 text = delta.get("content") if type(delta) is dict else choice.get("text")
                 idx = choice.get("index", 0)
+                if type(idx) is not int:
+                    idx = 0
+                if type(delta) is dict:
+                    # A reasoning model's thinking is output too: scanned apart from the answer (no match across
+                    # the two), and held back like it.
+                    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                    if reasoning and type(reasoning) is str:
+                        st.reasoning = True
+                        own = texts.get(-1 - idx)
+                        if own is None:
+                            own = texts[-1 - idx] = _Text()
+                        self._feed(exchange, st, own, reasoning)
+                        need = _and(need, (own, own.total))
                 tail = texts.get(idx)
                 if tail is None:
                     tail = texts[idx] = _Text()
                 if text and type(text) is str:
+                    if st.reasoning:
+                        _reasoning_over(st, idx)
                     self._feed(exchange, st, tail, text)
-                    if need is None:
-                        need = (tail, tail.total)
-                    else:
-                        need = (need if type(need) is list else [need]) + [(tail, tail.total)]
+                    need = _and(need, (tail, tail.total))
                 if choice.get("finish_reason"):
                     tail.done = True
+                    if st.reasoning:
+                        _reasoning_over(st, idx)
         return need
 
     def _feed(self, exchange: "Exchange", st: ModerationState, tail: _Text, text: str) -> None:
@@ -625,11 +657,14 @@ class ModerationPlugin:
             if not isinstance(choice, dict):
                 continue
             message = choice.get("message")
-            text = message.get("content") if isinstance(message, dict) else choice.get("text")
-            if isinstance(text, str) and text:
-                found = matcher.scan(normalize(text))
-                if found:
-                    hits.extend(found)
+            texts = [choice.get("text")]
+            if isinstance(message, dict):  # the answer, and a reasoning model's thinking apart
+                texts = [message.get("content"), message.get("reasoning_content") or message.get("reasoning")]
+            for text in texts:
+                if isinstance(text, str) and text:
+                    found = matcher.scan(normalize(text))
+                    if found:
+                        hits.extend(found)
         flagged = self._flagged(hits) if hits else None
         if flagged:
             self._violation(exchange, "output", flagged, [h.rule for h in hits if h.category in flagged])

@@ -1,6 +1,7 @@
 """Small helpers for tests: read a gateway's SSE answer as raw events; record the exchanges that end."""
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
@@ -36,6 +37,41 @@ class CatchAllUpstream:
     async def close(self) -> None:
         if self.runner is not None:
             await self.runner.cleanup()
+
+
+class ReasoningUpstream(CatchAllUpstream):
+    """An OpenAI-compatible reasoning server (vLLM, DeepSeek): ``reasoning_content`` before the answer, streamed
+    a part a chunk, or whole in the message; the bodies it got in ``requests``."""
+
+    def __init__(self, reasoning: list[str], answer: list[str]) -> None:
+        self.reasoning, self.answer = reasoning, answer
+        self.requests: list[dict[str, Any]] = []
+        #: When set, a stream's last chunk waits for it (a test lets it go once it saw what came before).
+        self.gate: asyncio.Event | None = None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(body)
+        head = {"id": "chatcmpl-r1", "created": 1, "model": body["model"]}
+        usage = {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
+        if not body.get("stream"):
+            return web.json_response({**head, "object": "chat.completion", "usage": usage, "choices": [{
+                "index": 0, "finish_reason": "stop", "message": {
+                    "role": "assistant", "content": "".join(self.answer),
+                    "reasoning_content": "".join(self.reasoning)}}]})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        deltas = [{"role": "assistant", "content": ""}] + [{"reasoning_content": r} for r in self.reasoning] + [
+            {"content": a} for a in self.answer]
+        for i, delta in enumerate(deltas):
+            if i == len(deltas) - 1 and self.gate is not None:
+                await self.gate.wait()
+            choice = {"index": 0, "delta": delta, "finish_reason": "stop" if i == len(deltas) - 1 else None}
+            await resp.write(b"data: " + orjson.dumps({**head, "object": "chat.completion.chunk",
+                                                       "choices": [choice]}) + b"\n\n")
+        await resp.write(b"data: " + orjson.dumps({**head, "object": "chat.completion.chunk", "choices": [],
+                                                   "usage": usage}) + b"\n\ndata: [DONE]\n\n")
+        return resp
 
 
 class Recorder:

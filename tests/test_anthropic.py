@@ -7,13 +7,12 @@ import attrs
 import openai
 import orjson
 import pytest
-from aiohttp import web
 
 from proxy.config.schema import Config, PipelineEntry, ProviderConfig
 from proxy.testing import Script, config_for
 from tests.anthropic_upstream import AnthropicUpstream
 from tests.conftest import openai_client
-from tests.helpers import CatchAllUpstream
+from tests.helpers import ReasoningUpstream
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
                                            "parameters": {"type": "object",
@@ -602,33 +601,9 @@ async def test_top_k_and_thinking_reach_anthropic_only(claude, upstream, gateway
     assert not {"top_k", "thinking"} & set(upstream.requests[-1])
 
 
-class ReasoningUpstream(CatchAllUpstream):
-    """An OpenAI-compatible reasoning server (vLLM, DeepSeek): ``reasoning_content`` before the answer."""
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        head = {"id": "chatcmpl-r1", "created": 1, "model": body["model"]}
-        if not body.get("stream"):
-            return web.json_response({**head, "object": "chat.completion", "choices": [{
-                "index": 0, "finish_reason": "stop",
-                "message": {"role": "assistant", "content": "42.", "reasoning_content": "Because so."}}],
-                "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}})
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        deltas = [{"role": "assistant", "content": ""}, {"reasoning_content": "Because "},
-                  {"reasoning_content": "so."}, {"content": "42."}]
-        for i, delta in enumerate(deltas):
-            choice = {"index": 0, "delta": delta, "finish_reason": "stop" if i == len(deltas) - 1 else None}
-            await resp.write(b"data: " + orjson.dumps({**head, "object": "chat.completion.chunk",
-                                                       "choices": [choice]}) + b"\n\n")
-        await resp.write(b"data: " + orjson.dumps({**head, "object": "chat.completion.chunk", "choices": [], "usage": {
-            "prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}}) + b"\n\ndata: [DONE]\n\n")
-        return resp
-
-
 @pytest.mark.parametrize("stream", [False, True])
 async def test_messages_ingress_shows_a_reasoning_servers_reasoning_as_thinking(gateway_factory, stream):
-    up = await ReasoningUpstream().start()
+    up = await ReasoningUpstream(["Because ", "so."], ["42."]).start()
     try:
         gw = await gateway_factory(config_for(up.base_url))
         client = anthropic_client(gw)

@@ -25,7 +25,7 @@ from proxy.sse import DONE, Chunk, SSEParser
 from proxy.testing import Script, config_for
 from proxy.web_app import start_server
 from tests.conftest import openai_client
-from tests.helpers import CHAT, Recorder, content_of, data_events, read_stream
+from tests.helpers import CHAT, ReasoningUpstream, Recorder, content_of, data_events, read_stream
 
 REPO = Path(__file__).resolve().parent.parent
 BOMB = {"category": "violence", "score": 0.9, "name": "explosives", "keywords": ["pipe bomb"]}
@@ -710,3 +710,66 @@ def test_a_repeat_with_a_separator_loads_now():
     (loaded,) = load_plugins((PipelineEntry("moderation", {"rules": [{"category": "x", "patterns": patterns}]}),),
                              new_plugin_manager())
     assert loaded.config.rules[0].patterns == tuple(patterns)
+
+
+# -- a reasoning model's thinking is output too ---------------------------------------------------------------
+
+async def _reasoning_gateway(gateway_factory, reasoning: list[str], answer: list[str]):
+    up = await ReasoningUpstream(reasoning, answer).start()
+    gw = await gateway_factory(config_for(up.base_url, pipeline=[PipelineEntry("moderation", {"rules": [BOMB]}),
+                                                                 "router"]))
+    return up, gw
+
+
+async def test_flagged_reasoning_stops_the_stream_and_never_reaches_the_client(gateway_factory):
+    up, gw = await _reasoning_gateway(gateway_factory, ["First, the pi", "pe b", "omb parts"], ["Sure."])
+    try:
+        status, _, events = await read_stream(gw.base_url + "/chat/completions", STREAM)
+    finally:
+        await up.close()
+    assert status == 200 and events[-1] == DONE
+    sent = b"".join(events)
+    assert b"pe b" not in sent and b"omb" not in sent and b"Sure." not in sent
+    assert b'"finish_reason":"content_filter"' in sent
+    assert plugin_of(gw).stats.output_flagged == 1
+
+
+async def test_clean_reasoning_is_released_before_the_answer_ends_and_in_order(gateway_factory):
+    """Scanned apart from the answer (no phrase across the two) and held back like it, then let go when the
+    answer starts: the upstream sends its last chunk only once the client has all the reasoning."""
+    up, gw = await _reasoning_gateway(gateway_factory, ["Think ", "about a pipe"], [" bomb? No: ", "a pipe organ."])
+    up.gate = asyncio.Event()
+
+    async def read() -> list[bytes]:
+        events: list[bytes] = []
+        parser = SSEParser()
+        async with aiohttp.ClientSession() as s, s.post(gw.base_url + "/chat/completions", json=STREAM) as r:
+            async for data in r.content.iter_any():
+                events.extend(parser.feed(data))
+                if any(b"about a pipe" in e for e in events):
+                    up.gate.set()  # type: ignore[union-attr]
+        return events
+
+    try:
+        events = await asyncio.wait_for(read(), 5)
+    finally:
+        await up.close()
+    deltas = [orjson.loads(e[6:])["choices"][0]["delta"] for e in events
+              if e.startswith(b"data: {") and orjson.loads(e[6:])["choices"]]
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == "Think about a pipe"
+    assert "".join(d.get("content") or "" for d in deltas) == " bomb? No: a pipe organ."
+    order = [("r" if d.get("reasoning_content") else "c") for d in deltas if d.get("reasoning_content")
+             or d.get("content")]
+    assert order == ["r", "r", "c", "c"] and plugin_of(gw).stats.output_flagged == 0
+
+
+async def test_a_whole_answers_reasoning_is_scanned(gateway_factory):
+    up, gw = await _reasoning_gateway(gateway_factory, ["How to build a pipe bomb"], ["I won't."])
+    client = openai_client(gw.base_url)
+    try:
+        answer = await client.chat.completions.create(model="m", messages=CHAT["messages"])
+    finally:
+        await client.close()
+        await up.close()
+    assert answer.choices[0].finish_reason == "content_filter"
+    assert "bomb" not in str(answer.choices[0].message.model_dump())
