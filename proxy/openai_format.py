@@ -42,6 +42,11 @@ def new_id(prefix: str = "chatcmpl") -> str:
     return f"{prefix}-{os.urandom(12).hex()}"
 
 
+#: The members reasoning servers put a model's thinking in (vLLM, DeepSeek: ``reasoning_content``; OpenRouter and
+#: newer vLLM: ``reasoning``), kept through merging and splitting like the content.
+_REASONING_MEMBERS = ("reasoning_content", "reasoning")
+
+
 def merge_chunks(chunks: list[dict[str, Any]]) -> dict[str, Any]:
     """Merge ``chat.completion.chunk`` (or ``text_completion``) objects into the equivalent complete answer."""
     first = next((c for c in chunks if isinstance(c, dict)), {})
@@ -78,6 +83,11 @@ def merge_chunks(chunks: list[dict[str, Any]]) -> dict[str, Any]:
                 acc["content"].append(delta["content"])
             if delta.get("refusal"):
                 acc["refusal"] = (acc["refusal"] or "") + delta["refusal"]
+            for key in _REASONING_MEMBERS:  # a reasoning model's thinking, under the member its server uses
+                if delta.get(key) and isinstance(delta[key], str):
+                    acc[key] = acc.get(key, "") + delta[key]
+            if isinstance(delta.get("thinking_blocks"), list):
+                acc["thinking_blocks"] = acc.get("thinking_blocks", []) + delta["thinking_blocks"]
             for tc in delta.get("tool_calls") or ():
                 slot = acc["tool_calls"].setdefault(tc.get("index", 0), {"id": None, "type": "function",
                                                                          "function": {"name": "", "arguments": ""}})
@@ -93,6 +103,9 @@ def merge_chunks(chunks: list[dict[str, Any]]) -> dict[str, Any]:
                                        "refusal": acc["refusal"]}
             if acc["tool_calls"]:
                 message["tool_calls"] = [acc["tool_calls"][k] for k in sorted(acc["tool_calls"])]
+            for key in (*_REASONING_MEMBERS, "thinking_blocks"):
+                if key in acc:
+                    message[key] = acc[key]
             out_choices.append({"index": idx, "message": message, "logprobs": acc["logprobs"],
                                 "finish_reason": acc["finish_reason"]})
         else:
@@ -127,6 +140,9 @@ def body_to_chunks(body: dict[str, Any], include_usage: bool = False) -> list[di
             delta["tool_calls"] = [{**tc, "index": i} for i, tc in enumerate(message["tool_calls"])]
         if message.get("refusal"):
             delta["refusal"] = message["refusal"]
+        for key in (*_REASONING_MEMBERS, "thinking_blocks"):
+            if message.get(key):
+                delta[key] = message[key]
         # The answer's log probabilities ride on the chunk of its content, whole (a stream spreads them over its
         # chunks; merged back they are the same list).
         chunks.append({**base, "choices": [{"index": idx, "delta": delta, "logprobs": choice.get("logprobs"),

@@ -17,7 +17,7 @@ from proxy.config.schema import PipelineEntry, RedisConfig
 from proxy.plugin_manager import PluginLoadError
 from proxy.testing import Script, config_for
 from tests.conftest import openai_client
-from tests.helpers import CHAT, Recorder, content_of, data_events, read_stream
+from tests.helpers import CHAT, ReasoningUpstream, Recorder, content_of, data_events, read_stream
 
 DET = {**CHAT, "temperature": 0}
 STREAM = {**DET, "stream": True}
@@ -615,3 +615,34 @@ async def test_a_replay_in_the_other_mode_keeps_the_log_probabilities(gateway_fa
         hit, replayed = await second()
     assert (miss, hit) == ("MISS", "HIT")
     assert len(stored) == 6 and [t.model_dump() for t in replayed] == [t.model_dump() for t in stored]
+
+
+@pytest.mark.parametrize("first", ["stream", "whole"])
+async def test_a_reasoning_models_thinking_survives_a_replay_in_the_other_mode(gateway_factory, first):
+    """Stored as a stream's chunks and replayed whole, or stored whole and replayed as a stream: the thinking
+    (``reasoning_content``) comes back with the answer."""
+    up = await ReasoningUpstream(["Because ", "so."], ["4", "2."]).start()
+    try:
+        gw, _ = await start(up.base_url, gateway_factory, only_deterministic=False)
+        url = gw.base_url + "/chat/completions"
+        answers = []
+        for stream in ([True, False] if first == "stream" else [False, True]):
+            if stream:
+                status, _, events = await read_stream(url, {**CHAT, "stream": True})
+                answers.append(data_events(events))
+            else:
+                async with aiohttp.ClientSession() as s, s.post(url, json=CHAT) as r:
+                    status = r.status
+                    answers.append(await r.json())
+            assert status == 200
+    finally:
+        await up.close()
+    assert len(up.requests) == 1  # the second was the cache's
+    for answer in answers:
+        if isinstance(answer, dict):
+            message = answer["choices"][0]["message"]
+            assert (message["reasoning_content"], message["content"]) == ("Because so.", "42.")
+        else:
+            deltas = [c["choices"][0]["delta"] for c in answer if isinstance(c, dict) and c.get("choices")]
+            assert "".join(d.get("reasoning_content") or "" for d in deltas) == "Because so."
+            assert "".join(d.get("content") or "" for d in deltas) == "42."
