@@ -255,8 +255,9 @@ def to_anthropic_request(body: dict[str, Any], max_tokens_default: int,
             out["temperature"] = min(float(body["temperature"]), 1.0)
         if body.get("top_p") is not None:
             out["top_p"] = body["top_p"]
-        if extras.get("top_k") is not None:
-            out["top_k"] = extras["top_k"]
+        top_k = body.get("top_k", extras.get("top_k"))  # (vLLM's extra parameter; an Anthropic client's own)
+        if type(top_k) is int:
+            out["top_k"] = top_k
     stop = body.get("stop")
     if stop:
         out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)

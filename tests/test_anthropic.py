@@ -539,9 +539,10 @@ async def test_without_reasoning_no_thinking_is_asked_and_sampling_is_kept(claud
     gw = await gateway_factory(anthropic_config(claude))
     client = openai_client(gw.base_url)
     await client.chat.completions.create(model="claude-3-haiku", messages=[{"role": "user", "content": "Hi"}],
-                                         temperature=0.3)
+                                         temperature=0.3, extra_body={"top_k": 7})
     await client.close()
-    assert "thinking" not in claude.requests[-1] and claude.requests[-1]["temperature"] == 0.3
+    sent = claude.requests[-1]
+    assert "thinking" not in sent and sent["temperature"] == 0.3 and sent["top_k"] == 7
 
 
 THINK = {"type": "enabled", "budget_tokens": 1024}
