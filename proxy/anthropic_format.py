@@ -28,7 +28,7 @@ import orjson
 from .sse import Chunk
 
 __all__ = [
-    "ANTHROPIC_EXTRAS", "anthropic_extras", "to_anthropic_request", "from_anthropic_message", "AnthropicStreamToOpenAI",
+    "ANTHROPIC_EXTRAS", "ANTHROPIC_ORIGINAL", "anthropic_extras", "to_anthropic_request", "from_anthropic_message", "AnthropicStreamToOpenAI",
     "from_anthropic_request", "to_anthropic_message", "OpenAIStreamToAnthropic",
     "FINISH_FROM_ANTHROPIC", "STOP_FROM_OPENAI", "anthropic_error_body", "anthropic_error", "unsupported_by_anthropic",
 ]
@@ -55,6 +55,9 @@ _OVERLOADED = frozenset({"overloaded_error", "overloaded", "server_shutting_down
 
 #: The ``exchange.state`` key of what a ``/v1/messages`` request carries that the OpenAI format has no field for.
 ANTHROPIC_EXTRAS = "anthropic.extras"
+#: The ``exchange.state`` key of a ``/v1/messages`` request as the client sent it, with the body bytes of its
+#: translation: while nothing changed the translation, an ``anthropic`` provider sends the client's own request.
+ANTHROPIC_ORIGINAL = "anthropic.original"
 _THINKING_TYPES = ("thinking", "redacted_thinking")
 
 #: Thinking budget (tokens) per OpenAI ``reasoning_effort``, as LiteLLM maps it (Anthropic's minimum is 1,024).

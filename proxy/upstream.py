@@ -116,6 +116,11 @@ class UpstreamRequest:
         return self._json
 
     @property
+    def edited(self) -> dict[str, Any] | None:
+        """The body as hooks and the gateway edited it through :attr:`json`; None while nothing did."""
+        return self._json
+
+    @property
     def payload(self) -> dict[str, Any]:
         """The body as a dict, to read: what :attr:`body` sends, for adapters that translate it, without making
         the body be serialized again (as :attr:`json` does)."""

@@ -160,7 +160,7 @@ def _from_anthropic(body: dict[str, Any]) -> dict[str, Any]:
 def translate_anthropic_ingress(exchange: Exchange) -> None:
     """``/v1/messages``: check the Anthropic-format body, then replace it by its OpenAI translation, so the
     pipeline and every plugin see one format. The answer is translated back on the way out."""
-    from .anthropic_format import ANTHROPIC_EXTRAS, anthropic_extras
+    from .anthropic_format import ANTHROPIC_EXTRAS, ANTHROPIC_ORIGINAL, anthropic_extras
 
     body = _anthropic_body(exchange.body, require_max_tokens=True)
     translated = _from_anthropic(body)
@@ -171,6 +171,7 @@ def translate_anthropic_ingress(exchange: Exchange) -> None:
         # The Anthropic stream reports usage at the end: ask for the usage chunk, the egress consumes it.
         translated["stream_options"] = {"include_usage": True}
     exchange.body = orjson.dumps(translated)
+    exchange.state[ANTHROPIC_ORIGINAL] = (exchange.body, body)
 
 
 def anthropic_count_tokens_body(raw: bytes) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import openai
 import orjson
 import pytest
 
+from proxy import hookimpl
 from proxy.config.schema import Config, PipelineEntry, ProviderConfig
 from proxy.testing import Script, config_for
 from tests.anthropic_upstream import AnthropicUpstream
@@ -74,7 +75,6 @@ async def test_openai_request_is_translated_for_anthropic(claude, gateway_factor
 async def test_a_long_request_for_anthropic_is_translated_from_its_one_parse(claude, gateway_factory):
     """The adapter builds its request from the parsed body, so the gateway keeps a long request's parse for it
     (``reads_payload``) rather than letting it go once routed and parsing again."""
-    from proxy import hookimpl
 
     class Seen:
         before = after = None
@@ -546,6 +546,13 @@ async def test_without_reasoning_no_thinking_is_asked_and_sampling_is_kept(claud
 
 
 THINK = {"type": "enabled", "budget_tokens": 1024}
+#: A signed thinking block of an earlier assistant turn, and a history that carries it before a tool call.
+SIGNED = {"type": "thinking", "thinking": "I need the weather.", "signature": "sig-0"}
+TOOL_TURNS = [{"role": "user", "content": "Weather in Oslo?"},
+              {"role": "assistant", "content": [SIGNED, {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                                         "input": {"city": "Oslo"}}]},
+              {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                            "content": "4 degrees"}]}]
 CLAUDE_TOOLS = [{"name": "get_weather", "description": "Weather for a city",
                  "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]
 
@@ -561,7 +568,7 @@ async def test_messages_ingress_thinking_reaches_an_anthropic_provider_and_strea
         final = await stream.get_final_message()
     await client.close()
     sent = claude.requests[-1]
-    assert sent["thinking"] == THINK and sent["max_tokens"] == 2000 and "temperature" not in sent
+    assert sent["thinking"] == THINK and sent["max_tokens"] == 2000 and sent["temperature"] == 1  # as sent
     assert [b.type for b in final.content] == ["thinking", "text"]
     assert final.content[0].thinking == "Let me think." and final.content[0].signature == claude.signature
     assert final.content[1].text == "Hello from Claude"
@@ -572,17 +579,11 @@ async def test_messages_ingress_sends_the_historys_thinking_blocks_back_to_anthr
     claude.thinking = ["Now ", "answer."]
     gw = await gateway_factory(anthropic_config(claude))
     client = anthropic_client(gw)
-    signed = {"type": "thinking", "thinking": "I need the weather.", "signature": "sig-0"}
-    history = [{"role": "user", "content": "Weather in Oslo?"},
-               {"role": "assistant", "content": [signed, {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
-                                                          "input": {"city": "Oslo"}}]},
-               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
-                                             "content": "4 degrees"}]}]
     answer = await client.messages.create(model="claude-sonnet-4", max_tokens=2000, thinking=THINK,
-                                          tools=CLAUDE_TOOLS, messages=history)
+                                          tools=CLAUDE_TOOLS, messages=TOOL_TURNS)
     await client.close()
     assistant = claude.requests[-1]["messages"][1]
-    assert assistant["content"][0] == signed and assistant["content"][1]["type"] == "tool_use"
+    assert assistant["content"][0] == SIGNED and assistant["content"][1]["type"] == "tool_use"
     assert answer.content[0].type == "thinking" and answer.content[0].signature == claude.signature
 
 
@@ -630,3 +631,50 @@ async def test_the_cache_keys_what_rides_beside_a_messages_request(claude, gatew
         await client.messages.create(**ask, extra_body={"top_k": top_k})
     await client.close()
     assert [r["top_k"] for r in claude.requests] == [5, 6]  # the third was the first's, from the cache
+
+
+async def test_messages_ingress_sends_the_clients_own_request_to_anthropic(claude, gateway_factory):
+    """Nothing changed the translation: the Anthropic client's request goes as it is, with what the OpenAI
+    format cannot carry (``cache_control`` on the system prompt, a message and a tool; ``metadata``), and the
+    route's model."""
+    config = anthropic_config(claude)
+    router = PipelineEntry("router", {"aliases": {"sonnet": ["claude-sonnet-4"]}})
+    gw = await gateway_factory(attrs.evolve(config, pipeline=(router,)))
+    client = anthropic_client(gw)
+    cached = {"type": "ephemeral"}
+    request: dict = dict(
+        max_tokens=300, metadata={"user_id": "u-7"},
+        system=[{"type": "text", "text": "You are terse.", "cache_control": cached}],
+        tools=[{**CLAUDE_TOOLS[0], "cache_control": cached}],
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Long document...", "cache_control": cached},
+                                               {"type": "text", "text": "Summarize."}]}])
+    await client.messages.create(model="sonnet", **request)
+    await client.close()
+    assert claude.requests[-1] == {"model": "claude-sonnet-4", **request}
+
+
+class EditsTheRequest:
+    """A plugin that rewrites the upstream request (the last user message's text)."""
+
+    @hookimpl
+    def upstream_request(self, exchange, request):  # type: ignore[no-untyped-def]
+        request.json["messages"] = [*request.json["messages"][:-1], {"role": "user", "content": "edited"}]
+
+
+async def test_an_edited_messages_request_is_translated_and_keeps_thinking_top_k_and_signed_history(
+        claude, gateway_factory):
+    """A plugin changed the request: the translation of the change goes, and what the OpenAI format has no field
+    for rides beside it (thinking, top_k, the history's signed thinking blocks)."""
+    config = attrs.evolve(anthropic_config(claude), pipeline=(PipelineEntry("edit"), PipelineEntry("router")))
+    gw = await gateway_factory(config, plugins={"edit": EditsTheRequest()})
+    client = anthropic_client(gw)
+    await client.messages.create(model="claude-sonnet-4", max_tokens=2000, thinking=THINK, tools=CLAUDE_TOOLS,
+                                 messages=TOOL_TURNS, extra_body={"top_k": 3})
+    await client.messages.create(model="claude-3-haiku", max_tokens=50, extra_body={"top_k": 3},
+                                 messages=[{"role": "user", "content": "Hi"}])
+    await client.close()
+    with_thinking, without = claude.requests[-2:]
+    assert with_thinking["messages"][-1]["content"] == [{"type": "text", "text": "edited"}]  # the edit went
+    assert with_thinking["thinking"] == THINK and "top_k" not in with_thinking  # (Anthropic refuses it with thinking)
+    assert with_thinking["messages"][1]["content"][0] == SIGNED
+    assert without["top_k"] == 3 and without["messages"][-1]["content"] == [{"type": "text", "text": "edited"}]

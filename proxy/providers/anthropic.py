@@ -10,6 +10,7 @@ import orjson
 
 from ..anthropic_format import (
     ANTHROPIC_EXTRAS,
+    ANTHROPIC_ORIGINAL,
     AnthropicStreamToOpenAI,
     from_anthropic_message,
     to_anthropic_request,
@@ -49,6 +50,28 @@ class _AnthropicResponse(UpstreamResponse):
         self._resp.close()
 
 
+#: Members of a translated request the gateway itself sets per attempt (the route's model; the usage the
+#: OpenAI-format pipeline asks for, which Anthropic always sends): a change to them is no change of the request.
+_PER_ATTEMPT = ("model", "stream_options")
+
+
+def _client_request(request: UpstreamRequest) -> dict[str, Any] | None:
+    """The ``/v1/messages`` client's own request, when what this attempt would send is still its translation
+    (no plugin rewrote the body or edited the upstream request, no continuation): sent as it is, it keeps what
+    the OpenAI format has no field for (``cache_control``, ``thinking``, ``top_k``, citations, ...). None
+    otherwise (the translation of what changed goes, with the extras kept beside it)."""
+    original = request.exchange.state.get(ANTHROPIC_ORIGINAL)
+    if original is None or request.exchange.body is not original[0]:
+        return None
+    edited = request.edited
+    if edited is not None:
+        translated = request.exchange.json
+        if {k: v for k, v in edited.items() if k not in _PER_ATTEMPT} != \
+                {k: v for k, v in translated.items() if k not in _PER_ATTEMPT}:
+            return None
+    return original[1]  # type: ignore[no-any-return]
+
+
 class AnthropicProvider(OpenAIProvider):
     reads_payload = True  # the request is translated from the parsed body
 
@@ -73,6 +96,10 @@ class AnthropicProvider(OpenAIProvider):
         return self._url
 
     def body(self, request: UpstreamRequest) -> bytes:
+        exchange = request.exchange
+        own = _client_request(request) if exchange.ingress == "anthropic" else None
+        if own is not None:
+            return orjson.dumps({**own, "model": request.route.model})
         body: Any = request.payload
         refused = unsupported_by_anthropic(body)
         if refused is not None:
@@ -80,7 +107,6 @@ class AnthropicProvider(OpenAIProvider):
             param, reason = refused
             raise UpstreamError(400, f"provider {self.name!r} (anthropic) {reason}", kind="unsupported",
                                 retryable=False, fallback=True, param=param, code="unsupported_value")
-        exchange = request.exchange
         extras = exchange.state.get(ANTHROPIC_EXTRAS) if exchange.ingress == "anthropic" else None
         translated = to_anthropic_request({**body, "model": request.route.model}, self.config.max_tokens_default,
                                           extras)
