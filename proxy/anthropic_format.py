@@ -160,6 +160,10 @@ def _blocks_from_openai_content(content: Any) -> list[dict[str, Any]]:
         elif kind == "image_url":
             image = part.get("image_url")
             blocks.append(_image_block(image.get("url", "") if isinstance(image, dict) else str(image)))
+        else:
+            continue
+        if isinstance(part.get("cache_control"), dict):  # prompt caching, as LiteLLM's clients mark a part
+            blocks[-1]["cache_control"] = part["cache_control"]
     return blocks
 
 
@@ -200,7 +204,7 @@ def to_anthropic_request(body: dict[str, Any], max_tokens_default: int,
     extras = extras or {}
     history: list[list[dict[str, Any]]] = extras.get("thinking_history") or []
     assistant_turns = 0
-    system: list[str] = []
+    system: list[dict[str, Any]] = []
     messages: list[dict[str, Any]] = []
 
     def add(role: str, blocks: list[dict[str, Any]]) -> None:
@@ -212,7 +216,11 @@ def to_anthropic_request(body: dict[str, Any], max_tokens_default: int,
     for m in body.get("messages") or ():
         role = m.get("role")
         if role in ("system", "developer"):
-            system.append(_text_of(m.get("content")))
+            content = m.get("content")
+            if isinstance(content, list) and any(isinstance(p, dict) and "cache_control" in p for p in content):
+                system += [b for b in _blocks_from_openai_content(content) if b["type"] == "text"]
+            else:
+                system.append({"type": "text", "text": _text_of(content)})
         elif role == "user":
             add("user", _blocks_from_openai_content(m.get("content")))
         elif role == "assistant":
@@ -243,7 +251,9 @@ def to_anthropic_request(body: dict[str, Any], max_tokens_default: int,
         "max_tokens": body.get("max_completion_tokens") or body.get("max_tokens") or max_tokens_default,
     }
     if system:
-        out["system"] = "\n\n".join(system)
+        # One string, as before, unless a part is marked for prompt caching: then the blocks, marks kept.
+        out["system"] = system if any("cache_control" in b for b in system) else "\n\n".join(
+            b["text"] for b in system)
     if body.get("stream"):
         out["stream"] = True
     thinking = _thinking(body) or extras.get("thinking")
@@ -269,7 +279,9 @@ def to_anthropic_request(body: dict[str, Any], max_tokens_default: int,
     tools = body.get("tools")
     if tools:
         out["tools"] = [{"name": t["function"]["name"], "description": t["function"].get("description", ""),
-                         "input_schema": t["function"].get("parameters") or {"type": "object", "properties": {}}}
+                         "input_schema": t["function"].get("parameters") or {"type": "object", "properties": {}},
+                         **({"cache_control": t["cache_control"]} if isinstance(t.get("cache_control"), dict)
+                            else {})}
                         for t in tools if t.get("type") == "function"]
     choice = body.get("tool_choice")
     if choice is not None and tools:

@@ -678,3 +678,24 @@ async def test_an_edited_messages_request_is_translated_and_keeps_thinking_top_k
     assert with_thinking["thinking"] == THINK and "top_k" not in with_thinking  # (Anthropic refuses it with thinking)
     assert with_thinking["messages"][1]["content"][0] == SIGNED
     assert without["top_k"] == 3 and without["messages"][-1]["content"] == [{"type": "text", "text": "edited"}]
+
+
+async def test_openai_clients_prompt_caching_marks_reach_anthropic(claude, gateway_factory):
+    """``cache_control`` on a content part (system or user) or a tool, as LiteLLM's clients mark them."""
+    gw = await gateway_factory(anthropic_config(claude))
+    client = openai_client(gw.base_url)
+    cached = {"type": "ephemeral"}
+    await client.chat.completions.create(
+        model="claude-3-haiku", tools=[{**TOOLS[0], "cache_control": cached}],  # type: ignore[list-item]
+        messages=[{"role": "system", "content": [{"type": "text", "text": "You are terse.", "cache_control": cached}]},
+                  {"role": "user", "content": [{"type": "text", "text": "Long document...", "cache_control": cached},
+                                               {"type": "text", "text": "Summarize."}]}])  # type: ignore[list-item]
+    await client.chat.completions.create(model="claude-3-haiku", messages=[
+        {"role": "system", "content": "Plain."}, {"role": "user", "content": "Hi"}])
+    await client.close()
+    marked, plain = claude.requests[-2:]
+    assert marked["system"] == [{"type": "text", "text": "You are terse.", "cache_control": cached}]
+    assert marked["messages"][0]["content"] == [{"type": "text", "text": "Long document...", "cache_control": cached},
+                                                {"type": "text", "text": "Summarize."}]
+    assert marked["tools"][0]["cache_control"] == cached
+    assert plain["system"] == "Plain."  # one string, as before, without marks
