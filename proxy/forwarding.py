@@ -182,7 +182,7 @@ class Forwarder:
                 for try_no in range(provider.config.retry_attempts + 1):
                     attempt: dict[str, Any] = {"provider": provider.name, "model": route.model}
                     exchange.attempts.append(attempt)
-                    cooling = cooldowns.left(provider.name, route.model)
+                    cooling = cooldowns.left(provider.name, route.model) if cooldowns.until else 0.0
                     if cooling:
                         attempt["error"] = "cooldown"
                         last_error = last_error or UpstreamError(
