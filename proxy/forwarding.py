@@ -140,12 +140,10 @@ class Forwarder:
             self.identities[name] = identity = _identity(p, config)
             same = old_identities.get(name) == identity and name in old_breakers
             self.breakers[name] = old_breakers[name] if same else CircuitBreaker(name, config)
-        # One table for the process (a gateway being retired after a reload still records its 429s in it),
-        # without the pairs of a provider that is gone or now another upstream.
+        # One table for the process (a gateway being retired after a reload still records its 429s in it); the
+        # pairs of a provider that is gone or now another upstream are dropped once this gateway serves.
         self.cooldowns: Cooldowns = old_cooldowns if old_cooldowns is not None else Cooldowns()
-        for key in [k for k in self.cooldowns.until
-                    if k[0] not in self.identities or self.identities[k[0]] != old_identities.get(k[0])]:
-            del self.cooldowns.until[key]
+        self._old_identities: dict[str, tuple[Any, ...]] = old_identities
         s = gateway.config.streaming
         self.keepalive_interval = s.keepalive_interval if s.keepalive else None
         self.rng = random.Random()
@@ -155,6 +153,9 @@ class Forwarder:
     def hand_on(self) -> None:
         """Make this forwarder's breakers and cooldowns the ones the next reload carries over (called once the
         gateway has started: a reload that is refused leaves the serving gateway's in place)."""
+        old, new = self._old_identities, self.identities
+        for key in [k for k in self.cooldowns.until if k[0] not in new or new[k[0]] != old.get(k[0])]:
+            del self.cooldowns.until[key]
         self.gateway.process_state[_HEALTH_STATE] = (self.identities, self.breakers, self.cooldowns)
 
     async def forward(self, request: web.Request, exchange: Exchange, routes: list[Route],

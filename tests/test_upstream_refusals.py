@@ -343,7 +343,11 @@ async def test_a_reload_with_a_new_key_for_a_refusing_provider_asks_it_again_at_
 
 
 async def test_a_reload_keeps_the_cooldowns_of_the_same_upstream_and_drops_a_moved_ones(tmp_path, upstream,
-                                                                                       upstream2):
+                                                                                       upstream2, monkeypatch):
+    (tmp_path / "refuses_to_start.py").write_text(
+        "from proxy import hookimpl\n\nclass Plugin:\n    @hookimpl\n    def startup(self, gateway):\n"
+        "        raise RuntimeError('no licence')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
     busy = await OneBusyModel.start()
     busy.busy_for = "30"
     path = tmp_path / "ssegate.yaml"
@@ -353,6 +357,15 @@ async def test_a_reload_keeps_the_cooldowns_of_the_same_upstream_and_drops_a_mov
         await client.chat.completions.create(model="busy", messages=MESSAGES)
         _write(path, [("p", busy.base_url, "timeout: 30"), ("spare", upstream2.base_url, "")])
         await _reload(gw)
+        answer = await client.chat.completions.with_raw_response.create(model="busy", messages=MESSAGES)
+        assert answer.headers["x-ssegate-provider"] == "spare" and len(busy.requests) == 1
+        # a reload that moves p but is refused (a plugin fails to start) leaves the serving config's cooldowns
+        _write(path, [("p", upstream.base_url, "timeout: 30"), ("spare", upstream2.base_url, "")])
+        with open(path, "a") as f:
+            f.write('pipeline: ["refuses_to_start:Plugin", router]\n')
+        async with aiohttp.ClientSession() as s, s.post(gw.url + "/admin/reload",
+                                                        headers={"Authorization": "Bearer adm"}) as r:
+            assert r.status == 422
         answer = await client.chat.completions.with_raw_response.create(model="busy", messages=MESSAGES)
         assert answer.headers["x-ssegate-provider"] == "spare" and len(busy.requests) == 1
         # p now points at another server: what the old one asked for does not hold there
