@@ -28,7 +28,8 @@ import orjson
 from .sse import Chunk
 
 __all__ = [
-    "ANTHROPIC_EXTRAS", "ANTHROPIC_ORIGINAL", "anthropic_extras", "to_anthropic_request", "from_anthropic_message", "AnthropicStreamToOpenAI",
+    "ANTHROPIC_EXTRAS", "ANTHROPIC_ORIGINAL", "anthropic_extras",
+    "to_anthropic_request", "from_anthropic_message", "AnthropicStreamToOpenAI",
     "from_anthropic_request", "to_anthropic_message", "OpenAIStreamToAnthropic",
     "FINISH_FROM_ANTHROPIC", "STOP_FROM_OPENAI", "anthropic_error_body", "anthropic_error", "unsupported_by_anthropic",
 ]
