@@ -34,7 +34,7 @@ import structlog
 from proxy.tasks import stop_task
 from proxy import GatewayError, Reply, StopStream, hookimpl
 from proxy.config.load import ConfigError
-from proxy.openai_format import new_id
+from proxy.openai_format import new_id, reasoning_of
 from proxy.sse import DONE, Chunk
 
 from ._moderation_rules import Hit, Rule, RuleSet, compile_rules, mtime, normalize
@@ -601,8 +601,8 @@ class ModerationPlugin:
                 if type(delta) is dict:
                     # A reasoning model's thinking is output too: scanned apart from the answer (no match across
                     # the two), and held back like it.
-                    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-                    if reasoning and type(reasoning) is str:
+                    reasoning = reasoning_of(delta)
+                    if reasoning is not None:
                         st.reasoning = True
                         own = texts.get(-1 - idx)
                         if own is None:
@@ -659,7 +659,7 @@ class ModerationPlugin:
             message = choice.get("message")
             texts = [choice.get("text")]
             if isinstance(message, dict):  # the answer, and a reasoning model's thinking apart
-                texts = [message.get("content"), message.get("reasoning_content") or message.get("reasoning")]
+                texts = [message.get("content"), reasoning_of(message)]
             for text in texts:
                 if isinstance(text, str) and text:
                     found = matcher.scan(normalize(text))

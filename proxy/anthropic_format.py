@@ -25,6 +25,7 @@ from typing import Any
 
 import orjson
 
+from .openai_format import reasoning_of
 from .sse import Chunk
 
 __all__ = [
@@ -552,8 +553,8 @@ def to_anthropic_message(body: dict[str, Any]) -> dict[str, Any]:
     choice = (body.get("choices") or [{}])[0]
     message = choice.get("message") or {}
     content: list[dict[str, Any]] = _thinking_blocks(message.get("thinking_blocks"))
-    reasoning = message.get("reasoning_content") or message.get("reasoning")
-    if not content and isinstance(reasoning, str) and reasoning:
+    reasoning = reasoning_of(message)
+    if not content and reasoning is not None:
         content.append({"type": "thinking", "thinking": reasoning, "signature": ""})  # (unsigned: not Claude's)
     if message.get("content"):
         content.append({"type": "text", "text": message["content"]})
@@ -675,8 +676,8 @@ class OpenAIStreamToAnthropic:
             out = self._start()
         for choice in choices or ():
             delta = choice.get("delta") or {}
-            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-            if reasoning and isinstance(reasoning, str):
+            reasoning = reasoning_of(delta)
+            if reasoning is not None:
                 out += self._thinking_delta(reasoning)
             if delta.get("thinking_blocks"):
                 out += self._thinking_ends(delta["thinking_blocks"])

@@ -44,7 +44,13 @@ def new_id(prefix: str = "chatcmpl") -> str:
 
 #: The members reasoning servers put a model's thinking in (vLLM, DeepSeek: ``reasoning_content``; OpenRouter and
 #: newer vLLM: ``reasoning``), kept through merging and splitting like the content.
-_REASONING_MEMBERS = ("reasoning_content", "reasoning")
+REASONING_MEMBERS = ("reasoning_content", "reasoning")
+
+
+def reasoning_of(message: dict[str, Any]) -> str | None:
+    """A message's or a delta's thinking text (under either of :data:`REASONING_MEMBERS`), or None."""
+    text = message.get("reasoning_content") or message.get("reasoning")
+    return text if isinstance(text, str) and text else None
 
 
 def merge_chunks(chunks: list[dict[str, Any]]) -> dict[str, Any]:
@@ -83,7 +89,7 @@ def merge_chunks(chunks: list[dict[str, Any]]) -> dict[str, Any]:
                 acc["content"].append(delta["content"])
             if delta.get("refusal"):
                 acc["refusal"] = (acc["refusal"] or "") + delta["refusal"]
-            for key in _REASONING_MEMBERS:  # a reasoning model's thinking, under the member its server uses
+            for key in REASONING_MEMBERS:  # a reasoning model's thinking, under the member its server uses
                 if delta.get(key) and isinstance(delta[key], str):
                     acc[key] = acc.get(key, "") + delta[key]
             if isinstance(delta.get("thinking_blocks"), list):
@@ -103,7 +109,7 @@ def merge_chunks(chunks: list[dict[str, Any]]) -> dict[str, Any]:
                                        "refusal": acc["refusal"]}
             if acc["tool_calls"]:
                 message["tool_calls"] = [acc["tool_calls"][k] for k in sorted(acc["tool_calls"])]
-            for key in (*_REASONING_MEMBERS, "thinking_blocks"):
+            for key in (*REASONING_MEMBERS, "thinking_blocks"):
                 if key in acc:
                     message[key] = acc[key]
             out_choices.append({"index": idx, "message": message, "logprobs": acc["logprobs"],
@@ -140,7 +146,7 @@ def body_to_chunks(body: dict[str, Any], include_usage: bool = False) -> list[di
             delta["tool_calls"] = [{**tc, "index": i} for i, tc in enumerate(message["tool_calls"])]
         if message.get("refusal"):
             delta["refusal"] = message["refusal"]
-        for key in (*_REASONING_MEMBERS, "thinking_blocks"):
+        for key in (*REASONING_MEMBERS, "thinking_blocks"):
             if message.get(key):
                 delta[key] = message[key]
         # The answer's log probabilities ride on the chunk of its content, whole (a stream spreads them over its
