@@ -123,7 +123,10 @@ def upstream_request(exchange: "Exchange", request: "UpstreamRequest") -> None:
     """Edit the request about to be sent to a provider (once per attempt). Every plugin runs.
 
     ``request.json`` is the body as a dict (edit it in place; it is re-serialized only if touched through
-    ``request.json``), ``request.headers`` a mutable dict, ``request.route`` the route being tried.
+    ``request.json``), ``request.headers`` a mutable dict, ``request.route`` the route being tried. To read the
+    body without touching it, use ``request.payload``: for a ``/v1/messages`` client routed to an ``anthropic``
+    provider, a changed body is sent as its translation instead of the client's own request, which loses what
+    the OpenAI format has no field for (``cache_control``, citations).
     *Async allowed.*
     """
 
