@@ -82,6 +82,13 @@ def error_response(error: GatewayError, headers: dict[str, str] | None = None,
     return json_response(error_payload(exchange, error), error.status, merged)
 
 
+class EventStreamResponse(web.StreamResponse):
+    """The client's event stream: its status line and headers go out with its first bytes (the first events, or a
+    keepalive comment), in one write instead of two (aiohttp from 3.10; earlier ones send them at once)."""
+
+    _send_headers_immediately = False
+
+
 class ClientStream:
     """The client's event-stream response: committed (200 + headers) lazily, on first content or keepalive."""
 
@@ -92,7 +99,7 @@ class ClientStream:
                  loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.request = request
         self.exchange = exchange
-        self.resp = web.StreamResponse(status=200, headers=_SSE_HEADERS)
+        self.resp = EventStreamResponse(status=200, headers=_SSE_HEADERS)
         self._prepare: Any = None
         self.loop = loop or asyncio.get_running_loop()
         self.guard: Guard | None = None

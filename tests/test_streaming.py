@@ -82,6 +82,45 @@ async def test_events_are_flushed_as_they_arrive(upstream, gateway_factory):
     assert sum(1 for g in gaps if g > 0.15) >= 3
 
 
+@pytest.fixture
+def first_writes(monkeypatch):
+    """What the gateway's event-stream responses write first (the status line and headers, and what came with
+    them in the same write), recorded in aiohttp's writer."""
+    from aiohttp.http_writer import StreamWriter
+
+    seen: list[bytes] = []
+    write, writelines = StreamWriter._write, StreamWriter._writelines
+
+    def record(data: bytes) -> None:
+        if data.startswith(b"HTTP/1.1 200") and b"X-Request-ID" in data and b"text/event-stream" in data:
+            seen.append(data)
+
+    def _write(self, chunk):  # type: ignore[no-untyped-def]
+        record(bytes(chunk))
+        return write(self, chunk)
+
+    def _writelines(self, chunks):  # type: ignore[no-untyped-def]
+        record(b"".join(bytes(c) for c in chunks))
+        return writelines(self, chunks)
+
+    monkeypatch.setattr(StreamWriter, "_write", _write)
+    monkeypatch.setattr(StreamWriter, "_writelines", _writelines)
+    return seen
+
+
+@pytest.mark.parametrize("first", ["content", "keepalive"])
+async def test_the_headers_go_out_with_the_first_event_in_one_write(upstream, gateway_factory, first_writes, first):
+    """One write, not two, for the 200 and the first token (or the first keepalive): the first token reaches the
+    client a system call sooner."""
+    upstream.script = Script(texts=["late"], first_delay=0.3 if first == "keepalive" else 0.05)
+    gw = await gateway_factory(config_for(upstream, keepalive_interval=0.1))
+    status, _, events = await read_stream(gw.base_url + "/chat/completions", STREAM)
+    assert status == 200 and content_of(events) == "late"
+    assert len(first_writes) == 1
+    head, _, rest = first_writes[0].partition(b"\r\n\r\n")
+    assert (b": keepalive" if first == "keepalive" else b"data: {") in rest
+
+
 async def test_keepalive_comments_while_waiting_for_first_token(upstream, gateway_factory):
     upstream.script = Script(texts=["late"], first_delay=0.5)
     gw = await gateway_factory(config_for(upstream, keepalive_interval=0.1))
