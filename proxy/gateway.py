@@ -27,6 +27,7 @@ from .forwarding import Forwarder
 from .metrics import Registry
 from .relay import ClientStream, answer_body, error_response, json_response, send_reply
 from .upstream import Provider
+from .upstream_sessions import SharedSessions
 from .watchdog import Watchdog
 from .tokens import estimate_prompt_tokens
 from .validation import (
@@ -42,6 +43,8 @@ log = structlog.get_logger("ssegate.gateway")
 #: its bytes; kept, it would stay alive until the answer ends (a whole stream) and crowd the CPU cache.
 RELEASE_PARSED_FROM = 8192
 
+#: The ``process_state`` key of the providers' HTTP sessions, kept across reloads (:mod:`proxy.upstream_sessions`).
+_SESSIONS = "ssegate.upstream_sessions"
 #: The ``process_state`` key of the set of live Gateways (see :meth:`Gateway.live_gateways`).
 _LIVE_GATEWAYS = "ssegate.live_gateways"
 
@@ -85,8 +88,9 @@ class Gateway:
         again (and only plugins that started are shut down) before the error propagates."""
         self.forwarder.loop = asyncio.get_running_loop()
         try:
+            sessions = self.process_state.setdefault(_SESSIONS, SharedSessions())
             for provider in self.providers.values():
-                await provider.start()
+                await provider.start(sessions)
             self.watchdog.start()
             await self.pipeline.register_metrics(self.registry)
             await self.pipeline.startup(self)

@@ -23,6 +23,7 @@ iteration.
 """
 from __future__ import annotations
 
+import asyncio
 import inspect
 import math
 import time
@@ -123,6 +124,18 @@ class SweepingConnector(aiohttp.TCPConnector):
                 self._cleanup_closed_transports.append(transport)
         if doomed:
             self._loop.call_soon(self._close_doomed)
+
+    async def close_idle(self) -> None:
+        """Close every idle connection, :data:`CLOSE_BATCH` per loop iteration (before closing the pool: aiohttp
+        closes them all at once)."""
+        doomed = self._doomed
+        pools = self._conns
+        for key in list(pools):
+            doomed.extend((key, proto) for proto, _ in pools.pop(key))
+        if doomed:
+            self._close_doomed()
+        while doomed:
+            await asyncio.sleep(0)
 
     def _close(self, *args: Any, **kwargs: Any) -> Any:
         waiters = super()._close(*args, **kwargs)

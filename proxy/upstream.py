@@ -15,6 +15,7 @@ import orjson
 from .errors import GatewayError
 
 if TYPE_CHECKING:
+    from .upstream_sessions import SharedSessions
     from .config.schema import ProviderConfig
     from .exchange import Exchange, Route
 
@@ -206,8 +207,9 @@ class Provider:
         prev = self.ttft_ewma
         self.ttft_ewma = seconds if prev is None else prev + self.TTFT_ALPHA * (seconds - prev)
 
-    async def start(self) -> None:
-        """Open pools (called once before serving)."""
+    async def start(self, sessions: "SharedSessions | None" = None) -> None:
+        """Open pools (called once before serving). ``sessions``: the process's HTTP sessions, which a provider
+        whose pool a reload left as it was takes over (see :mod:`proxy.upstream_sessions`)."""
 
     async def close(self) -> None:
         """Close pools."""

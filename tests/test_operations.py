@@ -66,6 +66,54 @@ async def test_reload_under_100_live_streams(tmp_path, upstream, upstream2):
         await gw.close()
 
 
+def write_pool_config(path, upstream, timeout=600, max_connections=100):
+    path.write_text(textwrap.dedent(f"""\
+        server: {{admin_key: adm-secret}}
+        providers:
+          - {{name: p, type: openai, base_url: "{upstream.base_url}", timeout: {timeout},
+              max_connections: {max_connections}}}
+        """))
+
+
+async def test_a_reload_keeps_a_providers_open_connections_while_its_pool_is_configured_as_before(tmp_path,
+                                                                                              upstream):
+    """The upstream sees the same client port before and after a reload that changed the provider's timeout; a
+    reload that changed its pool opens a new one, and the old one is closed once its gateway retired."""
+    upstream.script = Script(texts=["ok"])
+    path = tmp_path / "ssegate.yaml"
+    write_pool_config(path, upstream)
+    gw = await GatewayServer.start(load_config(str(path)), config_path=str(path))
+    try:
+        async with aiohttp.ClientSession() as s:
+            async def ask() -> int:
+                async with s.post(gw.base_url + "/chat/completions", json=CHAT) as r:
+                    assert r.status == 200
+                    await r.read()
+                return upstream.peers[-1][1]
+
+            async def reload() -> None:
+                async with s.post(gw.url + "/admin/reload", headers={"Authorization": "Bearer adm-secret"}) as r:
+                    assert r.status == 200, await r.text()
+                await asyncio.sleep(0.05)  # the old gateway retires (nothing in flight)
+
+            first = await ask()
+            old_session = gw.current.providers["p"]._session
+            write_pool_config(path, upstream, timeout=300)
+            await reload()
+            assert gw.current.providers["p"].config.timeout == 300
+            assert await ask() == first  # the same connection, no new handshake
+            assert gw.current.providers["p"]._session is old_session and not old_session.closed
+
+            write_pool_config(path, upstream, timeout=300, max_connections=50)
+            await reload()
+            assert await ask() != first
+            assert old_session.closed
+            assert len(gw.current.process_state["ssegate.upstream_sessions"]) == 1
+    finally:
+        await gw.close()
+    assert not gw.current.process_state["ssegate.upstream_sessions"]  # closed with the last provider
+
+
 async def test_admin_reload_needs_the_admin_key(tmp_path, upstream):
     path = tmp_path / "ssegate.yaml"
     write_config(path, upstream)

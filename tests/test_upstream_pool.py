@@ -168,3 +168,22 @@ async def test_closing_the_pool_closes_what_the_sweep_had_not_closed_yet():
     finally:
         await session.close()
         await upstream.close()
+
+
+async def test_closing_the_idle_connections_of_a_retired_pool_takes_a_batch_per_loop_iteration():
+    """What a reload's retired providers (and shutdown) do before closing their session."""
+    size = CLOSE_BATCH * 3
+    upstream, session, protos, _ = await idle_burst(size, keepalive=30.0, armed=False)
+    try:
+        task = asyncio.create_task(session.connector.close_idle())
+        counts = []
+        while not task.done() and len(counts) < 20:
+            await asyncio.sleep(0)
+            counts.append(sum(map(closed, protos)))
+        await task
+        steps = [b - a for a, b in zip([0, *counts], counts)]
+        assert counts[-1] == size and max(steps) <= CLOSE_BATCH and len([s for s in steps if s]) >= 3, counts
+        assert not session.connector._conns
+    finally:
+        await session.close()
+        await upstream.close()

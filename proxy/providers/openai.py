@@ -13,6 +13,7 @@ from .. import pool
 from ..config.schema import ProviderConfig
 from ..openai_format import body_to_chunks
 from ..sse import DONE, SSEParser, encode_event
+from ..upstream_sessions import SharedSessions, close_session, pool_key
 from ..upstream import (Provider, UpstreamError, UpstreamRequest, UpstreamResponse, broken_answer,
                         retry_headers)
 
@@ -170,6 +171,8 @@ class OpenAIProvider(Provider):
         super().__init__(config)
         self._base = config.base_url.rstrip("/")
         self._session: aiohttp.ClientSession | None = None
+        #: Where the session came from when the gateway shares its providers' sessions across reloads.
+        self._sessions: SharedSessions | None = None
         self._headers = {"Content-Type": "application/json", "Accept-Encoding": "identity",
                          **self.auth_headers(self.api_key()), **config.headers}
         self._timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout)
@@ -181,14 +184,21 @@ class OpenAIProvider(Provider):
     def auth_headers(self, key: str | None) -> dict[str, str]:
         return {"Authorization": f"Bearer {key}"} if key else {}
 
-    async def start(self) -> None:
+    async def start(self, sessions: SharedSessions | None = None) -> None:
+        if sessions is None:
+            self._session = self._new_session()
+        else:  # the predecessor's session (its open connections) when a reload left the pool as it was
+            self._session = sessions.acquire(pool_key(self.config), self._new_session)
+            self._sessions = sessions
+
+    def _new_session(self) -> aiohttp.ClientSession:
         c = self.config
         connector = pool.connector(
             max_idle=c.max_keepalive_connections, limit=c.max_connections, limit_per_host=0,
             keepalive_timeout=c.keepalive_expiry, ttl_dns_cache=300,
         )
         # No cookie jar: a cookie one client's answer set must never ride on another client's request.
-        self._session = aiohttp.ClientSession(
+        return aiohttp.ClientSession(
             connector=connector, auto_decompress=False, timeout=self._timeout, skip_auto_headers=("User-Agent",),
             cookie_jar=aiohttp.DummyCookieJar(),
         )
@@ -213,9 +223,14 @@ class OpenAIProvider(Provider):
         return [str(m["id"]) for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        session, self._session = self._session, None
+        if session is None:
+            return
+        sessions, self._sessions = self._sessions, None
+        if sessions is not None:
+            await sessions.release(pool_key(self.config), session)
+        else:
+            await close_session(session)
 
     def url(self, request: UpstreamRequest) -> str:
         return self._base + request.path
