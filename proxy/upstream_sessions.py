@@ -2,8 +2,8 @@
 
 Each HTTP provider sends through its own ``aiohttp.ClientSession`` (its connection pool). A reload builds a new
 Gateway with new providers; had each opened a new pool, every reload would drop the open upstream connections
-and the first requests after it would each open one again: a TCP and TLS handshake (two round trips to a remote
-provider, ~1 ms of CPU each) on their way to the first token. So a provider whose pool is configured as before
+and the first requests after it would each open one again: a TCP and a TLS handshake (two round trips to a
+remote provider, and the handshake's CPU) on their way to the first token. So a provider whose pool is configured as before
 (:func:`pool_key`) takes its predecessor's session, and a session is closed when the last provider using it
 closes (the old Gateway's, once its requests are done, or at shutdown). A change of a provider's key, headers,
 priority, models or timeouts keeps the pool; a change of its name, type, base URL or pool settings opens a new one.
