@@ -28,7 +28,7 @@ import inspect
 import math
 import time
 import weakref
-from collections import deque
+from collections import defaultdict, deque
 from typing import Any
 
 import aiohttp
@@ -76,10 +76,12 @@ class SweepingConnector(aiohttp.TCPConnector):
         super().__init__(**kwargs)
         #: Connections taken out of the pool and not closed yet: (connection key, protocol).
         self._doomed: deque[tuple[Any, Any]] = deque()
-        #: aiohttp's pool state as this sweep reads it (internal to aiohttp, unchanged through 3.x); without it,
-        #: aiohttp's own sweep.
-        self._sweeps = all(hasattr(self, name) for name in ("_conns", "_cleanup_handle", "_keepalive_timeout",
-                                                            "_closed", "_loop"))
+        #: aiohttp's pool state as this sweep reads it (internal to aiohttp): idle connections in a deque per host,
+        #: oldest first, stamped with ``time.monotonic()``, as aiohttp keeps them since 3.11 (3.9 and 3.10 keep a
+        #: list, used from its end, stamped with the loop's time). Otherwise aiohttp's own sweep runs.
+        conns = getattr(self, "_conns", None)
+        self._sweeps = isinstance(conns, defaultdict) and conns.default_factory is deque and all(
+            hasattr(self, name) for name in ("_cleanup_handle", "_keepalive_timeout", "_closed", "_loop"))
 
     def _cleanup(self) -> None:
         if not self._sweeps:
@@ -128,6 +130,8 @@ class SweepingConnector(aiohttp.TCPConnector):
     async def close_idle(self) -> None:
         """Close every idle connection, :data:`CLOSE_BATCH` per loop iteration (before closing the pool: aiohttp
         closes them all at once)."""
+        if not self._sweeps:
+            return
         doomed = self._doomed
         pools = self._conns
         for key in list(pools):
