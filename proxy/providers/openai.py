@@ -162,6 +162,11 @@ def _other_error_shape(parsed: Any) -> tuple[str | None, str | None]:
     return message, code if isinstance(code, str) else None
 
 
+#: Errors of a POST whose connection was lost before an answer began (not a connection that could not be opened:
+#: ``aiohttp.ClientConnectorError``, itself a ``ClientOSError``).
+STALE_CONNECTION_ERRORS = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+
+
 class OpenAIProvider(Provider):
     """Bearer-key OpenAI wire format over a pooled ``aiohttp.ClientSession``."""
 
@@ -244,6 +249,21 @@ class OpenAIProvider(Provider):
     def wrap(self, resp: aiohttp.ClientResponse, request: UpstreamRequest) -> UpstreamResponse:
         return HTTPResponse(resp)
 
+    async def _post_again(self, request: UpstreamRequest, headers: Mapping[str, str],
+                          exc: Exception) -> aiohttp.ClientResponse:
+        """The POST failed with ``exc``. If the connection was lost before any byte of an answer came back, send it
+        once more: a pooled connection the upstream closed as the request went out (its keep-alive timeout ran
+        out: uvicorn's, and so vLLM's, is 5 s) fails that way, and the upstream never answered it. aiohttp retries
+        only idempotent methods; the LLM SDKs retry such POSTs too. Anything else, or a second failure, is the
+        provider's connect error."""
+        if not isinstance(exc, STALE_CONNECTION_ERRORS) or isinstance(exc, aiohttp.ClientConnectorError):
+            raise self._connect_error(exc) from exc
+        assert self._session is not None
+        try:
+            return await self._session.post(self.url(request), data=self.body(request), headers=headers)
+        except (asyncio.TimeoutError, aiohttp.ClientError) as again:
+            raise self._connect_error(again) from again
+
     def _connect_error(self, exc: Exception) -> UpstreamError:
         if isinstance(exc, asyncio.TimeoutError):
             return UpstreamError(504, f"provider {self.name!r}: connect timeout", kind="timeout", retryable=True,
@@ -267,7 +287,7 @@ class OpenAIProvider(Provider):
         try:
             resp = await self._session.post(self.url(request), data=self.body(request), headers=headers)
         except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
-            raise self._connect_error(exc) from exc
+            resp = await self._post_again(request, headers, exc)
         if resp.status >= 400:
             raise await self._status_error(resp)
         if request.stream:
@@ -314,7 +334,7 @@ class OpenAIProvider(Provider):
         try:
             resp = await self._session.post(self.url(request), data=self.body(request), headers=headers)
         except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
-            raise self._connect_error(exc) from exc
+            resp = await self._post_again(request, headers, exc)
         if resp.status >= 400:
             raise await self._status_error(resp)
         try:
