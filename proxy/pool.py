@@ -76,6 +76,8 @@ class SweepingConnector(aiohttp.TCPConnector):
         super().__init__(**kwargs)
         #: Connections taken out of the pool and not closed yet: (connection key, protocol).
         self._doomed: deque[tuple[Any, Any]] = deque()
+        #: The next batch of closes, when one is scheduled (one chain of batches at a time).
+        self._closer: asyncio.Handle | None = None
         #: aiohttp's pool state as this sweep reads it (internal to aiohttp): idle connections in a deque per host,
         #: oldest first, stamped with ``time.monotonic()``, as aiohttp keeps them since 3.11 (3.9 and 3.10 keep a
         #: list, used from its end, stamped with the loop's time). Otherwise aiohttp's own sweep runs.
@@ -107,7 +109,7 @@ class SweepingConnector(aiohttp.TCPConnector):
                 oldest = min(oldest, conns[0][1])
             else:
                 del pools[key]
-        if doomed:
+        if doomed and self._closer is None:
             self._close_doomed()
         if oldest != math.inf:
             # The next sweep as the oldest connection left comes within `ahead` of expiring, and no sooner than
@@ -116,6 +118,7 @@ class SweepingConnector(aiohttp.TCPConnector):
             self._cleanup_handle = self._loop.call_at(self._loop.time() + wait, _sweep, weakref.ref(self))
 
     def _close_doomed(self) -> None:
+        self._closer = None
         doomed = self._doomed
         track_ssl = not getattr(self, "_cleanup_closed_disabled", True)
         for _ in range(min(CLOSE_BATCH, len(doomed))):
@@ -125,7 +128,7 @@ class SweepingConnector(aiohttp.TCPConnector):
             if track_ssl and key.is_ssl:  # (as aiohttp does: aborted later if the TLS close hangs)
                 self._cleanup_closed_transports.append(transport)
         if doomed:
-            self._loop.call_soon(self._close_doomed)
+            self._closer = self._loop.call_soon(self._close_doomed)
 
     async def close_idle(self) -> None:
         """Close every idle connection, :data:`CLOSE_BATCH` per loop iteration (before closing the pool: aiohttp
@@ -136,7 +139,7 @@ class SweepingConnector(aiohttp.TCPConnector):
         pools = self._conns
         for key in list(pools):
             doomed.extend((key, proto) for proto, _ in pools.pop(key))
-        if doomed:
+        if doomed and self._closer is None:
             self._close_doomed()
         while doomed:
             await asyncio.sleep(0)
