@@ -9,9 +9,10 @@ keeps at most ``max_keepalive_connections`` idle connections per upstream (as ht
 providers block names): one released while that many are idle is closed at once, so the closes of a burst are
 spread over its end, and the later sweep has at most that many to close.
 
-The cap hooks aiohttp's ``_release`` and reads its ``_conns`` (internal to aiohttp, unchanged through 3.x); where
-they are missing the cap is off, and a warning says so once. A pool whose ``limit`` is no more than the cap can
-never hold more idle connections than that, so it does without the hook, which costs a call per request.
+The cap hooks aiohttp's ``_release`` and reads its ``_conns`` (internal to aiohttp; the suite runs on 3.13 and 3.14,
+the versions setup.cfg allows); where they are missing the cap is off, and a warning says so once. A pool whose
+``limit`` is no more than the cap can never hold more idle connections than that, so it does without the hook,
+which costs a call per request.
 
 Within the cap, a burst still leaves up to ``max_keepalive_connections`` idle connections that expire together,
 and aiohttp let the next request close them: its pool hands out the oldest idle connection first, and closes each
@@ -79,8 +80,9 @@ class SweepingConnector(aiohttp.TCPConnector):
         #: The next batch of closes, when one is scheduled (one chain of batches at a time).
         self._closer: asyncio.Handle | None = None
         #: aiohttp's pool state as this sweep reads it (internal to aiohttp): idle connections in a deque per host,
-        #: oldest first, stamped with ``time.monotonic()``, as aiohttp keeps them since 3.11 (3.9 and 3.10 keep a
-        #: list, used from its end, stamped with the loop's time). Otherwise aiohttp's own sweep runs.
+        #: oldest first, stamped with ``time.monotonic()``, as aiohttp keeps them since 3.11 (3.9 and 3.10 kept a
+        #: list, used from its end, stamped with the loop's time). Otherwise (an aiohttp that keeps them another
+        #: way) aiohttp's own sweep runs.
         conns = getattr(self, "_conns", None)
         self._sweeps = isinstance(conns, defaultdict) and conns.default_factory is deque and all(
             hasattr(self, name) for name in ("_cleanup_handle", "_keepalive_timeout", "_closed", "_loop"))
