@@ -3,7 +3,8 @@ mid-stream continuation. The relay (``relay.py``) writes; this module decides wh
 
 Rules:
 - A route is skipped while its provider's circuit is open (half-open lets a bounded number of trials through),
-  and while its (provider, model) pair cools down after a 429 with ``Retry-After`` (``cooldown.py``).
+  and while its (provider, model) pair cools down after a 429 with ``Retry-After`` (``cooldown.py``), and when
+  an ``upstream_request`` hook declines it (``RouteDeclined``: a provider at its ``rate_limit``).
 - Before any content reached the client, a retryable failure (connect error, timeout, 429, 5xx, an error event
   or a truncated stream) is retried on the same provider up to its ``retry_attempts`` with exponential backoff
   and full jitter, honouring ``Retry-After``, then falls back to the next route, all within the request deadline.
@@ -26,7 +27,7 @@ from aiohttp import web
 from .breaker import CircuitBreaker
 from .continuation import Transcript, continuation_messages
 from .cooldown import Cooldowns
-from .errors import GatewayError, StopStream
+from .errors import GatewayError, RouteDeclined, StopStream
 from .exchange import Exchange, Outcome, Route, Usage
 from .openai_format import NOT_TRAILING, stopped_answer, trailing_usage
 from .providers.openai import decoded
@@ -203,6 +204,11 @@ class Forwarder:
                     if self.pipeline.has_upstream_request:
                         try:
                             await self.pipeline.upstream_request(exchange, ureq)
+                        except RouteDeclined as declined:  # (a plugin passes over this route: the next one)
+                            breaker.release()
+                            attempt["error"] = declined.reason
+                            last_error = last_error or declined
+                            break
                         except BaseException:
                             breaker.release()
                             raise

@@ -512,12 +512,15 @@ def _check_settings(config: Config, plugins: list[Any], origins: Origins) -> tup
 
 
 def _with_builtins(config: Config) -> tuple[PipelineEntry, ...]:
-    """The configured pipeline plus the always-on observability plugins (metrics, access log) when they are
-    enabled and not listed explicitly; they only implement ``exchange_done``, so their place is irrelevant."""
+    """The configured pipeline plus the plugins that settings elsewhere in the config turn on, when not listed
+    explicitly: the observability plugins (metrics, access log; they only implement ``exchange_done``, so their
+    place is irrelevant), and ``provider_limits`` when a provider sets ``rate_limit`` (a limit that is
+    configured is enforced, whatever the pipeline lists)."""
     entries = list(config.pipeline)
     names = {e.name for e in entries}
     obs = config.observability
-    for name, enabled in (("metrics", obs.metrics), ("access_log", obs.access_log)):
+    limited = any(p.rate_limit is not None for p in config.providers)
+    for name, enabled in (("metrics", obs.metrics), ("access_log", obs.access_log), ("provider_limits", limited)):
         if enabled and name not in names:
             entries.append(PipelineEntry(name))
     return tuple(entries)

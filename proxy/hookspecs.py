@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .upstream import UpstreamRequest
 
 #: Version of the hook API. Bumped (minor) when hooks or arguments are added, (major) when changed.
-HOOK_API_VERSION = "1.0"
+HOOK_API_VERSION = "1.1"  # 1.1: upstream_request may raise RouteDeclined
 
 hookspec = pluggy.HookspecMarker("ssegate")
 hookimpl = pluggy.HookimplMarker("ssegate")
@@ -127,6 +127,10 @@ def upstream_request(exchange: "Exchange", request: "UpstreamRequest") -> None:
     body without touching it, use ``request.payload``: for a ``/v1/messages`` client routed to an ``anthropic``
     provider, a changed body is sent as its translation instead of the client's own request, which loses what
     the OpenAI format has no field for (``cache_control``, citations).
+
+    To pass over this route instead (a provider at its quota, a budget spent), raise
+    :class:`proxy.RouteDeclined`: nothing is sent, the route is not retried, and the next route is tried; a
+    request no route takes gets that error (hook API 1.1). Any other exception fails the request closed.
     *Async allowed.*
     """
 

@@ -31,6 +31,7 @@ BUILTIN_PLUGINS = {
     "ratelimit": "plugins.ratelimit:RateLimitPlugin",
     "cache": "plugins.cache:CachePlugin",
     "moderation": "plugins.moderation:ModerationPlugin",
+    "provider_limits": "plugins.provider_limits:ProviderLimitsPlugin",
 }
 
 ENTRY_POINT_GROUP = "ssegate"

@@ -48,6 +48,7 @@ providers:
     priority: 1
     timeout: 30
     retry_attempts: 2
+    rate_limit: 2000
     max_connections: 50
     max_keepalive_connections: 20
     keepalive_expiry: 15.5
@@ -119,7 +120,7 @@ def test_seed_style_provider_blocks_load(tmp_path):
     assert primary.enabled is True and backup.enabled is False
     assert primary.timeout == 30.0 and type(primary.timeout) is float  # an int is accepted for a float
     assert (primary.retry_attempts, primary.max_connections, primary.max_keepalive_connections) == (2, 50, 20)
-    assert primary.keepalive_expiry == 15.5
+    assert primary.keepalive_expiry == 15.5 and primary.rate_limit == 2000 and backup.rate_limit is None
     assert (backup.priority, backup.timeout, backup.keepalive_expiry) == (2, 120.0, 5.0)
     assert config.pipeline == (PipelineEntry("router"),)  # the schema default
 

@@ -35,7 +35,7 @@ def test_builtin_module_and_class_plugins_register_in_order():
     ("tests.no_such_module:X", "cannot import plugin module 'tests.no_such_module'"),
     ("nothing_by_that_name", "no plugin named 'nothing_by_that_name'"),
     ("tests.sample_plugins.audit:NeedsNewerHookApi",
-     "needs hook API 1.99, but this ssegate provides hook API 1.0: upgrade ssegate"),
+     "needs hook API 1.99, but this ssegate provides hook API 1.1: upgrade ssegate"),
     ("tests.sample_plugins.audit:NeedsOtherMajorHookApi", "use a release of the plugin made for hook API 1.x"),
     ("tests.sample_plugins.audit:MalformedHookApi", "requires_hook_api = 'one' is not a version"),
 ])

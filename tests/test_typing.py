@@ -32,6 +32,7 @@ PUBLIC = [
     "UpstreamRequest",
     "Chunk",
     "GatewayError",
+    "RouteDeclined",
     "StopStream",
 ]
 
@@ -121,8 +122,8 @@ from __future__ import annotations
 
 import attrs
 
-from proxy import (HOOK_API_VERSION, Chunk, Exchange, GatewayError, Outcome, Principal, Reply, Route, StopStream,
-                   UpstreamRequest, Usage, hookimpl, plugin_config, setting)
+from proxy import (HOOK_API_VERSION, Chunk, Exchange, GatewayError, Outcome, Principal, Reply, Route, RouteDeclined,
+                   StopStream, UpstreamRequest, Usage, hookimpl, plugin_config, setting)
 
 
 @plugin_config
@@ -168,6 +169,10 @@ class Probe:
         request.json["user"] = exchange.request_id
         request.headers["x-request-id"] = exchange.request_id
         request.headers["x-attempt"] = 1  # E: assignment
+        if request.route.provider == "spent":
+            raise RouteDeclined(429, "quota spent", reason="quota", headers={"Retry-After": "60"})
+        if request.route.provider == "late":
+            raise RouteDeclined(429, "quota spent", reason=None)  # E: arg-type
 
     @hookimpl
     def on_chunk(self, exchange: Exchange, chunk: Chunk) -> list[Chunk] | None:

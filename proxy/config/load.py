@@ -671,6 +671,8 @@ def structure(data: Any, cls: type[T], origins: Origins, base_path: KeyPath = ()
 
 Rule = tuple[Callable[[Any], bool], str]
 _POSITIVE: Rule = (lambda v: v > 0, "must be positive")
+#: The largest ``rate_limit``: the bound of the rate-limit buckets' exact arithmetic (``plugins/_keys.MAX_LIMIT``).
+MAX_RATE_LIMIT = 10_000_000_000
 _NOT_NEGATIVE: Rule = (lambda v: v >= 0, "must not be negative")
 _PERCENT: Rule = (lambda v: 0 <= v <= 100, "must be between 0 and 100")
 
@@ -702,6 +704,7 @@ _RULES: dict[type, dict[str, Rule]] = {
         "first_token_timeout": _POSITIVE,
         "idle_timeout": _POSITIVE,
         "retry_attempts": _NOT_NEGATIVE,
+        "rate_limit": (lambda v: 1 <= v <= MAX_RATE_LIMIT, f"must be between 1 and {MAX_RATE_LIMIT:,}"),
         "weight": _NOT_NEGATIVE,
         "max_connections": _POSITIVE,
         "max_keepalive_connections": _NOT_NEGATIVE,

@@ -248,6 +248,13 @@ class ProviderConfig:
         default=None, metadata=_doc("Seconds allowed between streamed events (default: `timeout`).")
     )
     retry_attempts: int = attrs.field(default=0, metadata=_doc("Extra attempts on this provider before fallback."))
+    rate_limit: int | None = attrs.field(
+        default=None, metadata=_doc(
+            "Requests a minute sent to this provider (each attempt counts, retries too), by all replicas together "
+            "when `redis.url` is set; a full minute's worth may go at once. At the limit the provider is passed "
+            "over for the request's next route, and a request no route takes gets a 429 with `Retry-After`. "
+            "Enforced by the `provider_limits` plugin, which joins the pipeline when a provider sets this.")
+    )
     max_connections: int = attrs.field(default=100, metadata=_doc("Connection pool size."))
     max_keepalive_connections: int = attrs.field(
         default=100, metadata=_doc(
