@@ -61,6 +61,11 @@ ANTHROPIC_EXTRAS = "anthropic.extras"
 #: translation: while nothing changed the translation, an ``anthropic`` provider sends the client's own request.
 ANTHROPIC_ORIGINAL = "anthropic.original"
 _THINKING_TYPES = ("thinking", "redacted_thinking")
+#: Content block types the OpenAI format has a place for; any other (a server tool's call and result:
+#: ``server_tool_use``, ``web_search_tool_result``, ``mcp_tool_use``, ...) rides whole in ``anthropic_blocks``.
+_TRANSLATED_TYPES = frozenset(("text", "tool_use", "thinking", "redacted_thinking"))
+#: The message and delta field of those blocks (an extension, as ``thinking_blocks`` is).
+ANTHROPIC_BLOCKS = "anthropic_blocks"
 
 #: Thinking budget (tokens) per OpenAI ``reasoning_effort``, as LiteLLM maps it (Anthropic's minimum is 1,024).
 REASONING_BUDGET = {"minimal": 1024, "low": 1024, "medium": 2048, "high": 4096}
@@ -335,7 +340,7 @@ def _stop_sequence_of(choice: dict[str, Any]) -> str | None:
 
 
 def from_anthropic_message(msg: dict[str, Any]) -> dict[str, Any]:
-    text, calls, thinking = [], [], []
+    text, calls, thinking, carried = [], [], [], []
     for block in msg.get("content") or ():
         if block.get("type") == "text":
             text.append(block.get("text", ""))
@@ -345,10 +350,14 @@ def from_anthropic_message(msg: dict[str, Any]) -> dict[str, Any]:
             calls.append({"id": block.get("id"), "type": "function",
                           "function": {"name": block.get("name"),
                                        "arguments": orjson.dumps(block.get("input") or {}).decode()}})
+        elif isinstance(block, dict) and block.get("type") not in _TRANSLATED_TYPES:
+            carried.append(block)
     message: dict[str, Any] = {"role": "assistant", "content": "".join(text) if text or not calls else None,
                                "refusal": None}
     if calls:
         message["tool_calls"] = calls
+    if carried:
+        message[ANTHROPIC_BLOCKS] = carried
     if thinking:
         message["reasoning_content"] = "".join(b.get("thinking", "") for b in thinking if b["type"] == "thinking")
         message["thinking_blocks"] = thinking
@@ -365,11 +374,21 @@ def from_anthropic_message(msg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _with_input(block: dict[str, Any], parts: list[str]) -> dict[str, Any]:
+    """A carried block as it ended: its ``input`` the JSON its deltas streamed, when they streamed one."""
+    if parts:
+        try:
+            block["input"] = orjson.loads("".join(parts))
+        except orjson.JSONDecodeError:
+            block["input"] = {}
+    return block
+
+
 class AnthropicStreamToOpenAI:
     """Anthropic SSE events in, OpenAI ``chat.completion.chunk`` events out (raw, without terminators)."""
 
     __slots__ = ("id", "model", "created", "input_usage", "output_tokens", "tool_index", "block_tools",
-                 "finish", "thinking")
+                 "finish", "thinking", "carried")
 
     def __init__(self) -> None:
         self.id = "chatcmpl-anthropic"
@@ -382,6 +401,9 @@ class AnthropicStreamToOpenAI:
         self.finish: str | None = None
         #: The thinking blocks being streamed, by block index: sent whole, signature included, at their end.
         self.thinking: dict[int, dict[str, Any]] = {}
+        #: Blocks of other types being streamed, by block index (the block, its input's JSON parts): sent whole,
+        #: as ``anthropic_blocks``, at their end.
+        self.carried: dict[int, tuple[dict[str, Any], list[str]]] = {}
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None, stop_sequence: str | None = None) -> bytes:
         choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
@@ -401,7 +423,12 @@ class AnthropicStreamToOpenAI:
             if delta.get("type") == "text_delta":
                 return [self._chunk({"content": delta.get("text", "")})]
             if delta.get("type") == "input_json_delta":
-                index = self.block_tools.get(obj.get("index", 0), 0)
+                index = self.block_tools.get(obj.get("index", 0))
+                if index is None:  # a server tool's call (its input, streamed): with the block, at its end
+                    carried = self.carried.get(obj.get("index", 0))
+                    if carried is not None:
+                        carried[1].append(str(delta.get("partial_json") or ""))
+                    return []
                 return [self._chunk({"tool_calls": [{"index": index,
                                                      "function": {"arguments": delta.get("partial_json", "")}}]})]
             block = self.thinking.get(obj.get("index", 0))
@@ -435,10 +462,15 @@ class AnthropicStreamToOpenAI:
                 return [self._chunk({"reasoning_content": block["thinking"]})] if block.get("thinking") else []
             if block.get("type") == "redacted_thinking":
                 return [self._chunk({"thinking_blocks": [dict(block)]})]
+            if block.get("type") not in _TRANSLATED_TYPES and isinstance(block, dict):
+                self.carried[obj.get("index", 0)] = (dict(block), [])
             return []
         if kind == "content_block_stop":
             block = self.thinking.pop(obj.get("index", 0), None)
-            return [self._chunk({"thinking_blocks": [block]})] if block is not None else []
+            if block is not None:
+                return [self._chunk({"thinking_blocks": [block]})]
+            carried = self.carried.pop(obj.get("index", 0), None)
+            return [self._chunk({ANTHROPIC_BLOCKS: [_with_input(*carried)]})] if carried is not None else []
         if kind == "message_delta":
             usage = obj.get("usage") or {}
             if usage.get("output_tokens") is not None:
@@ -556,6 +588,7 @@ def to_anthropic_message(body: dict[str, Any]) -> dict[str, Any]:
     reasoning = reasoning_of(message)
     if not content and reasoning is not None:
         content.append({"type": "thinking", "thinking": reasoning, "signature": ""})  # (unsigned: not Claude's)
+    content += [b for b in message.get(ANTHROPIC_BLOCKS) or () if isinstance(b, dict) and b.get("type")]
     if message.get("content"):
         content.append({"type": "text", "text": message["content"]})
     for call in message.get("tool_calls") or ():
@@ -648,6 +681,23 @@ class OpenAIStreamToAnthropic:
             out += self._close_block()
         return out
 
+    def _carried(self, blocks: Any) -> list[bytes]:
+        """Whole blocks of the types the OpenAI format has no place for (a server tool's call and result), each a
+        block of its own: a call's ``input`` streamed as one ``input_json_delta``, as Anthropic streams it."""
+        out: list[bytes] = []
+        for block in blocks if isinstance(blocks, list) else ():
+            if not isinstance(block, dict) or not block.get("type"):
+                continue
+            if "input" in block:
+                out += self._open_block("carried", {**block, "input": {}})
+                out.append(_event("content_block_delta", {
+                    "type": "content_block_delta", "index": self.block,
+                    "delta": {"type": "input_json_delta", "partial_json": orjson.dumps(block["input"]).decode()}}))
+            else:
+                out += self._open_block("carried", block)
+            out += self._close_block()
+        return out
+
     def feed(self, raw: bytes) -> list[bytes]:
         if raw.startswith(b":"):
             return [raw]
@@ -681,6 +731,8 @@ class OpenAIStreamToAnthropic:
                 out += self._thinking_delta(reasoning)
             if delta.get("thinking_blocks"):
                 out += self._thinking_ends(delta["thinking_blocks"])
+            if delta.get(ANTHROPIC_BLOCKS):
+                out += self._carried(delta[ANTHROPIC_BLOCKS])
             if delta.get("content"):
                 if self.block_kind != "text":
                     out += self._open_block("text", {"type": "text", "text": ""})

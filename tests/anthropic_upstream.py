@@ -19,6 +19,9 @@ class AnthropicUpstream:
         #: Parts of a thinking block to answer with first (extended thinking), and its signature.
         self.thinking: list[str] | None = None
         self.signature = "EqQBCkgIARABGAIiQL-signature"
+        #: Blocks of a server tool (``server_tool_use``, ``web_search_tool_result``, ...) to answer with before the
+        #: text; a block with an ``input`` streams it in two ``input_json_delta`` parts.
+        self.server_blocks: list[dict[str, Any]] = []
         self.stop_reason = "end_turn"
         self.stop_sequence: str | None = None  # the matched one, sent with stop_reason "stop_sequence"
         self.error: tuple[int, str, str] | None = None  # (status, type, message)
@@ -51,6 +54,7 @@ class AnthropicUpstream:
         content: list[dict[str, Any]] = []
         if self.thinking is not None:
             content.append({"type": "thinking", "thinking": "".join(self.thinking), "signature": self.signature})
+        content += self.server_blocks
         content.append({"type": "text", "text": "".join(self.texts)})
         if self.tool:
             content.append({"type": "tool_use", "id": "toolu_01A", "name": self.tool["name"],
@@ -93,6 +97,16 @@ class AnthropicUpstream:
                                                "delta": {"type": "signature_delta", "signature": self.signature}})
             await send("content_block_stop", {"type": "content_block_stop", "index": 0})
             at = 1
+        for block in self.server_blocks:
+            streamed = {**block, "input": {}} if "input" in block else block
+            await send("content_block_start", {"type": "content_block_start", "index": at, "content_block": streamed})
+            if "input" in block:
+                text = orjson.dumps(block["input"]).decode()
+                for part in (text[:len(text) // 2], text[len(text) // 2:]):
+                    await send("content_block_delta", {"type": "content_block_delta", "index": at,
+                                                       "delta": {"type": "input_json_delta", "partial_json": part}})
+            await send("content_block_stop", {"type": "content_block_stop", "index": at})
+            at += 1
         await send("content_block_start", {"type": "content_block_start", "index": at,
                                            "content_block": {"type": "text", "text": ""}})
         await send("ping", {"type": "ping"})

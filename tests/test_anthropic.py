@@ -2,6 +2,8 @@
 with the official SDKs as clients and an upstream speaking the Anthropic wire format exactly."""
 from __future__ import annotations
 
+from typing import Any
+
 import anthropic
 import attrs
 import openai
@@ -209,6 +211,14 @@ async def test_error_event_after_text_is_an_in_band_error(claude, upstream, gate
 
 def anthropic_client(gw) -> anthropic.AsyncAnthropic:
     return anthropic.AsyncAnthropic(base_url=gw.url, api_key="unused", max_retries=0)
+
+
+async def final_message(client: anthropic.AsyncAnthropic, stream: bool, **ask) -> Any:
+    """The answer to ``ask``: streamed and accumulated by the SDK, or whole."""
+    if not stream:
+        return await client.messages.create(**ask)
+    async with client.messages.stream(**ask) as events:
+        return await events.get_final_message()
 
 
 @pytest.mark.parametrize("behind", ["anthropic", "openai"])
@@ -609,12 +619,8 @@ async def test_messages_ingress_shows_a_reasoning_servers_reasoning_as_thinking(
     try:
         gw = await gateway_factory(config_for(up.base_url))
         client = anthropic_client(gw)
-        kwargs: dict = dict(model="deepseek-r1", max_tokens=100, messages=[{"role": "user", "content": "Why?"}])
-        if stream:
-            async with client.messages.stream(**kwargs) as s:
-                answer = await s.get_final_message()
-        else:
-            answer = await client.messages.create(**kwargs)
+        answer = await final_message(client, stream, model="deepseek-r1", max_tokens=100,
+                                     messages=[{"role": "user", "content": "Why?"}])
         await client.close()
         assert [b.type for b in answer.content] == ["thinking", "text"]
         assert answer.content[0].thinking == "Because so." and answer.content[1].text == "42."
@@ -699,3 +705,56 @@ async def test_openai_clients_prompt_caching_marks_reach_anthropic(claude, gatew
                                                 {"type": "text", "text": "Summarize."}]
     assert marked["tools"][0]["cache_control"] == cached
     assert plain["system"] == "Plain."  # one string, as before, without marks
+
+
+#: A server tool's call and result, as Claude answers with its web search tool.
+WEB_SEARCH = [
+    {"type": "server_tool_use", "id": "srvtoolu_01", "name": "web_search", "input": {"query": "weather in Paris"}},
+    {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_01", "content": [
+        {"type": "web_search_result", "url": "https://example.com/paris", "title": "Paris weather",
+         "encrypted_content": "EqgfCioIARgBIiQ3YTAw", "page_age": "April 30, 2025"}]},
+]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_messages_ingress_keeps_a_server_tools_call_and_result(claude, gateway_factory, stream):
+    claude.server_blocks = WEB_SEARCH
+    gw = await gateway_factory(anthropic_config(claude))
+    client = anthropic_client(gw)
+    ask = {"model": "claude-sonnet-4", "max_tokens": 1000, "messages": [{"role": "user", "content": "Weather?"}],
+           "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 1}]}
+    final = await final_message(client, stream, **ask)
+    await client.close()
+    assert claude.requests[-1]["tools"] == ask["tools"]  # the client's own request went
+    assert [b.type for b in final.content] == ["server_tool_use", "web_search_tool_result", "text"]
+    call, result, text = final.content
+    assert (call.id, call.name, call.input) == ("srvtoolu_01", "web_search", {"query": "weather in Paris"})
+    assert result.tool_use_id == "srvtoolu_01" and result.content[0].url == "https://example.com/paris"
+    assert result.content[0].encrypted_content == "EqgfCioIARgBIiQ3YTAw"
+    assert text.text == "Hello from Claude" and final.stop_reason == "end_turn"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_server_tools_call_is_no_tool_call_for_openai_clients(claude, gateway_factory, stream):
+    """Its streamed input once went out as the arguments of a tool call with no id or name."""
+    claude.server_blocks = WEB_SEARCH
+    gw = await gateway_factory(anthropic_config(claude))
+    client = openai_client(gw.base_url)
+    messages = [{"role": "user", "content": "Weather?"}]
+    if stream:
+        chunks = [c async for c in await client.chat.completions.create(model="claude-sonnet-4", messages=messages,
+                                                                          stream=True)]
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert not any(d.tool_calls for d in deltas)
+        assert "".join(d.content or "" for d in deltas) == "Hello from Claude"
+        carried = [b for d in deltas for b in (d.model_extra or {}).get("anthropic_blocks") or ()]
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert finish == ["stop"]
+    else:
+        answer = await client.chat.completions.create(model="claude-sonnet-4", messages=messages)
+        message = answer.choices[0].message
+        assert message.tool_calls is None and message.content == "Hello from Claude"
+        assert answer.choices[0].finish_reason == "stop"
+        carried = (message.model_extra or {}).get("anthropic_blocks")
+    await client.close()
+    assert carried == WEB_SEARCH  # beside the answer, whole, for a client that wants them
