@@ -66,6 +66,44 @@ _THINKING_TYPES = ("thinking", "redacted_thinking")
 _TRANSLATED_TYPES = frozenset(("text", "tool_use", "thinking", "redacted_thinking"))
 #: The message and delta field of those blocks (an extension, as ``thinking_blocks`` is).
 ANTHROPIC_BLOCKS = "anthropic_blocks"
+#: The message and delta field of an answer's citations, each span of the text with its own:
+#: ``[{"start_index", "end_index", "citations": [...]}]`` (a whole answer's spans carry their ``text`` too).
+ANTHROPIC_CITATIONS = "anthropic_citations"
+
+
+def _url_citations(spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The web search citations among ``spans`` as OpenAI's ``annotations`` (``url_citation``: the url and title of
+    the source, and the span of the answer it supports)."""
+    return [{"type": "url_citation", "url_citation": {
+                "url": c.get("url"), "title": c.get("title"), "start_index": span["start_index"],
+                "end_index": span["end_index"]}}
+            for span in spans for c in span["citations"]
+            if isinstance(c, dict) and c.get("type") == "web_search_result_location" and c.get("url")]
+
+
+def _text_blocks(text: str, spans: Any) -> list[dict[str, Any]]:
+    """An answer's text as Anthropic text blocks: its cited spans (``anthropic_citations``) blocks of their own,
+    with their citations, while each span still holds the text it was cited for; one block otherwise (a plugin
+    changed the text: citations that may no longer fit are left out)."""
+    whole = [{"type": "text", "text": text}]
+    if not isinstance(spans, list) or not spans:
+        return whole
+    blocks: list[dict[str, Any]] = []
+    at = 0
+    for span in spans:
+        if not isinstance(span, dict):
+            return whole
+        start, end = span.get("start_index"), span.get("end_index")
+        if type(start) is not int or type(end) is not int or not at <= start <= end <= len(text) or \
+                text[start:end] != span.get("text"):
+            return whole
+        if start > at:
+            blocks.append({"type": "text", "text": text[at:start]})
+        blocks.append({"type": "text", "text": text[start:end], "citations": span.get("citations") or []})
+        at = end
+    if at < len(text):
+        blocks.append({"type": "text", "text": text[at:]})
+    return blocks
 
 #: Thinking budget (tokens) per OpenAI ``reasoning_effort``, as LiteLLM maps it (Anthropic's minimum is 1,024).
 REASONING_BUDGET = {"minimal": 1024, "low": 1024, "medium": 2048, "high": 4096}
@@ -340,10 +378,15 @@ def _stop_sequence_of(choice: dict[str, Any]) -> str | None:
 
 
 def from_anthropic_message(msg: dict[str, Any]) -> dict[str, Any]:
-    text, calls, thinking, carried = [], [], [], []
+    text, calls, thinking, carried, spans = [], [], [], [], []
     for block in msg.get("content") or ():
         if block.get("type") == "text":
-            text.append(block.get("text", ""))
+            part = block.get("text", "")
+            if block.get("citations"):
+                at = sum(map(len, text))
+                spans.append({"start_index": at, "end_index": at + len(part), "text": part,
+                              "citations": block["citations"]})
+            text.append(part)
         elif block.get("type") in ("thinking", "redacted_thinking"):
             thinking.append(block)
         elif block.get("type") == "tool_use":
@@ -358,6 +401,9 @@ def from_anthropic_message(msg: dict[str, Any]) -> dict[str, Any]:
         message["tool_calls"] = calls
     if carried:
         message[ANTHROPIC_BLOCKS] = carried
+    if spans:
+        message[ANTHROPIC_CITATIONS] = spans
+        message["annotations"] = _url_citations(spans)
     if thinking:
         message["reasoning_content"] = "".join(b.get("thinking", "") for b in thinking if b["type"] == "thinking")
         message["thinking_blocks"] = thinking
@@ -388,7 +434,7 @@ class AnthropicStreamToOpenAI:
     """Anthropic SSE events in, OpenAI ``chat.completion.chunk`` events out (raw, without terminators)."""
 
     __slots__ = ("id", "model", "created", "input_usage", "output_tokens", "tool_index", "block_tools",
-                 "finish", "thinking", "carried")
+                 "finish", "thinking", "carried", "text_length", "cited")
 
     def __init__(self) -> None:
         self.id = "chatcmpl-anthropic"
@@ -404,6 +450,10 @@ class AnthropicStreamToOpenAI:
         #: Blocks of other types being streamed, by block index (the block, its input's JSON parts): sent whole,
         #: as ``anthropic_blocks``, at their end.
         self.carried: dict[int, tuple[dict[str, Any], list[str]]] = {}
+        #: Characters of answer text sent so far, and the text blocks being streamed by index (where each starts,
+        #: its citations): a block's citations go out when it ends, with the span of text they support.
+        self.text_length = 0
+        self.cited: dict[int, tuple[int, list[Any]]] = {}
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None, stop_sequence: str | None = None) -> bytes:
         choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
@@ -421,7 +471,14 @@ class AnthropicStreamToOpenAI:
         if kind == "content_block_delta":
             delta = obj.get("delta") or {}
             if delta.get("type") == "text_delta":
-                return [self._chunk({"content": delta.get("text", "")})]
+                text = delta.get("text", "")
+                self.text_length += len(text)
+                return [self._chunk({"content": text})]
+            if delta.get("type") == "citations_delta":
+                cited = self.cited.get(obj.get("index", 0))
+                if cited is not None:
+                    cited[1].append(delta.get("citation"))
+                return []
             if delta.get("type") == "input_json_delta":
                 index = self.block_tools.get(obj.get("index", 0))
                 if index is None:  # a server tool's call (its input, streamed): with the block, at its end
@@ -454,8 +511,12 @@ class AnthropicStreamToOpenAI:
                 return [self._chunk({"tool_calls": [{"index": self.tool_index, "id": block.get("id"),
                                                      "type": "function",
                                                      "function": {"name": block.get("name"), "arguments": ""}}]})]
-            if block.get("type") == "text" and block.get("text"):
-                return [self._chunk({"content": block["text"]})]
+            if block.get("type") == "text":
+                self.cited[obj.get("index", 0)] = (self.text_length, list(block.get("citations") or ()))
+                if block.get("text"):
+                    self.text_length += len(block["text"])
+                    return [self._chunk({"content": block["text"]})]
+                return []
             if block.get("type") == "thinking":
                 self.thinking[obj.get("index", 0)] = {"type": "thinking", "thinking": block.get("thinking") or "",
                                                       "signature": block.get("signature") or ""}
@@ -470,7 +531,13 @@ class AnthropicStreamToOpenAI:
             if block is not None:
                 return [self._chunk({"thinking_blocks": [block]})]
             carried = self.carried.pop(obj.get("index", 0), None)
-            return [self._chunk({ANTHROPIC_BLOCKS: [_with_input(*carried)]})] if carried is not None else []
+            if carried is not None:
+                return [self._chunk({ANTHROPIC_BLOCKS: [_with_input(*carried)]})]
+            start, citations = self.cited.pop(obj.get("index", 0), (0, None))
+            if citations:
+                spans = [{"start_index": start, "end_index": self.text_length, "citations": citations}]
+                return [self._chunk({ANTHROPIC_CITATIONS: spans, "annotations": _url_citations(spans)})]
+            return []
         if kind == "message_delta":
             usage = obj.get("usage") or {}
             if usage.get("output_tokens") is not None:
@@ -590,7 +657,7 @@ def to_anthropic_message(body: dict[str, Any]) -> dict[str, Any]:
         content.append({"type": "thinking", "thinking": reasoning, "signature": ""})  # (unsigned: not Claude's)
     content += [b for b in message.get(ANTHROPIC_BLOCKS) or () if isinstance(b, dict) and b.get("type")]
     if message.get("content"):
-        content.append({"type": "text", "text": message["content"]})
+        content += _text_blocks(message["content"], message.get(ANTHROPIC_CITATIONS))
     for call in message.get("tool_calls") or ():
         fn = call.get("function") or {}
         try:
@@ -698,6 +765,18 @@ class OpenAIStreamToAnthropic:
             out += self._close_block()
         return out
 
+    def _citations(self, spans: Any) -> list[bytes]:
+        """The citations of the text just streamed, on the text block it went into (a stream's text blocks are
+        one, so the client gets the sources of the answer, not which part of it each supports)."""
+        out: list[bytes] = []
+        for span in spans if isinstance(spans, list) else ():
+            for citation in span.get("citations") or () if isinstance(span, dict) else ():
+                if self.block_kind != "text":
+                    out += self._open_block("text", {"type": "text", "text": ""})
+                out.append(_event("content_block_delta", {"type": "content_block_delta", "index": self.block,
+                                                          "delta": {"type": "citations_delta", "citation": citation}}))
+        return out
+
     def feed(self, raw: bytes) -> list[bytes]:
         if raw.startswith(b":"):
             return [raw]
@@ -733,6 +812,8 @@ class OpenAIStreamToAnthropic:
                 out += self._thinking_ends(delta["thinking_blocks"])
             if delta.get(ANTHROPIC_BLOCKS):
                 out += self._carried(delta[ANTHROPIC_BLOCKS])
+            if delta.get(ANTHROPIC_CITATIONS):
+                out += self._citations(delta[ANTHROPIC_CITATIONS])
             if delta.get("content"):
                 if self.block_kind != "text":
                     out += self._open_block("text", {"type": "text", "text": ""})

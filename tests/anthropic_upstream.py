@@ -22,6 +22,9 @@ class AnthropicUpstream:
         #: Blocks of a server tool (``server_tool_use``, ``web_search_tool_result``, ...) to answer with before the
         #: text; a block with an ``input`` streams it in two ``input_json_delta`` parts.
         self.server_blocks: list[dict[str, Any]] = []
+        #: Text blocks with citations to answer with after the text: (text, citations); a stream sends each
+        #: citation as a ``citations_delta`` before the block's text.
+        self.cited: list[tuple[str, list[dict[str, Any]]]] = []
         self.stop_reason = "end_turn"
         self.stop_sequence: str | None = None  # the matched one, sent with stop_reason "stop_sequence"
         self.error: tuple[int, str, str] | None = None  # (status, type, message)
@@ -56,6 +59,7 @@ class AnthropicUpstream:
             content.append({"type": "thinking", "thinking": "".join(self.thinking), "signature": self.signature})
         content += self.server_blocks
         content.append({"type": "text", "text": "".join(self.texts)})
+        content += [{"type": "text", "text": text, "citations": citations} for text, citations in self.cited]
         if self.tool:
             content.append({"type": "tool_use", "id": "toolu_01A", "name": self.tool["name"],
                             "input": orjson.loads("".join(self.tool["input_parts"]))})
@@ -118,6 +122,16 @@ class AnthropicUpstream:
             await send("content_block_delta", {"type": "content_block_delta", "index": at,
                                                "delta": {"type": "text_delta", "text": text}})
         await send("content_block_stop", {"type": "content_block_stop", "index": at})
+        for text, citations in self.cited:
+            at += 1
+            await send("content_block_start", {"type": "content_block_start", "index": at,
+                                               "content_block": {"type": "text", "text": "", "citations": []}})
+            for citation in citations:
+                await send("content_block_delta", {"type": "content_block_delta", "index": at,
+                                                   "delta": {"type": "citations_delta", "citation": citation}})
+            await send("content_block_delta", {"type": "content_block_delta", "index": at,
+                                               "delta": {"type": "text_delta", "text": text}})
+            await send("content_block_stop", {"type": "content_block_stop", "index": at})
         if self.tool:
             await send("content_block_start", {"type": "content_block_start", "index": at + 1, "content_block": {
                 "type": "tool_use", "id": "toolu_01A", "name": self.tool["name"], "input": {}}})

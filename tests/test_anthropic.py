@@ -707,6 +707,16 @@ async def test_openai_clients_prompt_caching_marks_reach_anthropic(claude, gatew
     assert plain["system"] == "Plain."  # one string, as before, without marks
 
 
+WEATHER = [{"role": "user", "content": "Weather?"}]
+
+
+async def openai_stream(client: openai.AsyncOpenAI) -> tuple[list[Any], list[Any]]:
+    """A streamed answer of claude-sonnet-4 to WEATHER: its chunks, and the deltas of their first choice."""
+    stream = await client.chat.completions.create(model="claude-sonnet-4", messages=WEATHER, stream=True)
+    chunks = [c async for c in stream]
+    return chunks, [c.choices[0].delta for c in chunks if c.choices]
+
+
 #: A server tool's call and result, as Claude answers with its web search tool.
 WEB_SEARCH = [
     {"type": "server_tool_use", "id": "srvtoolu_01", "name": "web_search", "input": {"query": "weather in Paris"}},
@@ -740,11 +750,9 @@ async def test_a_server_tools_call_is_no_tool_call_for_openai_clients(claude, ga
     claude.server_blocks = WEB_SEARCH
     gw = await gateway_factory(anthropic_config(claude))
     client = openai_client(gw.base_url)
-    messages = [{"role": "user", "content": "Weather?"}]
+    messages = WEATHER
     if stream:
-        chunks = [c async for c in await client.chat.completions.create(model="claude-sonnet-4", messages=messages,
-                                                                          stream=True)]
-        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        chunks, deltas = await openai_stream(client)
         assert not any(d.tool_calls for d in deltas)
         assert "".join(d.content or "" for d in deltas) == "Hello from Claude"
         carried = [b for d in deltas for b in (d.model_extra or {}).get("anthropic_blocks") or ()]
@@ -758,3 +766,66 @@ async def test_a_server_tools_call_is_no_tool_call_for_openai_clients(claude, ga
         carried = (message.model_extra or {}).get("anthropic_blocks")
     await client.close()
     assert carried == WEB_SEARCH  # beside the answer, whole, for a client that wants them
+
+
+#: A cited sentence of an answer that used web search, and its citation.
+CITED = (" Paris is sunny today.", [{"type": "web_search_result_location", "url": "https://example.com/paris",
+                                  "title": "Paris weather", "encrypted_index": "Eo8BCioIAhgBIiQyYjQ",
+                                  "cited_text": "Sunny, 24 degrees, in Paris today."}])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_citations_reach_openai_clients_as_url_annotations(claude, gateway_factory, stream):
+    claude.cited = [CITED]
+    gw = await gateway_factory(anthropic_config(claude))
+    client = openai_client(gw.base_url)
+    messages = WEATHER
+    if stream:
+        _, deltas = await openai_stream(client)
+        content = "".join(d.content or "" for d in deltas)
+        annotations = [a for d in deltas for a in (d.model_extra or {}).get("annotations") or ()]
+    else:
+        message = (await client.chat.completions.create(model="claude-sonnet-4", messages=messages)).choices[0].message
+        content, annotations = message.content, [a.model_dump() for a in message.annotations or ()]
+    await client.close()
+    assert content == "Hello from Claude Paris is sunny today."
+    [annotation] = annotations
+    cite = annotation["url_citation"]
+    assert annotation["type"] == "url_citation" and (cite["url"], cite["title"]) == ("https://example.com/paris",
+                                                                                    "Paris weather")
+    assert content[cite["start_index"]:cite["end_index"]] == CITED[0]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_messages_ingress_keeps_the_citations(claude, gateway_factory, stream):
+    claude.cited = [CITED]
+    gw = await gateway_factory(anthropic_config(claude))
+    client = anthropic_client(gw)
+    final = await final_message(client, stream, model="claude-sonnet-4", max_tokens=1000,
+                                messages=[{"role": "user", "content": "Weather?"}])
+    await client.close()
+    texts = [b for b in final.content if b.type == "text"]
+    assert "".join(b.text for b in texts) == "Hello from Claude Paris is sunny today."
+    cited = [b for b in texts if b.citations]
+    # A whole answer keeps the cited sentence a block of its own; a stream's text is one block with its sources.
+    assert [b.text for b in cited] == ([CITED[0]] if not stream else ["Hello from Claude Paris is sunny today."])
+    [citation] = cited[0].citations
+    assert citation.model_dump(exclude_none=True) == CITED[1][0]
+
+
+async def test_citations_are_left_out_when_a_plugin_changed_the_cited_text(claude, gateway_factory):
+    class Redact:
+        @hookimpl
+        def on_response(self, exchange, body):
+            message = body["choices"][0]["message"]
+            message["content"] = message["content"].replace("sunny", "[redacted]")
+
+    claude.cited = [CITED]
+    config = attrs.evolve(anthropic_config(claude), pipeline=(PipelineEntry("router"), PipelineEntry("redact")))
+    gw = await gateway_factory(config, plugins={"redact": Redact()})
+    client = anthropic_client(gw)
+    final = await final_message(client, False, model="claude-sonnet-4", max_tokens=1000,
+                                messages=[{"role": "user", "content": "Weather?"}])
+    await client.close()
+    assert [(b.type, b.text, b.citations) for b in final.content] == [
+        ("text", "Hello from Claude Paris is [redacted] today.", None)]
