@@ -26,6 +26,7 @@ from .providers import create_provider
 from .forwarding import Forwarder
 from .metrics import Registry
 from .relay import ClientStream, answer_body, error_response, json_response, send_reply
+from .redis_url import check_redis_url, redis_client
 from .upstream import Provider
 from .upstream_sessions import SharedSessions
 from .watchdog import Watchdog
@@ -125,18 +126,8 @@ class Gateway:
             cfg = self.config.redis
             if not cfg.url:
                 raise GatewayError(500, "no redis.url configured", code="redis_not_configured")
-            import redis.asyncio as aioredis
-            from redis.asyncio.retry import Retry
-            from redis.backoff import NoBackoff
-            from redis.exceptions import ConnectionError as RedisConnectionError
-
-            # One retry on a dropped connection (a pooled socket gone stale after a Redis restart). Not on
-            # timeouts: a command that timed out may have run, and limits must not be charged twice.
-            self._redis = aioredis.Redis.from_url(
-                cfg.url, max_connections=cfg.max_connections, socket_timeout=cfg.socket_timeout,
-                socket_connect_timeout=cfg.connect_timeout, health_check_interval=30,
-                retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError],
-            )
+            self._redis = redis_client(cfg.url, max_connections=cfg.max_connections,
+                                       socket_timeout=cfg.socket_timeout, connect_timeout=cfg.connect_timeout)
         return self._redis
 
     def plugin_config(self, name: str) -> Any:
@@ -494,13 +485,12 @@ def _check_settings(config: Config, plugins: list[Any], origins: Origins) -> tup
                                         f"the same port as server.port ({server.port}): give /metrics a port of its "
                                         "own, or leave metrics_port out to serve /metrics on the main port"))
     if config.redis.url:
-        from redis.connection import parse_url
-
         try:
-            parse_url(config.redis.url)
-        except ValueError as exc:  # (a Redis Cluster's list of nodes, a scheme missing: one standalone server)
-            problems.append(origins.problem(("redis", "url"), f"not a Redis URL ({exc}); expected "
-                                            "redis://[:password@]host:port/db, rediss:// or unix://, one server"))
+            check_redis_url(config.redis.url)
+        except ValueError as exc:  # (a Redis Cluster's list of nodes, a scheme missing, a Sentinel URL's path)
+            problems.append(origins.problem(("redis", "url"), f"not a Redis URL ({exc}); expected one server, "
+                                            "redis://[:password@]host:port/db, rediss:// or unix://, or a Sentinel "
+                                            "group, redis+sentinel://[:password@]host:26379[,host:26379]/service"))
     else:
         for index, plugin in enumerate(plugins):
             if getattr(plugin.config, "backend", None) == "redis":

@@ -146,9 +146,11 @@ class RedisConfig:
     """The shared Redis (one connection pool per process) that plugins with a `redis` backend use."""
 
     url: str | None = attrs.field(
-        default=None, metadata=_doc("URL of one standalone Redis (`redis://`, `rediss://` or `unix://`), e.g. "
-                                    "`redis://127.0.0.1:6379/0`; Cluster and Sentinel are not supported. Unset: no "
-                                    "Redis.")
+        default=None, metadata=_doc("URL of one Redis server (`redis://`, `rediss://` or `unix://`), e.g. "
+                                    "`redis://127.0.0.1:6379/0`, or of the master of a Sentinel group, "
+                                    "`redis+sentinel://[:password@]host:26379[,host:26379...]/service[/db]` "
+                                    "(`rediss+sentinel://` for TLS; the Sentinels' own password as "
+                                    "`?sentinel_password=`). Cluster is not supported. Unset: no Redis.")
     )
     max_connections: int = attrs.field(default=100, metadata=_doc("Pool size per process."))
     socket_timeout: float = attrs.field(default=1.0, metadata=_doc("Seconds to wait for a Redis reply."))
