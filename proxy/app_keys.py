@@ -14,11 +14,13 @@ __all__ = ["GATEWAY", "RELOADER", "DIRECT_ROUTES", "GatewayHolder"]
 class GatewayHolder:
     """The Gateway currently serving new requests (swapped on reload) and the drain flag."""
 
-    __slots__ = ("current", "draining")
+    __slots__ = ("current", "draining", "tls")
 
     def __init__(self, gateway: "Gateway") -> None:
         self.current = gateway
         self.draining = False
+        #: The listener's TLS context when it serves HTTPS (``proxy.tls``): reloads load certificates into it.
+        self.tls: Any = None
 
 
 GATEWAY = web.AppKey("GATEWAY", GatewayHolder)

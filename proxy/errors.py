@@ -78,10 +78,11 @@ class RouteDeclined(GatewayError):
     """Raised by an ``upstream_request`` hook to pass over the route being tried, before anything is sent.
 
     The gateway records the attempt with ``error`` set to ``reason`` (in ``exchange.attempts``, the access line
-    and the metrics, where it is a label value: keep it one fixed word), does not retry that route, and tries the next one. When no route is left, the client gets
-    the first error of the request's attempts: this one, with its status, message and ``headers``
-    (``Retry-After``), if no earlier route failed otherwise. The built-in ``provider_limits`` plugin raises it for
-    a provider at its ``rate_limit``; a budget or quota plugin can do the same.
+    and the metrics, where it is a label value: keep it one fixed word), does not retry that route, and tries
+    the next one. When no route is left, the client gets the first error of the request's attempts: this one,
+    with its status, message and ``headers`` (``Retry-After``), if no earlier route failed otherwise. The
+    built-in ``provider_limits`` plugin raises it for a provider at its ``rate_limit``; a budget or quota plugin
+    can do the same.
     """
 
     def __init__(self, status: int, message: str, *, reason: str = "declined", type: str | None = None,

@@ -27,6 +27,7 @@ from .forwarding import Forwarder
 from .metrics import Registry
 from .relay import ClientStream, answer_body, error_response, json_response, send_reply
 from .redis_url import check_redis_url, redis_client
+from .tls import tls_problem
 from .upstream import Provider
 from .upstream_sessions import SharedSessions
 from .watchdog import Watchdog
@@ -484,6 +485,9 @@ def _check_settings(config: Config, plugins: list[Any], origins: Origins) -> tup
         problems.append(origins.problem(("observability", "metrics_port"),
                                         f"the same port as server.port ({server.port}): give /metrics a port of its "
                                         "own, or leave metrics_port out to serve /metrics on the main port"))
+    tls = tls_problem(server.tls_cert_file, server.tls_key_file)
+    if tls is not None:
+        problems.append(origins.problem(("server", tls[0]), tls[1]))
     if config.redis.url:
         try:
             check_redis_url(config.redis.url)

@@ -13,6 +13,7 @@ from .app_keys import GatewayHolder
 from .config import ConfigError, layer_files, load_config_with_origins
 from .gateway import Gateway
 from .log import configure_logging
+from .tls import load_into
 
 __all__ = ["Reloader"]
 
@@ -50,12 +51,15 @@ class Reloader:
         self.seen = self.fingerprint()
 
     def fingerprint(self) -> tuple[tuple[int, int, int] | None, ...]:
-        """(mtime, size, inode) of each layer file, None for a missing one. ``os.stat`` follows symlinks, so the
-        symlink swap of a Kubernetes ConfigMap volume update changes it."""
+        """(mtime, size, inode) of each layer file, then of the TLS certificate and key, None for a missing one.
+        ``os.stat`` follows symlinks, so the symlink swap of a Kubernetes ConfigMap or Secret volume update
+        changes it."""
         if self.config_path is None:
             return ()
         marks: list[tuple[int, int, int] | None] = []
-        for path in layer_files(self.config_path):
+        server = self.holder.current.config.server
+        tls_files = [f for f in (server.tls_cert_file, server.tls_key_file) if f]  # (a certificate renewed in place)
+        for path in [*layer_files(self.config_path), *tls_files]:
             try:
                 st = os.stat(path)
             except OSError:
@@ -102,6 +106,9 @@ class Reloader:
                 log.error("config_reload_refused", path=self.config_path, problems=problems)
                 return False, problems
             pending = _needs_restart(old.config, config)
+            tls = self.holder.tls
+            if (tls is None) != (not config.server.tls_cert_file):  # HTTPS on or off: the listener is made at start
+                pending.append("server.tls_cert_file")
             if pending:
                 log.warning("config_reload_needs_restart", keys=pending,
                             detail="these settings apply at the next start; the rest of the config applies now")
@@ -117,12 +124,25 @@ class Reloader:
                 return False, [str(exc)]  # new.start() closed what it had opened
             self.holder.current = new
             self.reloads += 1
+            if tls is not None and config.server.tls_cert_file:
+                self._load_certificate(tls, config.server.tls_cert_file, config.server.tls_key_file)  # type: ignore[arg-type]
             task = asyncio.get_running_loop().create_task(self._retire(old))
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
             log.info("config_reloaded", path=self.config_path, providers=len(config.providers),
                      plugins=[p.name for p in new.plugins], in_flight_on_old=old.in_flight)
             return True, []
+
+    @staticmethod
+    def _load_certificate(tls: Any, cert_file: str, key_file: str) -> None:
+        """The certificate for the connections made from now on (the config check loaded it already: this fails
+        only if the files changed again since)."""
+        try:
+            load_into(tls, cert_file, key_file)
+        except (OSError, ValueError) as exc:
+            log.error("tls_certificate_reload_failed", cert_file=cert_file, key_file=key_file, error=str(exc))
+        else:
+            log.info("tls_certificate_loaded", cert_file=cert_file)
 
     async def _retire(self, gateway: Gateway) -> None:
         await gateway.wait_idle()

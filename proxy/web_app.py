@@ -14,6 +14,7 @@ from .app_keys import DIRECT_ROUTES, GATEWAY, RELOADER, GatewayHolder
 from .gateway import Gateway
 from .reload import Reloader
 from .tasks import stop_task
+from .tls import server_context
 from .web_handlers import api_routes, routes
 from .web_middlewares import add_cors_headers, cors_middleware, edge, unmatched_route
 from .web_runner import GatewayRunner
@@ -85,8 +86,10 @@ def _recorded(holder: GatewayHolder, handler: Any) -> Any:
 
 
 async def start_server(app: web.Application, host: str, port: int, *, reuse_port: bool = False,
-                       sock: socket.socket | None = None) -> tuple[web.AppRunner, int]:
-    """Start serving; returns the runner and the bound port (useful with ``port=0``).
+                       sock: socket.socket | None = None, metrics_only: bool = False) -> tuple[web.AppRunner, int]:
+    """Start serving; returns the runner and the bound port (useful with ``port=0``). A gateway's app serves
+    HTTPS when ``server.tls_cert_file`` is set (not the ``metrics_only`` listener of ``metrics_port``: Prometheus
+    scrapes it inside the network).
 
     Handlers are cancelled when their client disconnects (``handler_cancellation``), which is how a
     disconnect cancels the upstream request at once, before the first byte and for non-stream requests too.
@@ -94,10 +97,15 @@ async def start_server(app: web.Application, host: str, port: int, *, reuse_port
     runner = GatewayRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
     await runner.setup()  # starts the Gateway (providers, plugins, their background tasks)
     try:
+        tls = None
+        holder = app.get(GATEWAY)
+        if holder is not None and holder.current.config.server.tls_cert_file and not metrics_only:
+            server = holder.current.config.server
+            tls = holder.tls = server_context(server.tls_cert_file, server.tls_key_file)  # type: ignore[arg-type]
         if sock is not None:
-            site: web.BaseSite = web.SockSite(runner, sock)
+            site: web.BaseSite = web.SockSite(runner, sock, ssl_context=tls)
         else:
-            site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
+            site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024, ssl_context=tls)
         await site.start()
     except BaseException:  # the port is taken, say: stop what started, or its tasks keep the process alive
         await runner.cleanup()
@@ -162,7 +170,8 @@ async def serve(app: web.Application, host: str, port: int, *, reuse_port: bool 
     metrics_port = app[GATEWAY].current.config.observability.metrics_port
     if metrics_port:
         try:
-            metrics_runner, _ = await start_server(metrics_app(app), host, metrics_port, reuse_port=reuse_port)
+            metrics_runner, _ = await start_server(metrics_app(app), host, metrics_port, reuse_port=reuse_port,
+                                                   metrics_only=True)
         except BaseException:
             await runner.cleanup()
             raise
@@ -184,7 +193,7 @@ async def serve(app: web.Application, host: str, port: int, *, reuse_port: bool 
         watcher = loop.create_task(reloader.watch(watch_interval), name="ssegate-config-watch")
     tune_gc(app[GATEWAY].current.config.server.gc_gen0_threshold)
     if ready_message:
-        print(f"ssegate listening on http://{host}:{bound}", flush=True)
+        print(f"ssegate listening on {'https' if app[GATEWAY].tls else 'http'}://{host}:{bound}", flush=True)
     try:
         await stop.wait()
         await stop_task(watcher)

@@ -95,17 +95,23 @@ def test_dockerfile_runtime_contract() -> None:
     assert not any(re.search(r"apt-get|apk ", r) for r in runs)
 
 
-@pytest.mark.parametrize("how", ["config file", "environment"])
+@pytest.mark.parametrize("how", ["config file", "environment", "https"])
 def test_the_entrypoint_serves_on_the_configured_port_and_the_healthcheck_finds_it(how: str, tmp_path: Path) -> None:
     """The image's ENTRYPOINT, ENV and HEALTHCHECK, run here: server.port set in the config file, or by
     SSEGATE_SERVER__PORT (conf/README.md's example), is the port the gateway listens on and the port the
-    HEALTHCHECK calls. The image's host (0.0.0.0) is swapped for 127.0.0.1 to stay on the loopback."""
+    HEALTHCHECK calls, over HTTPS when the config sets a certificate. The image's host (0.0.0.0) is swapped for
+    127.0.0.1 to stay on the loopback."""
     from tests.conftest import spawn, stop
+    from tests.helpers import make_certificate
     from tests.redis_server import free_port
 
     port = free_port()
     config = tmp_path / "ssegate.yaml"
-    config.write_text(f"server: {{port: {port if how == 'config file' else 8000}}}\n"
+    tls = ""
+    if how == "https":
+        cert, key = make_certificate(tmp_path, "gateway")
+        tls = f', tls_cert_file: "{cert}", tls_key_file: "{key}"'
+    config.write_text(f"server: {{port: {port if how != 'environment' else 8000}{tls}}}\n"
                       "providers: [{name: simulated, type: simulated, models: ['*']}]\npipeline: [router]\n")
     env = {**_dockerfile_env(), "SSEGATE_CONFIG": str(config), "SSEGATE_SERVER__HOST": "127.0.0.1"}
     if how == "environment":
@@ -114,7 +120,7 @@ def test_the_entrypoint_serves_on_the_configured_port_and_the_healthcheck_finds_
     assert entry[0] == "ssegate"
     proc, line = spawn([sys.executable, "-m", "proxy", *entry[1:]], "ssegate listening on", env=env)
     try:
-        assert line.endswith(f"http://127.0.0.1:{port}"), line
+        assert line.endswith(f"{'https' if how == 'https' else 'http'}://127.0.0.1:{port}"), line
         check = subprocess.run(_healthcheck_command(), env={**os.environ, **env}, cwd=tmp_path,
                                capture_output=True, text=True, timeout=30)
         assert check.returncode == 0, check.stdout + check.stderr

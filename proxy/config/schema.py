@@ -34,6 +34,13 @@ class ServerConfig:
     host: str = attrs.field(default="127.0.0.1", metadata=_doc("Address to bind."))
     port: int = attrs.field(default=8000, metadata=_doc("TCP port to bind."))
     workers: int = attrs.field(default=1, metadata=_doc("Worker processes sharing the port (SO_REUSEPORT)."))
+    tls_cert_file: str | None = attrs.field(
+        default=None, metadata=_doc(
+            "PEM certificate chain: serve HTTPS (with `tls_key_file`). A reload, or a change of the file that the "
+            "config watcher sees, loads it again for new connections. Leave unset behind an ingress or a load "
+            "balancer that terminates TLS.")
+    )
+    tls_key_file: str | None = attrs.field(default=None, metadata=_doc("PEM private key of `tls_cert_file`."))
     max_request_size: int = attrs.field(
         default=10 * 1024 * 1024, metadata=_doc("Largest request body accepted, in bytes; larger gets 413.")
     )
