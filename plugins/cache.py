@@ -27,6 +27,7 @@ from proxy.openai_format import body_to_chunks, merge_chunks, new_id
 from proxy.sse import DONE, Chunk
 
 from ._cache_store import ENTRY_VERSION, LRUMemoryCache, SharedRedisCache, decode_entry, encode_entry
+from ._validators import one_of
 
 if TYPE_CHECKING:
     from proxy import Exchange
@@ -57,13 +58,6 @@ def _not_negative(_: Any, attribute: attrs.Attribute, value: Any) -> None:  # ty
         raise ValueError(f"cache: {attribute.name} must not be negative, got {value!r}")
 
 
-def _one_of(*choices: str) -> Any:
-    def check(_: Any, attribute: attrs.Attribute, value: str) -> None:  # type: ignore[type-arg]
-        if value not in choices:
-            raise ValueError(f"cache: {attribute.name} must be one of {', '.join(choices)}, got {value!r}")
-    return check
-
-
 def _endpoints(_: Any, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:  # type: ignore[type-arg]
     unknown = [v for v in value if v not in _ENDPOINTS]
     if unknown:
@@ -78,12 +72,12 @@ _CREDENTIAL_HEADERS = ("Authorization", "x-api-key", "api-key")
 class CacheConfig:
     """Settings of the ``cache`` plugin (every key is documented in docs/cache-and-moderation.md)."""
 
-    backend: str = attrs.field(default="memory", validator=_one_of("memory", "redis"), metadata={
+    backend: str = attrs.field(default="memory", validator=one_of("memory", "redis", plugin="cache"), metadata={
         "doc": "`memory`: this process, bounded, least recently used out first. `redis`: shared by every replica "
                "on the gateway's Redis pool (`redis.url` required; startup fails without it)."})
     ttl: float | None = attrs.field(default=3600.0, validator=_positive, metadata={
         "doc": "Lifetime of an entry, seconds. Null: until evicted (memory) or forever (Redis)."})
-    namespace: str = attrs.field(default="shared", validator=_one_of("shared", "per_key"), metadata={
+    namespace: str = attrs.field(default="shared", validator=one_of("shared", "per_key", plugin="cache"), metadata={
         "doc": "`shared`, or `per_key`: separate entries per caller (principal name, else the `Authorization` "
                "header, else anonymous; hashed into the key)."})
     key_prefix: str = attrs.field(default="ssegate:cache", metadata={

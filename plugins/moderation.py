@@ -38,6 +38,7 @@ from proxy.openai_format import new_id, reasoning_of
 from proxy.sse import DONE, Chunk
 
 from ._moderation_rules import Hit, Rule, RuleSet, compile_rules, mtime, normalize
+from ._validators import one_of
 
 if TYPE_CHECKING:
     from proxy import Exchange
@@ -75,13 +76,6 @@ def _not_negative(_: Any, attribute: attrs.Attribute, value: Any) -> None:  # ty
         raise ValueError(f"moderation: {attribute.name} must not be negative, got {value!r}")
 
 
-def _one_of(*choices: str) -> Any:
-    def check(_: Any, attribute: attrs.Attribute, value: str) -> None:  # type: ignore[type-arg]
-        if value not in choices:
-            raise ValueError(f"moderation: {attribute.name} must be one of {', '.join(choices)}, got {value!r}")
-    return check
-
-
 def _endpoints(_: Any, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:  # type: ignore[type-arg]
     unknown = [v for v in value if v not in _ENDPOINTS]
     if unknown:
@@ -101,7 +95,7 @@ class ExternalCheckConfig:
     model: str | None = attrs.field(default=None, metadata={"doc": "Moderation model, sent when set."})
     timeout: float = attrs.field(default=2.0, validator=_positive, metadata={
         "doc": "Seconds to wait for the service."})
-    on_error: str = attrs.field(default="block", validator=_one_of("block", "allow"), metadata={
+    on_error: str = attrs.field(default="block", validator=one_of("block", "allow", plugin="moderation"), metadata={
         "doc": "Service unreachable or failing: `block` (503 `moderation_unavailable`, fail closed) or `allow` "
                "(pass and count)."})
     use_flagged: bool = attrs.field(default=False, metadata={
@@ -135,7 +129,7 @@ class ModerationConfig:
     endpoints: tuple[str, ...] = attrs.field(default=("chat.completions", "completions"), validator=_endpoints,
                                              metadata={"doc": "Endpoints moderated; `embeddings` may be added "
                                                               "(input only, error mode)."})
-    refusal_mode: str = attrs.field(default="error", validator=_one_of("error", "refusal"), metadata={
+    refusal_mode: str = attrs.field(default="error", validator=one_of("error", "refusal", plugin="moderation"), metadata={
         "doc": "How a flagged request is answered: `error` (400 `content_policy_violation`) or `refusal` (an "
                "assistant answer with `finish_reason: content_filter`)."})
     refusal_message: str = attrs.field(default="I can't help with that request.", metadata={

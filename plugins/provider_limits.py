@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import attrs
 import structlog
@@ -27,6 +27,7 @@ import structlog
 from proxy import RouteDeclined, hookimpl
 
 from ._ratelimit_core import UNIT, BackendError, MemoryBackend, RedisBackend
+from ._validators import one_of
 
 if TYPE_CHECKING:
     from proxy import Exchange, UpstreamRequest
@@ -43,14 +44,9 @@ _ONE_REQUEST = (UNIT,)
 REDIS_RETRY_INTERVAL = 0.5
 
 
-def _backend(_: Any, attribute: "attrs.Attribute[str]", value: str) -> None:
-    if value not in BACKENDS:
-        raise ValueError(f"{attribute.name} must be one of {', '.join(BACKENDS)}; got {value!r}")
-
-
 @attrs.frozen
 class ProviderLimitsConfig:
-    backend: str = attrs.field(default="auto", validator=_backend, metadata={
+    backend: str = attrs.field(default="auto", validator=one_of(*BACKENDS), metadata={
         "doc": "`auto` (Redis when `redis.url` is set, else this process), `memory` (each process its own "
                "buckets) or `redis` (needs `redis.url`)."})
     key_prefix: str = attrs.field(default="ssegate:pl:", metadata={"doc": "Prefix of the Redis keys."})

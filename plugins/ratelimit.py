@@ -29,6 +29,7 @@ from proxy.tokens import estimate_prompt_tokens, requested_completion_tokens
 
 from ._keys import MAX_LIMIT
 from ._ratelimit_core import UNIT, BackendError, MemoryBackend, RedisBackend, format_duration
+from ._validators import one_of
 
 if TYPE_CHECKING:
     from proxy import Exchange, Principal
@@ -41,13 +42,6 @@ log = structlog.get_logger("ssegate.ratelimit")
 BACKENDS = ("memory", "redis")
 ON_BACKEND_ERROR = ("fail_closed", "fail_open")
 _MAX_CACHED_PLANS = 8192
-
-
-def _one_of(options: tuple[str, ...]) -> Any:
-    def check(_: Any, attribute: attrs.Attribute, value: str) -> None:  # type: ignore[type-arg]
-        if value not in options:
-            raise ValueError(f"{attribute.name} must be one of {', '.join(options)}; got {value!r}")
-    return check
 
 
 def _limit(_: Any, attribute: attrs.Attribute, value: int | None) -> None:  # type: ignore[type-arg]
@@ -99,7 +93,7 @@ TIERS: dict[str, Limits] = {
 
 @attrs.frozen
 class RateLimitConfig:
-    backend: str = attrs.field(default="memory", validator=_one_of(BACKENDS), metadata={
+    backend: str = attrs.field(default="memory", validator=one_of(*BACKENDS), metadata={
         "doc": "`memory` (this process only) or `redis` (shared by every replica; needs `redis.url`)."})
     default_tier: str | None = attrs.field(default="tier-3", metadata={
         "doc": "Tier of keys that name no tier, applied per limit: its rpm and tpm apply where the key sets none; "
@@ -112,7 +106,7 @@ class RateLimitConfig:
         "doc": "Separate buckets for each (key, model) pair instead of one per key."})
     default_max_tokens: int = attrs.field(default=1024, validator=_limit, metadata={
         "doc": "Completion tokens reserved when a request sets no max_tokens."})
-    on_backend_error: str = attrs.field(default="fail_closed", validator=_one_of(ON_BACKEND_ERROR), metadata={
+    on_backend_error: str = attrs.field(default="fail_closed", validator=one_of(*ON_BACKEND_ERROR), metadata={
         "doc": "Backend unreachable: `fail_closed` (503) or `fail_open` (requests pass unlimited)."})
     backend_retry_interval: float = attrs.field(default=0.5, validator=_positive, metadata={
         "doc": "Seconds between attempts to reach a failed backend (requests meanwhile get the fail mode)."})

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import random
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import attrs
 
 from proxy import Route, hookimpl
 from proxy.upstream import DISCOVERY_GENERATION
+
+from ._validators import one_of
 
 if TYPE_CHECKING:
     from proxy import Exchange
@@ -39,19 +41,12 @@ _MIDSTREAM = ("error", "continue")
 _MAX_CACHED_MODELS = 4096
 
 
-def _one_of(options: tuple[str, ...]) -> Any:
-    def check(_: Any, attribute: attrs.Attribute, value: str) -> None:  # type: ignore[type-arg]
-        if value not in options:
-            raise ValueError(f"{attribute.name} must be one of {', '.join(options)}; got {value!r}")
-    return check
-
-
 @attrs.frozen
 class ModelGroup:
     models: tuple[str, ...] = attrs.field(metadata={"doc": "Requested model names or aliases (wildcards allowed)."})
-    strategy: str = attrs.field(default="priority", validator=_one_of(STRATEGIES),
+    strategy: str = attrs.field(default="priority", validator=one_of(*STRATEGIES),
                                 metadata={"doc": "priority, weighted, least_busy or latency."})
-    on_midstream_failure: str = attrs.field(default="error", validator=_one_of(_MIDSTREAM),
+    on_midstream_failure: str = attrs.field(default="error", validator=one_of(*_MIDSTREAM),
                                             metadata={"doc": "error or continue."})
 
 
@@ -60,9 +55,9 @@ class RouterConfig:
     aliases: dict[str, tuple[str, ...]] = attrs.field(
         factory=dict, metadata={"doc": "Model name -> targets, each `provider/model` or a model name."})
     groups: tuple[ModelGroup, ...] = attrs.field(default=(), metadata={"doc": "Per model group settings."})
-    strategy: str = attrs.field(default="priority", validator=_one_of(STRATEGIES),
+    strategy: str = attrs.field(default="priority", validator=one_of(*STRATEGIES),
                                 metadata={"doc": "Strategy outside any group."})
-    on_midstream_failure: str = attrs.field(default="error", validator=_one_of(_MIDSTREAM),
+    on_midstream_failure: str = attrs.field(default="error", validator=one_of(*_MIDSTREAM),
                                             metadata={"doc": "Mid-stream failure policy outside any group."})
 
 

@@ -205,3 +205,10 @@ async def test_a_reload_does_not_hand_a_provider_a_fresh_minute(tmp_path, upstre
     finally:
         await client.close()
         await gw.close()
+
+
+def test_an_unknown_backend_is_refused_naming_the_choices():
+    from plugins.provider_limits import ProviderLimitsConfig
+
+    with pytest.raises(ValueError, match="backend must be one of auto, memory, redis; got 'mongo'"):
+        ProviderLimitsConfig(backend="mongo")
